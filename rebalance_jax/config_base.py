@@ -1,0 +1,103 @@
+"""Config fields shared by every experiment; each configs/<name>.py starts from `base_config()`
+and edits it.
+
+Field reference (all overridable with --config.<path>=value):
+  seed                  fixed seed: data order, initialization, augmentation and ITM negatives.
+  data.*                dataset name, paths (real datasets), image size, caption lengths.
+  tokenizer.*           vocab_file ('' trains a WordPiece vocabulary on the training captions).
+  model.*               student towers, fusion depth, embedding size, dual-encoder switch.
+  teachers.*            frozen teacher towers, their pre-training and feature mode.
+  loss.*                §4 options: λ mode, τ2 mode, distance, ITM negative pool.
+  optim.*               AdamW (§5): lr, betas, eps, weight decay, exclusions, lr multipliers.
+  stage1.*, stage2.*    epochs (or num_steps), global batch size, loss weights of each stage.
+  checkpoint.*, log_every, eval.*
+"""
+
+import ml_collections
+
+STAGE1_WEIGHTS = {"itc": 1.0, "itm": 2.0}
+STAGE2_WEIGHTS = {"itc": 1.0, "itm": 2.0, "iic": 1.0, "ttc": 2.0, "kd": 2.0, "kdi": 1.0,
+                  "kdt": 1.0}
+
+
+def vit(image_size, patch_size, width, depth, num_heads, mlp_dim, dropout=0.0):
+  return ml_collections.ConfigDict(dict(image_size=image_size, patch_size=patch_size, width=width,
+                                        depth=depth, num_heads=num_heads, mlp_dim=mlp_dim,
+                                        dropout=dropout))
+
+
+def text(max_tokens, width, depth, num_heads, mlp_dim, dropout=0.0):
+  # vocab_size always comes from the tokenizer.
+  return ml_collections.ConfigDict(dict(max_tokens=max_tokens, width=width, depth=depth,
+                                        num_heads=num_heads, mlp_dim=mlp_dim, dropout=dropout))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "synthetic"
+  c.data.cache_dir = "~/.cache/rebalance_jax"
+  c.data.image_root = ""
+  c.data.train_file = ""
+  c.data.test_file = ""
+  c.data.image_size = 32
+  c.data.max_tokens = 24
+  c.data.max_words_train = 60
+  c.data.max_words_eval = 30
+  c.data.augment_shift = 2  # random translation of training images, in pixels (0: none)
+  c.data.synthetic = ml_collections.ConfigDict(dict(
+      num_train=3000, num_val=200, num_test=1000, captions_per_image=5, max_objects=3,
+      caption_keep_prob=0.6, degrade_fraction=0.2, seed=0))
+
+  c.tokenizer = ml_collections.ConfigDict(dict(vocab_file="", vocab_size=512, append_sep=False))
+
+  c.model = ml_collections.ConfigDict()
+  c.model.image = vit(32, 4, 64, 2, 4, 128)
+  c.model.text = text(24, 64, 2, 4, 128)
+  c.model.fusion_depth = 1
+  c.model.embed_dim = 64
+  c.model.dual_encoder = False
+  c.model.dual_relation = "image"  # dual encoder: student relation from "image", "text" or "both"
+  c.model.temp_init = 0.07
+  c.model.temp2_init = 0.07
+  c.model.lam_init = 0.5
+
+  c.teachers = ml_collections.ConfigDict()
+  c.teachers.mode = "precomputed"  # "precomputed" (feature files, as [ref]) or "online"
+  c.teachers.image = vit(32, 4, 96, 2, 4, 192)
+  c.teachers.text = text(24, 80, 2, 4, 160)
+  c.teachers.num_steps = 300
+  c.teachers.batch_size = 128
+  c.teachers.lr = 1e-3
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.lambda_mode = "raw"       # [ref] raw λ; fixed: "sigmoid"
+  c.loss.tau2_mode = "learned"     # [ref] unclamped; fixed: "clamped" or "fixed"
+  c.loss.tau2_range = (0.03, 0.5)  # for "clamped"
+  c.loss.tau2_fixed = 0.07         # for "fixed"
+  c.loss.distance = "mae"          # or "mse"
+  c.loss.itm_negatives = "device"  # [ref] "device": within each device's batch; or "global"
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 5e-5
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.98
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.01
+  c.optim.warmup_fraction = 0.1
+  c.optim.no_decay = (r"bias$", r"norm", r"/scale$")
+  # [ref] trains every parameter at the base lr; the paper's ×2 groups:
+  # (("proj|itm_head|^temp|^lam", 2.0),)
+  c.optim.lr_multipliers = ()
+
+  for stage, weights in (("stage1", STAGE1_WEIGHTS), ("stage2", STAGE2_WEIGHTS)):
+    c[stage] = ml_collections.ConfigDict(dict(
+        num_epochs=10, num_steps=0, batch_size=36,
+        loss_weights=ml_collections.ConfigDict(weights)))
+
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=2))
+  c.log_every = 50
+  c.eval = ml_collections.ConfigDict(dict(batch_size=256))
+  return c

@@ -1,0 +1,62 @@
+"""Caption cleaning and tokenization with a real WordPiece tokenizer (`tokenizers`/`transformers`).
+
+Follows the reference (METHOD.md §5): lower-case, punctuation stripped, cut to a word budget, and
+`[CLS] x` with no final `[SEP]` unless `append_sep` is set.
+"""
+
+import os
+import re
+from collections.abc import Sequence
+
+import numpy as np
+import tokenizers
+import transformers
+
+_PUNCTUATION = re.compile(r"[^\w\s']|_")
+_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def clean_caption(caption: str, max_words: int) -> str:
+  """Lower-cased, punctuation replaced by spaces, whitespace collapsed, at most max_words words."""
+  words = _PUNCTUATION.sub(" ", caption.lower()).replace("'", " ").split()
+  return " ".join(words[:max_words])
+
+
+def train_wordpiece_vocab(captions: Sequence[str], vocab_file: str, vocab_size: int) -> str:
+  """Trains a WordPiece vocabulary on `captions` and writes it (atomically) as a BERT vocab.txt."""
+  trainer = tokenizers.BertWordPieceTokenizer(lowercase=True)
+  trainer.train_from_iterator(captions, vocab_size=vocab_size, special_tokens=_SPECIAL_TOKENS,
+                              min_frequency=1, show_progress=False)
+  vocab = sorted(trainer.get_vocab().items(), key=lambda kv: kv[1])
+  tmp = f"{vocab_file}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.writelines(token + "\n" for token, _ in vocab)
+  os.replace(tmp, vocab_file)
+  return vocab_file
+
+
+def load_tokenizer(vocab_file: str) -> transformers.BertTokenizerFast:
+  if not os.path.isfile(vocab_file):
+    raise FileNotFoundError(f"tokenizer vocabulary not found: {vocab_file} (config.tokenizer.vocab_file)")
+  return transformers.BertTokenizerFast(vocab_file=vocab_file, do_lower_case=True)
+
+
+def tokenize(tokenizer: transformers.PreTrainedTokenizerBase, captions: Sequence[str],
+             max_tokens: int, max_words: int, append_sep: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """Captions -> (ids, mask), int32 arrays (N, max_tokens); row = [CLS] tokens ([SEP]) [PAD]...
+
+  Raises ValueError naming the caption index if a caption is empty after cleaning.
+  """
+  cleaned = [clean_caption(c, max_words) for c in captions]
+  for i, c in enumerate(cleaned):
+    if not c:
+      raise ValueError(f"caption {i} is empty after cleaning: {captions[i]!r}")
+  body = tokenizer(cleaned, add_special_tokens=False)["input_ids"]
+  budget = max_tokens - 1 - int(append_sep)
+  ids = np.full((len(cleaned), max_tokens), tokenizer.pad_token_id, np.int32)
+  mask = np.zeros((len(cleaned), max_tokens), np.int32)
+  for i, tokens in enumerate(body):
+    row = [tokenizer.cls_token_id] + tokens[:budget] + ([tokenizer.sep_token_id] if append_sep else [])
+    ids[i, :len(row)] = row
+    mask[i, :len(row)] = 1
+  return ids, mask

@@ -1,0 +1,109 @@
+"""The cross-modal student (METHOD.md §2) and its learnable scalars.
+
+One module holds every student parameter of both stages: towers, projection heads, fusion encoder
+and ITM head (unless dual-encoder), the teacher projections U_v, U_t used by stage 2, and the
+scalars τ, τ2, λ. Its methods are the pieces the objective calls; `__call__` only initializes.
+"""
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rebalance_jax.losses import l2_normalize
+from rebalance_jax.models.layers import default_kernel_init
+from rebalance_jax.models.towers import (FusionEncoder, ItmHead, TextConfig, TextEncoder,
+                                         VisionTransformer, VitConfig, cls)
+
+# Parameter subtrees that stage 2 adds and initializes fresh (METHOD.md §5).
+STAGE2_NEW_PARAMS = ("teacher_image_proj", "teacher_text_proj", "lam", "temp2")
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentConfig:
+  image: VitConfig
+  text: TextConfig
+  fusion_depth: int = 1
+  embed_dim: int = 256
+  dual_encoder: bool = False
+  image_teacher_dim: int = 1024
+  text_teacher_dim: int = 768
+  temp_init: float = 0.07
+  temp2_init: float = 0.07
+  lam_init: float = 0.5
+  lambda_mode: str = "raw"  # "raw" or "sigmoid": how the λ parameter is read (losses.fusion_weight)
+
+
+def _constant(value: float):
+  return lambda key, shape=(): jnp.full(shape, value, jnp.float32)
+
+
+class Student(nn.Module):
+  config: StudentConfig
+
+  def setup(self):
+    c = self.config
+    dense = lambda name: nn.Dense(c.embed_dim, kernel_init=default_kernel_init, name=name)
+    self.image_encoder = VisionTransformer(c.image)
+    self.text_encoder = TextEncoder(c.text)
+    self.image_proj = dense("image_proj")
+    self.text_proj = dense("text_proj")
+    self.teacher_image_proj = dense("teacher_image_proj")
+    self.teacher_text_proj = dense("teacher_text_proj")
+    if not c.dual_encoder:
+      self.fusion_encoder = FusionEncoder(c.text, c.fusion_depth)
+      self.itm_head = ItmHead()
+    # λ is stored so that the configured mode reads it as lam_init.
+    lam = c.lam_init if c.lambda_mode == "raw" else math.log(c.lam_init / (1.0 - c.lam_init))
+    self.temp = self.param("temp", _constant(c.temp_init))
+    self.temp2 = self.param("temp2", _constant(c.temp2_init))
+    self.lam = self.param("lam", _constant(lam))
+
+  def encode_image(self, images, train: bool = False):
+    """-> (image tokens (B, N, W), normalized embeddings v (B, embed_dim))."""
+    tokens = self.image_encoder(images, train)
+    return tokens, l2_normalize(self.image_proj(cls(tokens)))
+
+  def encode_text(self, ids, mask, train: bool = False):
+    """-> (hidden states (B, L, W), normalized embeddings t (B, embed_dim))."""
+    hidden = self.text_encoder(ids, mask, train)
+    return hidden, l2_normalize(self.text_proj(cls(hidden)))
+
+  def fuse(self, text_hidden, text_mask, image_tokens, train: bool = False):
+    """Fusion encoder [CLS] m for each (text, image) row pair."""
+    return cls(self.fusion_encoder(text_hidden, text_mask, image_tokens, train))
+
+  def itm_logits(self, fused_cls):
+    return self.itm_head(fused_cls)
+
+  def project_teachers(self, image_teacher_features, text_teacher_features):
+    """Projected teacher embeddings ṽ = l2(U_v g^v), t̃ = l2(U_t g^t)."""
+    return (l2_normalize(self.teacher_image_proj(image_teacher_features)),
+            l2_normalize(self.teacher_text_proj(text_teacher_features)))
+
+  def scalars(self):
+    """The raw learnable scalars {temp, temp2, lam}."""
+    return {"temp": self.temp, "temp2": self.temp2, "lam": self.lam}
+
+  def __call__(self, images, ids, mask, image_teacher_features, text_teacher_features):
+    """Touches every parameter (for `init`); returns the pieces of one forward pass."""
+    image_tokens, v = self.encode_image(images)
+    text_hidden, t = self.encode_text(ids, mask)
+    out = {"v": v, "t": t, "teachers": self.project_teachers(image_teacher_features,
+                                                           text_teacher_features),
+           "scalars": self.scalars()}
+    if not self.config.dual_encoder:
+      out["itm"] = self.itm_logits(self.fuse(text_hidden, mask, image_tokens))
+    return out
+
+
+def init_student(model: Student, rng: jax.Array, batch_size: int = 2):
+  """Initial parameters of `model` from dummy inputs shaped by its config."""
+  c = model.config
+  images = jnp.zeros((batch_size, c.image.image_size, c.image.image_size, 3), jnp.float32)
+  ids = jnp.zeros((batch_size, c.text.max_tokens), jnp.int32)
+  return model.init(rng, images, ids, jnp.ones_like(ids),
+                    jnp.zeros((batch_size, c.image_teacher_dim)),
+                    jnp.zeros((batch_size, c.text_teacher_dim)))["params"]

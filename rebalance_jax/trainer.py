@@ -1,0 +1,135 @@
+"""The generic training loop of one stage: a pure, jitted train step over a plain-pytree state,
+resumable Orbax checkpoints, metrics and progress.
+
+The train state is `{"step", "params", "opt_state"}`. The step's randomness is
+`fold_in(rng, step)` and the data position is a function of the step, so resuming from a
+checkpoint needs nothing else. Frozen inputs (teacher parameters or features) are a separate,
+non-differentiated argument and never part of the state.
+"""
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import Mesh
+
+from rebalance_jax import checkpointing, reporting, sharding
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+def train_batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+  """Example indices of the global batch at `step`: a fresh seeded permutation per epoch, the
+  last partial batch dropped."""
+  steps_per_epoch = num_examples // batch_size
+  epoch, position = divmod(step, steps_per_epoch)
+  order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+  return order[position * batch_size:(position + 1) * batch_size]
+
+
+def steps_for(stage_config, num_examples: int) -> int:
+  """config.<stage>.num_steps if set, else num_epochs full epochs of the global batch."""
+  if stage_config.num_steps > 0:
+    return stage_config.num_steps
+  return stage_config.num_epochs * (num_examples // stage_config.batch_size)
+
+
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation) -> Callable:
+  """train_step(state, batch, frozen, rng) -> (state, metrics); loss_fn(params, batch, frozen,
+  rng) -> (loss, metrics)."""
+
+  def train_step(state, batch, frozen, rng):
+    step_rng = jax.random.fold_in(rng, state["step"])
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], batch, frozen, step_rng)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+  return train_step
+
+
+def create_state(params, tx: optax.GradientTransformation, mesh: Mesh):
+  """The initial train state, built under jit so every leaf is a replicated global array."""
+  init = lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p)}
+  return jax.jit(init, out_shardings=sharding.replicated(mesh))(params)
+
+
+@dataclasses.dataclass
+class Stage:
+  """Everything one training stage needs besides the data."""
+  name: str
+  loss_fn: Callable             # (params, batch, frozen, rng) -> (loss, metrics)
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  total_steps: int
+  batch_size: int
+  make_batch: Callable          # example indices -> host batch of those rows
+  checkpointer: checkpointing.Checkpointer
+  writer: reporting.MetricWriter
+  checkpoint_every: int
+  log_every: int
+  seed: int
+
+
+def run_stage(stage: Stage, init_params, frozen, mesh: Mesh, num_examples: int,
+              until_step: int | None = None):
+  """Trains `stage` from its latest checkpoint (or `init_params`) to `until_step` (default: the
+  end), checkpointing periodically and at the end. Returns the final train state."""
+  sharding.check_batch_size(stage.batch_size, mesh, f"config.{stage.name}.batch_size")
+  state = create_state(init_params, stage.tx, mesh)
+  latest = stage.checkpointer.latest_step()
+  if latest is not None:
+    state = stage.checkpointer.restore(latest, checkpointing.abstract_like(state))
+    logging.info("%s: resumed from step %d", stage.name, latest)
+  end = stage.total_steps if until_step is None else min(until_step, stage.total_steps)
+  step = int(state["step"])
+  if step >= end:
+    return state
+
+  replicated = sharding.replicated(mesh)
+  train_step = jax.jit(make_train_step(stage.loss_fn, stage.tx),
+                       in_shardings=(replicated, sharding.batch_sharding(mesh), replicated,
+                                     replicated),
+                       out_shardings=(replicated, replicated), donate_argnums=(0,))
+  rng = jax.random.key(stage.seed)
+  progress = reporting.Progress(stage.name, stage.total_steps, step)
+  pending = []  # per-step metrics on device, fetched at each log point
+  while step < end:
+    indices = train_batch_indices(num_examples, stage.batch_size, step, stage.seed)
+    local_rows = indices[sharding.process_slice(stage.batch_size)]
+    batch = sharding.to_global(stage.make_batch(local_rows), mesh)
+    state, metrics = train_step(state, batch, frozen, rng)
+    pending.append(metrics)
+    step += 1
+    if step % stage.log_every == 0 or step == end or step % stage.checkpoint_every == 0:
+      _log(stage, step, pending, progress)
+      pending = []
+    if step % stage.checkpoint_every == 0 or step == end:
+      stage.checkpointer.save(step, state)
+  stage.checkpointer.wait()
+  return state
+
+
+def _log(stage: Stage, step: int, pending: list, progress: reporting.Progress) -> None:
+  """Checks every pending step's loss is finite, then writes their mean and a progress line."""
+  fetched = jax.device_get(pending)
+  first = step - len(fetched) + 1
+  for offset, metrics in enumerate(fetched):
+    bad = {k: float(v) for k, v in metrics.items() if k.startswith("loss/") and not np.isfinite(v)}
+    if bad:
+      raise NonFiniteLossError(
+          f"{stage.name}: non-finite loss at step {first + offset}: {bad}. The last checkpoint "
+          f"({stage.checkpointer.latest_step()}) is intact; lower config.optim.lr or check the data.")
+  means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+  means["lr"] = float(stage.schedule(step - 1))
+  means.update(progress.report(step, means, stage.batch_size))
+  stage.writer.write(step, means)

@@ -137,9 +137,9 @@ def sample_hard_negatives(rng: jax.Array, image_emb: jax.Array, text_emb: jax.Ar
                           num_groups: int = 1) -> tuple[jax.Array, jax.Array]:
   """Samples one hard negative image per text and one hard negative text per image (§4.1).
 
-  Weights are softmax(similarity/τ) + 1e-5 with same-id entries zeroed, as in the reference. The
-  batch is split into `num_groups` contiguous groups (one per device reproduces the reference's
-  per-device sampling) and negatives are drawn within a row's own group. A row whose group holds no
+  The batch is split into `num_groups` contiguous groups (one per device reproduces the reference's
+  per-device sampling); within a row's group, weights are softmax(similarity/τ) + 1e-5 with
+  same-id entries zeroed, as in the reference. A row whose group holds no
   other image id falls back to any other pair of its group. Not differentiated.
 
   Returns:
@@ -156,7 +156,8 @@ def sample_hard_negatives(rng: jax.Array, image_emb: jax.Array, text_emb: jax.Ar
   candidates = jnp.where(jnp.any(candidates, axis=1, keepdims=True), candidates, fallback)
 
   def draw(key, scores):
-    weights = jax.nn.softmax(scores, axis=1) + _NEGATIVE_WEIGHT_FLOOR
+    # Softmax over the row's own group, as each device of the reference sees only its batch.
+    weights = jax.nn.softmax(jnp.where(same_group, scores, -jnp.inf), axis=1) + _NEGATIVE_WEIGHT_FLOOR
     logits = jnp.where(candidates, jnp.log(weights), -jnp.inf)
     return jax.random.categorical(key, logits, axis=1)
 

@@ -1,6 +1,7 @@
 """Metrics as JSON lines and TensorBoard events, and progress lines with an ETA (process 0 only)."""
 
 import json
+import logging as python_logging
 import os
 import time
 
@@ -8,6 +9,13 @@ import jax
 import numpy as np
 from absl import logging
 from tensorboardX import SummaryWriter
+
+
+def quiet_library_logs() -> None:
+  """Hides Orbax's per-save INFO lines (it logs through absl); warnings and errors still show."""
+  def keep(record):
+    return record.levelno >= python_logging.WARNING or "/orbax/" not in record.pathname
+  python_logging.getLogger("absl").addFilter(keep)
 
 
 def is_main_process() -> bool:

@@ -211,6 +211,7 @@ def _write_results(workdir: str, results: dict) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  reporting.quiet_library_logs()
   print(run(_CONFIG.value, _WORKDIR.value))
 
 

@@ -1,0 +1,43 @@
+"""Test session setup: 8 fake CPU devices and a persistent compilation cache, set before JAX loads."""
+
+import importlib.util
+import os
+import sys
+import tempfile
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "rebalance_jax_test_xla_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from absl import flags  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+flags.FLAGS.mark_as_parsed()
+
+assert jax.device_count() == 8, "tests expect 8 fake CPU devices"
+
+
+def load_config(spec: str):
+  """Loads 'configs/<name>.py[:arg]' as the --config flag would."""
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("config", os.path.join(REPO, path))
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("data_cache"))
+
+
+@pytest.fixture
+def tiny_config(data_cache):
+  config = load_config("configs/demo.py:tiny")
+  config.data.cache_dir = data_cache
+  return config

@@ -23,7 +23,7 @@ def get_config(arg: str = ""):
   for stage in ("stage1", "stage2"):
     c[stage].batch_size = 64
     c[stage].num_epochs = 0
-    c[stage].num_steps = 600
+    c[stage].num_steps = 1000
   c.checkpoint.every_steps = 200
   c.log_every = 50
 

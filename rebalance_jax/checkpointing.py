@@ -11,8 +11,10 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+from rebalance_jax.errors import InputError
 
-class ConfigMismatchError(ValueError):
+
+class ConfigMismatchError(InputError):
   pass
 
 

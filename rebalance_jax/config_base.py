@@ -54,7 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.tokenizer = ml_collections.ConfigDict(dict(vocab_file="", vocab_size=512, append_sep=False))
 
   c.model = ml_collections.ConfigDict()
-  c.model.image = vit(32, 4, 64, 2, 4, 128)
+  c.model.image = vit(32, 8, 64, 2, 4, 128)
   c.model.text = text(24, 64, 2, 4, 128)
   c.model.fusion_depth = 1
   c.model.embed_dim = 64
@@ -66,10 +66,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.teachers = ml_collections.ConfigDict()
   c.teachers.mode = "precomputed"  # "precomputed" (feature files, as [ref]) or "online"
-  c.teachers.image = vit(32, 4, 96, 2, 4, 192)
+  c.teachers.image = vit(32, 4, 64, 2, 4, 128)
   c.teachers.text = text(24, 80, 2, 4, 160)
-  c.teachers.num_steps = 300
-  c.teachers.batch_size = 128
+  c.teachers.num_steps = 400
+  c.teachers.batch_size = 64
   c.teachers.lr = 1e-3
 
   c.loss = ml_collections.ConfigDict()
@@ -100,4 +100,30 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=2))
   c.log_every = 50
   c.eval = ml_collections.ConfigDict(dict(batch_size=256))
+  return c
+
+
+def reference_config(name: str, lr: float, max_tokens: int):
+  """The [ref] recipe shared by the three datasets."""
+  c = base_config()
+  c.data.name = name
+  c.data.image_size = 384
+  c.data.max_tokens = max_tokens
+  c.data.augment_shift = 0  # [ref] RandomResizedCrop/RandAugment arrive with the real pipeline
+  c.tokenizer.append_sep = False
+  # Stand-ins of the paper's towers until Swin-B / BERT-base import lands: ViT-B/16 at 384 px,
+  # BERT-base layers 0-5 for text and 6-11 (with cross-attention) for fusion.
+  c.model.image = vit(384, 16, 768, 12, 12, 3072, dropout=0.0)
+  c.model.text = text(max_tokens, 768, 6, 12, 3072, dropout=0.1)
+  c.model.fusion_depth = 6
+  c.model.embed_dim = 256
+  c.teachers.image = vit(384, 16, 1024, 24, 16, 4096)  # 1024-d image teacher
+  c.teachers.text = text(max_tokens, 768, 12, 12, 3072)  # 768-d text teacher
+  c.optim.lr = lr
+  for stage in ("stage1", "stage2"):
+    c[stage].num_epochs = 10
+    c[stage].num_steps = 0
+    c[stage].batch_size = 36
+  c.checkpoint.every_steps = 1000
+  c.log_every = 100
   return c

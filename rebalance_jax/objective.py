@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from rebalance_jax import losses
+from rebalance_jax.errors import InputError
 from rebalance_jax.models.student import Student
 
 TEACHER_TERMS = ("iic", "ttc", "kd", "kdi", "kdt")
@@ -96,6 +97,6 @@ def _student_relation_features(fused, v, t, dual_relation: str):
 def validate_weights(weights: Mapping[str, float], dual_encoder: bool, field: str) -> None:
   unknown = set(weights) - set(ALL_TERMS)
   if unknown:
-    raise ValueError(f"{field}: unknown loss terms {sorted(unknown)}; known: {ALL_TERMS}")
+    raise InputError(f"{field}: unknown loss terms {sorted(unknown)}; known: {ALL_TERMS}")
   if dual_encoder and "itm" in weights:
-    raise ValueError(f"{field} has an 'itm' weight but model.dual_encoder=True has no ITM head")
+    raise InputError(f"{field} has an 'itm' weight but model.dual_encoder=True has no ITM head")

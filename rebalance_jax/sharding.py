@@ -8,6 +8,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from rebalance_jax.errors import InputError
+
 DATA_AXIS = "data"
 
 
@@ -27,10 +29,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, field: str) -> None:
-  """Raises a ValueError naming `field` unless batch_size splits evenly over devices and hosts."""
+  """Raises an InputError naming `field` unless batch_size splits evenly over devices and hosts."""
   devices, processes = mesh.devices.size, jax.process_count()
   if batch_size <= 0 or batch_size % devices or batch_size % processes:
-    raise ValueError(f"{field}={batch_size} must be a positive multiple of the device count "
+    raise InputError(f"{field}={batch_size} must be a positive multiple of the device count "
                      f"({devices} devices over {processes} processes)")
 
 

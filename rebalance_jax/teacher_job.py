@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 from rebalance_jax import checkpointing, reporting, trainer
 from rebalance_jax.data import augment
 from rebalance_jax.data.datasets import PairSplit
+from rebalance_jax.errors import InputError
 from rebalance_jax.evaluation import map_in_batches
 from rebalance_jax.models.teachers import ImageTeacher, TextTeacher
 from rebalance_jax.models.towers import TextConfig, VitConfig
@@ -47,7 +48,7 @@ def pretrain_teachers(config: ml_collections.ConfigDict, models: dict, train: Pa
                       mesh: Mesh, directory: str) -> dict:
   """Trains (or resumes, or loads when finished) both teachers; returns their parameters."""
   if train.attributes is None:
-    raise ValueError(f"dataset {config.data.name!r} has no scene attributes to pre-train teachers "
+    raise InputError(f"dataset {config.data.name!r} has no scene attributes to pre-train teachers "
                      "on; real datasets use converted pre-trained teacher weights")
   t = config.teachers
   attributes = train.attributes.astype(np.float32)
@@ -127,9 +128,9 @@ def load_teacher_features(directory: str, num_pairs: int) -> dict[str, np.ndarra
     try:
       array = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as e:
-      raise ValueError(f"teacher feature file {path} is unreadable ({e}); delete it to recompute")
+      raise InputError(f"teacher feature file {path} is unreadable ({e}); delete it to recompute")
     if array.ndim != 2 or array.shape[0] != num_pairs:
-      raise ValueError(f"teacher feature file {path} has shape {array.shape}, expected "
+      raise InputError(f"teacher feature file {path} has shape {array.shape}, expected "
                        f"({num_pairs}, D): one row per training pair; delete it to recompute")
     features[modality] = np.asarray(array)
   return features

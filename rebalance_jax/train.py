@@ -13,6 +13,7 @@ interruption continues where it stopped. The workdir ends up with:
 import functools
 import json
 import os
+import sys
 
 import jax
 import ml_collections
@@ -23,6 +24,7 @@ from rebalance_jax import checkpointing, evaluation, objective, reporting, shard
 from rebalance_jax import trainer
 from rebalance_jax.data import augment
 from rebalance_jax.data.datasets import RetrievalData, load_retrieval_data
+from rebalance_jax.errors import InputError
 from rebalance_jax.models.student import STAGE2_NEW_PARAMS, Student, StudentConfig, init_student
 from rebalance_jax.models.towers import TextConfig, VitConfig
 from rebalance_jax.optim import make_optimizer
@@ -47,26 +49,26 @@ _OPERATIONAL_FIELDS = ("data.cache_dir", "data.image_root", "data.train_file", "
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the field for values that would fail later or silently mislead."""
+  """Raises InputError naming the field for values that would fail later or silently mislead."""
   for field, choices in _CHOICES.items():
     section, key = field.split(".")
     if config[section][key] not in choices:
-      raise ValueError(f"config.{field}={config[section][key]!r} is not one of {choices}")
+      raise InputError(f"config.{field}={config[section][key]!r} is not one of {choices}")
   for tower in ("model.image", "teachers.image"):
     section, key = tower.split(".")
     if config[section][key].image_size != config.data.image_size:
-      raise ValueError(f"config.{tower}.image_size={config[section][key].image_size} differs from "
+      raise InputError(f"config.{tower}.image_size={config[section][key].image_size} differs from "
                        f"config.data.image_size={config.data.image_size}")
   for tower in ("model.text", "teachers.text"):
     section, key = tower.split(".")
     if config[section][key].max_tokens < config.data.max_tokens:
-      raise ValueError(f"config.{tower}.max_tokens={config[section][key].max_tokens} is below "
+      raise InputError(f"config.{tower}.max_tokens={config[section][key].max_tokens} is below "
                        f"config.data.max_tokens={config.data.max_tokens}")
   for stage in STAGES:
     objective.validate_weights(config[stage].loss_weights, config.model.dual_encoder,
                                f"config.{stage}.loss_weights")
     if config[stage].num_steps <= 0 and config[stage].num_epochs <= 0:
-      raise ValueError(f"config.{stage}: set num_steps or num_epochs to a positive value")
+      raise InputError(f"config.{stage}: set num_steps or num_epochs to a positive value")
 
 
 def fingerprint(config: ml_collections.ConfigDict) -> dict:
@@ -212,7 +214,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   reporting.quiet_library_logs()
-  print(run(_CONFIG.value, _WORKDIR.value))
+  try:
+    run(_CONFIG.value, _WORKDIR.value)
+  except (InputError, trainer.NonFiniteLossError) as e:
+    sys.exit(f"rebalance_jax.train: error: {e}")
 
 
 if __name__ == "__main__":

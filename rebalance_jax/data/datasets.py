@@ -13,6 +13,7 @@ import numpy as np
 
 from rebalance_jax.data import synthetic
 from rebalance_jax.data import text
+from rebalance_jax.errors import InputError
 
 REAL_DATASETS = ("flickr30k", "coco", "vizwiz")
 # Config fields that hold the local paths of a real dataset.
@@ -79,33 +80,37 @@ def load_retrieval_data(config: ml_collections.ConfigDict) -> RetrievalData:
     return _synthetic(config)
   if name in REAL_DATASETS:
     _check_real_paths(config.data)
-    raise NotImplementedError(
+    raise InputError(
         f"config.data.name={name!r}: the paths exist, but the {name} loader is not part of this "
         "release yet (it is tracked as the real dataset pipeline issue); use configs/demo.py.")
-  raise ValueError(f"config.data.name={name!r} is not one of {('synthetic',) + REAL_DATASETS}")
+  raise InputError(f"config.data.name={name!r} is not one of {('synthetic',) + REAL_DATASETS}")
 
 
 def _check_real_paths(data: ml_collections.ConfigDict) -> None:
   for field in REAL_DATASET_PATHS:
     path = data.get(field)
     if not path:
-      raise FileNotFoundError(
+      raise InputError(
           f"config.data.{field} is not set: pass --config.data.{field}=/path/on/this/machine")
     if not os.path.exists(path):
-      raise FileNotFoundError(f"config.data.{field}={path!r} does not exist")
+      raise InputError(f"config.data.{field}={path!r} does not exist")
 
 
 def _synthetic_config(data: ml_collections.ConfigDict) -> synthetic.SyntheticConfig:
-  fields = {f.name for f in dataclasses.fields(synthetic.SyntheticConfig)}
-  return synthetic.SyntheticConfig(**{k: v for k, v in data.synthetic.items() if k in fields},
-                                   image_size=data.image_size)
+  try:
+    return synthetic.SyntheticConfig(**data.synthetic, image_size=data.image_size)
+  except (TypeError, ValueError) as e:
+    raise InputError(f"config.data.synthetic: {e}") from e
 
 
 def _synthetic(config: ml_collections.ConfigDict) -> RetrievalData:
   data, tok = config.data, config.tokenizer
   scene_config = _synthetic_config(data)
   cache_dir = os.path.expanduser(data.cache_dir)
-  splits = synthetic.load_or_generate(scene_config, cache_dir)
+  try:
+    splits = synthetic.load_or_generate(scene_config, cache_dir)
+  except ValueError as e:  # a corrupt cache file: the message names it
+    raise InputError(str(e)) from e
   vocab_file = tok.vocab_file
   if not vocab_file:
     vocab_file = os.path.join(cache_dir, synthetic.cache_key(scene_config),

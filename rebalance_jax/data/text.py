@@ -12,6 +12,8 @@ import numpy as np
 import tokenizers
 import transformers
 
+from rebalance_jax.errors import InputError
+
 _PUNCTUATION = re.compile(r"[^\w\s']|_")
 _SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -37,7 +39,7 @@ def train_wordpiece_vocab(captions: Sequence[str], vocab_file: str, vocab_size: 
 
 def load_tokenizer(vocab_file: str) -> transformers.BertTokenizerFast:
   if not os.path.isfile(vocab_file):
-    raise FileNotFoundError(f"tokenizer vocabulary not found: {vocab_file} (config.tokenizer.vocab_file)")
+    raise InputError(f"tokenizer vocabulary not found: {vocab_file} (config.tokenizer.vocab_file)")
   return transformers.BertTokenizerFast(vocab_file=vocab_file, do_lower_case=True)
 
 
@@ -45,12 +47,12 @@ def tokenize(tokenizer: transformers.PreTrainedTokenizerBase, captions: Sequence
              max_tokens: int, max_words: int, append_sep: bool = False) -> tuple[np.ndarray, np.ndarray]:
   """Captions -> (ids, mask), int32 arrays (N, max_tokens); row = [CLS] tokens ([SEP]) [PAD]...
 
-  Raises ValueError naming the caption index if a caption is empty after cleaning.
+  Raises InputError naming the caption index if a caption is empty after cleaning.
   """
   cleaned = [clean_caption(c, max_words) for c in captions]
   for i, c in enumerate(cleaned):
     if not c:
-      raise ValueError(f"caption {i} is empty after cleaning: {captions[i]!r}")
+      raise InputError(f"caption {i} is empty after cleaning: {captions[i]!r}")
   body = tokenizer(cleaned, add_special_tokens=False)["input_ids"]
   budget = max_tokens - 1 - int(append_sep)
   ids = np.full((len(cleaned), max_tokens), tokenizer.pad_token_id, np.int32)

@@ -1,0 +1,29 @@
+"""rebalance_jax: structure-aware distillation for vision-language retrieval, in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="rebalance_jax",
+    version="0.1.0",
+    description="JAX/Flax reimplementation of 'Rebalanced Vision-Language Retrieval Considering "
+                "Structure-Aware Distillation' (Yang et al., IEEE TIP 2024)",
+    packages=find_packages(include=["rebalance_jax", "rebalance_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "ml_collections>=1.1.0",
+        "tensorflow-datasets>=4.9.10",
+        # 4.57.x is the last transformers with Flax code; used for tokenizers and weight reading.
+        "transformers>=4.57.6,<4.58",
+        "tokenizers>=0.22.2,<0.23",
+        "huggingface_hub>=0.36.2,<1.0",
+        "numpy>=2.0",
+        "pillow>=12.0",
+        "absl-py>=2.0",
+        "tensorboardX>=2.6.5",
+    ],
+    extras_require={"test": ["pytest>=9.0"]},
+)

@@ -1,0 +1,154 @@
+"""End-to-end runs of the tiny config: both stages, resume equivalence, and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import REPO
+from rebalance_jax import train, trainer
+from rebalance_jax.checkpointing import ConfigMismatchError
+from rebalance_jax.errors import InputError
+
+
+def saved_state(workdir, stage):
+  """The raw (numpy) train state of a stage's latest checkpoint."""
+  manager = ocp.CheckpointManager(os.path.join(workdir, stage, "checkpoints"))
+  step = manager.latest_step()
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  manager.close()
+  return step, restored["state"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, data_cache):
+  """One uninterrupted tiny run, shared by the tests that only read its outputs."""
+  from conftest import load_config
+  config = load_config("configs/demo.py:tiny")
+  config.data.cache_dir = data_cache
+  workdir = str(tmp_path_factory.mktemp("full"))
+  return config, workdir, train.run(config, workdir)
+
+
+def test_two_stage_run_writes_results_metrics_and_features(finished_run):
+  config, workdir, results = finished_run
+  assert set(results) == {"stage1", "stage2"}
+  for metrics in results.values():
+    recalls = [metrics[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)]
+    assert all(0.0 <= r <= 100.0 for r in recalls)
+    assert recalls[0] <= recalls[1] <= recalls[2] and recalls[3] <= recalls[4] <= recalls[5]
+    assert metrics["rsum"] == pytest.approx(sum(recalls))
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert json.load(f) == results
+  with open(os.path.join(workdir, "results.md")) as f:
+    table = f.read()
+  assert "| stage1 |" in table and "| stage2 |" in table
+
+  with open(os.path.join(workdir, "stage2", "logs", "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  assert [r["step"] for r in records] == [2, 4]
+  for key in ("loss/itc", "loss/itm", "loss/iic", "loss/ttc", "loss/kd", "loss/kdi", "loss/kdt",
+              "loss/total", "scalars/temp", "scalars/temp2", "scalars/lam", "lr", "grad_norm"):
+    assert np.isfinite(records[-1][key]), key
+  assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(workdir, "stage2", "logs")))
+
+  num_pairs = config.data.synthetic.num_train * config.data.synthetic.captions_per_image
+  image = np.load(os.path.join(workdir, "teacher_features", "image.npy"))
+  text = np.load(os.path.join(workdir, "teacher_features", "text.npy"))
+  assert image.shape == (num_pairs, config.teachers.image.width)
+  assert text.shape == (num_pairs, config.teachers.text.width)
+  # Captions of one image share its image-teacher features but not text-teacher features.
+  np.testing.assert_array_equal(image[0], image[1])
+  assert not np.allclose(text[0], text[1])
+
+
+def test_checkpoints_hold_only_the_student(finished_run):
+  config, workdir, _ = finished_run
+  step, state = saved_state(workdir, "stage2")
+  assert step == config.stage2.num_steps and int(state["step"]) == step
+  assert set(state) == {"step", "params", "opt_state"}
+  assert set(state["params"]) == {"image_encoder", "text_encoder", "fusion_encoder", "itm_head",
+                                  "image_proj", "text_proj", "teacher_image_proj",
+                                  "teacher_text_proj", "temp", "temp2", "lam"}
+  # U_v maps the image teacher's width to the embedding: its input side is the teacher's.
+  kernel = state["params"]["teacher_image_proj"]["kernel"]
+  assert kernel.shape == (config.teachers.image.width, config.model.embed_dim)
+
+
+def test_resume_reproduces_the_uninterrupted_run(finished_run, tmp_path):
+  config, full_dir, full_results = finished_run
+  resumed_dir = str(tmp_path)
+  # Stop mid stage 1, then mid stage 2, as a preemption would; each call resumes.
+  assert train.run(config, resumed_dir, until=("stage1", 2)) == {}
+  assert set(train.run(config, resumed_dir, until=("stage2", 2))) == {"stage1"}
+  assert train.run(config, resumed_dir) == full_results
+  for stage in ("stage1", "stage2"):
+    (_, full), (_, resumed) = saved_state(full_dir, stage), saved_state(resumed_dir, stage)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(full), jax.tree.leaves(resumed)):
+      np.testing.assert_array_equal(a, b, err_msg=f"{stage} {jax.tree_util.keystr(path)}")
+
+
+def test_checkpoint_from_another_config_is_rejected(finished_run):
+  config, workdir, _ = finished_run
+  other = config.copy_and_resolve_references()
+  other.model.embed_dim = 32
+  with pytest.raises(ConfigMismatchError, match=r"model\.embed_dim"):
+    train.run(other, workdir)
+
+
+def test_batch_size_not_divisible_by_devices(tiny_config, tmp_path):
+  tiny_config.stage1.batch_size = 12
+  with pytest.raises(InputError, match=r"config\.stage1\.batch_size=12 .*8 devices"):
+    train.run(tiny_config, str(tmp_path))
+
+
+def test_non_finite_loss_stops_the_run(tiny_config, tmp_path):
+  tiny_config.model.temp_init = 0.0  # logits / 0
+  with pytest.raises(trainer.NonFiniteLossError, match=r"stage1: non-finite loss at step 1"):
+    train.run(tiny_config, str(tmp_path))
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("loss.lambda_mode", "softmax", r"config\.loss\.lambda_mode='softmax'"),
+    ("data.name", "flickr8k", r"config\.data\.name='flickr8k'"),
+])
+def test_invalid_config_values(tiny_config, tmp_path, field, value, match):
+  section, key = field.split(".")
+  tiny_config[section][key] = value
+  with pytest.raises(InputError, match=match):
+    train.run(tiny_config, str(tmp_path))
+
+
+def test_dual_encoder_needs_no_itm_weight(tiny_config, tmp_path):
+  tiny_config.model.dual_encoder = True
+  with pytest.raises(InputError, match=r"config\.stage1\.loss_weights has an 'itm' weight"):
+    train.run(tiny_config, str(tmp_path))
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "rebalance_jax.train", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=120,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_cli_unknown_config_key(tmp_path):
+  result = _cli("--config=configs/demo.py:tiny", "--config.stage1.no_such_key=3",
+                f"--workdir={tmp_path}")
+  assert result.returncode != 0
+  assert "no_such_key" in result.stderr
+
+
+def test_cli_missing_dataset_path_is_one_clear_line(tmp_path):
+  result = _cli("--config=configs/flickr.py", f"--workdir={tmp_path}")
+  assert result.returncode == 1
+  assert "config.data.image_root is not set" in result.stderr
+  assert "Traceback" not in result.stderr
+  result = _cli("--config=configs/coco.py", f"--workdir={tmp_path}",
+                f"--config.data.image_root={tmp_path}", "--config.data.train_file=/nonexistent.json",
+                f"--config.data.test_file={tmp_path}")
+  assert "config.data.train_file='/nonexistent.json' does not exist" in result.stderr

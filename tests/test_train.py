@@ -133,7 +133,7 @@ def test_dual_encoder_needs_no_itm_weight(tiny_config, tmp_path):
 def _cli(*args):
   return subprocess.run([sys.executable, "-m", "rebalance_jax.train", *args], cwd=REPO,
                         capture_output=True, text=True, timeout=120,
-                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})  # 1 device
 
 
 def test_cli_unknown_config_key(tmp_path):

@@ -152,3 +152,22 @@ def test_cli_missing_dataset_path_is_one_clear_line(tmp_path):
                 f"--config.data.image_root={tmp_path}", "--config.data.train_file=/nonexistent.json",
                 f"--config.data.test_file={tmp_path}")
   assert "config.data.train_file='/nonexistent.json' does not exist" in result.stderr
+
+
+def test_dual_encoder_with_online_teachers(tiny_config, tmp_path):
+  """The plug-and-play setting: no fusion/ITM, student relations from both embeddings, teachers
+  run inside the train step (no feature files)."""
+  c = tiny_config
+  c.model.dual_encoder = True
+  c.model.dual_relation = "both"
+  c.teachers.mode = "online"
+  del c.stage1.loss_weights["itm"]
+  del c.stage2.loss_weights["itm"]
+  results = train.run(c, str(tmp_path))
+  assert set(results) == {"stage1", "stage2"}
+  assert not os.path.exists(os.path.join(tmp_path, "teacher_features"))
+  _, state = saved_state(str(tmp_path), "stage2")
+  assert "fusion_encoder" not in state["params"] and "itm_head" not in state["params"]
+  with open(os.path.join(tmp_path, "stage2", "logs", "metrics.jsonl")) as f:
+    last = json.loads(f.readlines()[-1])
+  assert "loss/itm" not in last and np.isfinite(last["loss/kd"]) and last["loss/kd"] > 0

@@ -11,7 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rebalance_jax.models.layers import PostNormBlock, PreNormBlock, default_kernel_init
+from rebalance_jax.models.layers import (PostNormBlock, PreNormBlock, default_kernel_init,
+                                         embedding_init)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +52,7 @@ class VisionTransformer(nn.Module):
     x = x.reshape(x.shape[0], -1, c.width)
     cls = self.param("cls", nn.initializers.zeros, (1, 1, c.width))
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, c.width)), x], axis=1)
-    x = x + self.param("pos_embed", default_kernel_init, (1, x.shape[1], c.width))
+    x = x + self.param("pos_embed", embedding_init, (1, x.shape[1], c.width))
     x = nn.Dropout(c.dropout)(x, deterministic=not train)
     for i in range(c.depth):
       x = PreNormBlock(c.num_heads, c.mlp_dim, c.dropout, name=f"block{i}")(x, train)
@@ -67,7 +68,7 @@ class TextEncoder(nn.Module):
     c = self.config
     if ids.shape[1] > c.max_tokens:
       raise ValueError(f"text tower takes at most {c.max_tokens} tokens, got {ids.shape[1]}")
-    embed = lambda n, name: nn.Embed(n, c.width, embedding_init=default_kernel_init, name=name)
+    embed = lambda n, name: nn.Embed(n, c.width, embedding_init=embedding_init, name=name)
     x = embed(c.vocab_size, "word_embed")(ids)
     x = x + embed(c.max_tokens, "position_embed")(jnp.arange(ids.shape[1])[None])
     x = x + embed(2, "type_embed")(jnp.zeros_like(ids))

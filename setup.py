@@ -24,6 +24,8 @@ setup(
         "pillow>=12.0",
         "absl-py>=2.0",
         "tensorboardX>=2.6.5",
+        "matplotlib>=3.10",
     ],
-    extras_require={"test": ["pytest>=9.0"]},
+    # rouge-score: the reference ROUGE-L implementation the tests compare against.
+    extras_require={"test": ["pytest>=9.0", "rouge-score==0.1.2"]},
 )

@@ -8,7 +8,6 @@ a checkpoint written under a different fingerprint is an error naming the differ
 import json
 import os
 
-import jax
 import orbax.checkpoint as ocp
 
 from rebalance_jax.errors import InputError
@@ -68,8 +67,3 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
-
-
-def abstract_like(tree):
-  """ShapeDtypeStructs (with shardings) of a tree of jax arrays."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

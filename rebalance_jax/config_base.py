@@ -99,7 +99,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=2))
   c.log_every = 50
-  c.eval = ml_collections.ConfigDict(dict(batch_size=256))
+  # itm_k: ITC candidates re-ranked by the ITM head ([ref]: 256 COCO, 128 Flickr30K/VizWiz; 0: off).
+  # subsets: also evaluate on the first n test images (COCO-1K: (1000,)).
+  c.eval = ml_collections.ConfigDict(dict(batch_size=256, itm_k=16, subsets=()))
   return c
 
 
@@ -126,4 +128,6 @@ def reference_config(name: str, lr: float, max_tokens: int):
     c[stage].batch_size = 36
   c.checkpoint.every_steps = 1000
   c.log_every = 100
+  c.eval.itm_k = 256 if name == "coco" else 128
+  c.eval.subsets = (1000,) if name == "coco" else ()
   return c

@@ -17,11 +17,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from rebalance_jax import checkpointing, reporting, trainer
+from rebalance_jax import checkpointing, reporting, sharding, trainer
 from rebalance_jax.data import augment
 from rebalance_jax.data.datasets import PairSplit
 from rebalance_jax.errors import InputError
-from rebalance_jax.evaluation import map_in_batches
 from rebalance_jax.models.teachers import ImageTeacher, TextTeacher
 from rebalance_jax.models.towers import TextConfig, VitConfig
 
@@ -102,10 +101,13 @@ def teacher_features(models: dict, params: dict, train: PairSplit, batch_size: i
   if all(os.path.exists(os.path.join(directory, f)) for f in FEATURE_FILES.values()):
     return load_teacher_features(directory, train.num_pairs)
   image_fn, text_fn = feature_fns(models, params)
-  per_image = map_in_batches(image_fn, {"image": train.images}, batch_size, mesh)
+  per_image = sharding.map_in_batches(image_fn, len(train.images),
+                                      lambda i: {"image": train.images[i]}, batch_size, mesh)
   features = {
       "image": per_image[train.image_index],  # every caption of an image shares its features
-      "text": map_in_batches(text_fn, {"ids": train.ids, "mask": train.mask}, batch_size, mesh),
+      "text": sharding.map_in_batches(text_fn, train.num_pairs,
+                                      lambda i: {"ids": train.ids[i], "mask": train.mask[i]},
+                                      batch_size, mesh),
   }
   if reporting.is_main_process():
     os.makedirs(directory, exist_ok=True)

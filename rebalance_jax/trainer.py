@@ -8,7 +8,7 @@ non-differentiated argument and never part of the state.
 """
 
 import dataclasses
-import math
+import functools
 from collections.abc import Callable
 
 import jax
@@ -57,10 +57,21 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation) -> Call
   return train_step
 
 
+def _initial_state(params, tx: optax.GradientTransformation):
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+
 def create_state(params, tx: optax.GradientTransformation, mesh: Mesh):
   """The initial train state, built under jit so every leaf is a replicated global array."""
-  init = lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p)}
+  init = functools.partial(_initial_state, tx=tx)
   return jax.jit(init, out_shardings=sharding.replicated(mesh))(params)
+
+
+def abstract_state(params, tx: optax.GradientTransformation, mesh: Mesh):
+  """Shapes, dtypes and shardings of the train state: the target to restore a checkpoint onto."""
+  shapes = jax.eval_shape(functools.partial(_initial_state, tx=tx), params)
+  replicated = sharding.replicated(mesh)
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
 
 
 @dataclasses.dataclass
@@ -85,10 +96,11 @@ def run_stage(stage: Stage, init_params, frozen, mesh: Mesh, num_examples: int,
   """Trains `stage` from its latest checkpoint (or `init_params`) to `until_step` (default: the
   end), checkpointing periodically and at the end. Returns the final train state."""
   sharding.check_batch_size(stage.batch_size, mesh, f"config.{stage.name}.batch_size")
-  state = create_state(init_params, stage.tx, mesh)
   latest = stage.checkpointer.latest_step()
-  if latest is not None:
-    state = stage.checkpointer.restore(latest, checkpointing.abstract_like(state))
+  if latest is None:
+    state = create_state(init_params, stage.tx, mesh)
+  else:
+    state = stage.checkpointer.restore(latest, abstract_state(init_params, stage.tx, mesh))
     logging.info("%s: resumed from step %d", stage.name, latest)
   end = stage.total_steps if until_step is None else min(until_step, stage.total_steps)
   step = int(state["step"])

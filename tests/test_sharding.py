@@ -8,7 +8,7 @@ import pytest
 
 from rebalance_jax import objective, sharding
 from rebalance_jax.models.student import init_student
-from rebalance_jax.train import student_model
+from rebalance_jax.experiment import student_model
 
 BATCH = 16
 
@@ -62,3 +62,26 @@ def test_sharded_stage2_loss_and_grads_match_single_device(tiny_config, itm_nega
   # Every stage-2 parameter receives gradient, including U_v, U_t, λ and τ2.
   for name in ("teacher_image_proj", "teacher_text_proj", "lam", "temp2", "itm_head"):
     assert any(np.abs(g).max() > 0 for g in jax.tree.leaves(grads1[name])), name
+
+
+def test_map_in_batches_pads_the_last_batch_and_drops_padding():
+  mesh = sharding.make_mesh()
+  values = np.arange(13 * 3, dtype=np.float32).reshape(13, 3)  # 13 rows: not a multiple of 8
+  calls = []
+
+  def get_rows(indices):
+    calls.append(indices)
+    return {"x": values[indices]}
+
+  out = sharding.map_in_batches(jax.jit(lambda x: {"double": 2 * x, "sum": x.sum(1)}), 13,
+                                get_rows, 8, mesh)
+  np.testing.assert_array_equal(out["double"], 2 * values)
+  np.testing.assert_array_equal(out["sum"], values.sum(1))
+  assert [len(c) for c in calls] == [8, 8]  # the same number of full steps on every process
+  np.testing.assert_array_equal(calls[1], [8, 9, 10, 11, 12, 12, 12, 12])
+
+
+def test_map_in_batches_rejects_indivisible_batch():
+  with pytest.raises(ValueError, match=r"config\.eval\.batch_size=12"):
+    sharding.map_in_batches(lambda x: x, 4, lambda i: {"x": np.zeros((len(i), 1))}, 12,
+                            sharding.make_mesh())

@@ -14,6 +14,7 @@ from conftest import REPO
 from rebalance_jax import train, trainer
 from rebalance_jax.checkpointing import ConfigMismatchError
 from rebalance_jax.errors import InputError
+from rebalance_jax.evaluators.suite import evaluate_run
 
 
 def saved_state(workdir, stage):
@@ -39,15 +40,23 @@ def test_two_stage_run_writes_results_metrics_and_features(finished_run):
   config, workdir, results = finished_run
   assert set(results) == {"stage1", "stage2"}
   for metrics in results.values():
-    recalls = [metrics[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)]
-    assert all(0.0 <= r <= 100.0 for r in recalls)
-    assert recalls[0] <= recalls[1] <= recalls[2] and recalls[3] <= recalls[4] <= recalls[5]
-    assert metrics["rsum"] == pytest.approx(sum(recalls))
+    assert metrics["score_mode"] == "itm"  # the fusion student re-ranks with its ITM head
+    for mode in ("itc/", "itm/", ""):
+      recalls = [metrics[f"{mode}{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)]
+      assert all(0.0 <= r <= 100.0 for r in recalls)
+      assert recalls[0] <= recalls[1] <= recalls[2] and recalls[3] <= recalls[4] <= recalls[5]
+      assert metrics[f"{mode}rsum"] == pytest.approx(sum(recalls))
+    for protocol in ("i2i", "t2t", "mixed", "mixed_faithful"):
+      assert 0.0 < metrics[f"{protocol}_ndcg@10"] <= 100.0
   with open(os.path.join(workdir, "results.json")) as f:
-    assert json.load(f) == results
+    saved = json.load(f)
+  assert saved["metrics"] == results
+  assert len(saved["recall_curves"]["stage2"]["i2t"]) == 50
+  assert saved["recall_curves"]["stage2"]["i2t"][-1] == 100.0  # 16 test images: all within K=50
   with open(os.path.join(workdir, "results.md")) as f:
     table = f.read()
-  assert "| stage1 |" in table and "| stage2 |" in table
+  assert "| stage1 (itm) |" in table and "| stage2 (itm) |" in table and "t2t N@10" in table
+  assert os.path.getsize(os.path.join(workdir, "results.png")) > 10_000
 
   with open(os.path.join(workdir, "stage2", "logs", "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
@@ -171,3 +180,21 @@ def test_dual_encoder_with_online_teachers(tiny_config, tmp_path):
   with open(os.path.join(tmp_path, "stage2", "logs", "metrics.jsonl")) as f:
     last = json.loads(f.readlines()[-1])
   assert "loss/itm" not in last and np.isfinite(last["loss/kd"]) and last["loss/kd"] > 0
+
+
+def test_evaluate_run_on_a_finished_run(finished_run):
+  config, workdir, results = finished_run
+  rows = evaluate_run(config, workdir, ["stage1", "stage2"])
+  assert set(rows) == {"stage1@4", "stage2@4"}
+  for stage in ("stage1", "stage2"):  # the same checkpoints give the same numbers as training's
+    numbers = lambda m: {k: v for k, v in m.items() if k != "score_mode"}
+    assert numbers(rows[f"{stage}@4"]) == pytest.approx(numbers(results[stage]))
+  assert os.path.exists(os.path.join(workdir, "eval", "results.png"))
+  with pytest.raises(InputError, match=r"--stages: unknown \['stage3'\]"):
+    evaluate_run(config, workdir, ["stage3"])
+
+
+def test_evaluate_cli_help():
+  result = subprocess.run([sys.executable, "-m", "rebalance_jax.evaluate", "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+  assert "--stages" in result.stdout and "--step" in result.stdout and "--workdir" in result.stdout

@@ -55,9 +55,19 @@ class EvalSplit:
 
   @property
   def image_to_texts(self) -> np.ndarray:
-    """(num_images, captions_per_image) caption indices of each image."""
+    """(num_images, captions_per_image) caption indices of each image, in caption order."""
     per_image = len(self.text_to_image) // len(self.images)
     return np.argsort(self.text_to_image, kind="stable").reshape(len(self.images), per_image)
+
+  def references(self) -> list[list[str]]:
+    """The captions of each image (the references of its ROUGE-L relevance)."""
+    return [[self.captions[c] for c in row] for row in self.image_to_texts]
+
+  def first(self, num_images: int) -> "EvalSplit":
+    """The sub-split of the first `num_images` images and their captions (e.g. COCO-1K)."""
+    keep = self.text_to_image < num_images
+    return EvalSplit(self.images[:num_images], self.ids[keep], self.mask[keep],
+                     self.text_to_image[keep], tuple(np.asarray(self.captions, object)[keep]))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Ranking metrics of the evaluation protocols (METHOD.md §7) as small, pure, vectorized numpy functions.
+"""Ranking metrics of the evaluation protocols (METHOD.md §7): small, pure, vectorized numpy.
 
 Conventions: N_i test images and N_c captions; caption c belongs to image `text_to_image[c]`, and
 `first_caption[i]` is image i's first caption (5i in the standard layout). `rel` is the (N_c, N_i)
@@ -9,8 +9,8 @@ Rules:
 - Recall tie rule (optimistic): a query's rank is the number of gallery items scored strictly higher
   than its best positive, so a positive tied with negatives ranks first among them.
 - Ranking order (`top_k_indices`, NDCG): descending score; equal scores by ascending gallery index.
-- NDCG: excluded gallery items are removed from both the ranking and the ideal ranking; a query whose
-  ideal DCG is 0 (no relevant gallery item) contributes NDCG 0 to the mean.
+- NDCG: excluded gallery items are removed from both the ranking and the ideal ranking; a query
+  whose ideal DCG is 0 (no relevant gallery item) contributes NDCG 0 to the mean.
 - NDCG queries are processed in blocks of `block` rows, so no (Q, G) temporary exceeds (block, G).
 """
 
@@ -34,7 +34,7 @@ BlockRows = Callable[[slice], tuple[np.ndarray, np.ndarray, np.ndarray | None]]
 
 def check_captions_per_image(text_to_image: np.ndarray, n_images: int,
                              per_image: int = CAPTIONS_PER_IMAGE) -> None:
-  """Raises InputError (a ValueError) naming the first image with fewer than `per_image` captions."""
+  """Raises InputError (a ValueError) naming the first image with < `per_image` captions."""
   counts = np.bincount(text_to_image, minlength=n_images)[:n_images]
   short = np.flatnonzero(counts < per_image)
   if short.size:
@@ -62,7 +62,8 @@ def recall_at_k(i2t_scores: np.ndarray, t2i_scores: np.ndarray, text_to_image: n
 
   i2t_scores: (N_i, N_c); t2i_scores: (N_c, N_i). An image hits at K if any of its captions ranks in
   its top K, a caption if its image does; ranks follow the optimistic tie rule (module docstring).
-  With ITM re-ranked matrices a positive outside the ITM candidates ranks below every candidate.
+  With ITM re-ranked matrices a positive outside the candidates (scored `fill`) ranks after every
+  candidate whose logit exceeds the fill.
   """
   n_images, n_captions = i2t_scores.shape
   if t2i_scores.shape != (n_captions, n_images):

@@ -1,0 +1,40 @@
+"""Evaluates a run's student checkpoints with the paper's protocols (METHOD.md §7).
+
+  python -m rebalance_jax.evaluate --config=configs/demo.py --workdir=runs/demo
+
+Evaluates the latest checkpoint of each stage found in the workdir (or --stages, --step), and
+writes <workdir>/eval/results.json, results.md (a paper-shaped table) and results.png (recall@K
+curves and NDCG bars). The config must be the one the run was trained with.
+"""
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from rebalance_jax import experiment, reporting
+from rebalance_jax.errors import InputError
+from rebalance_jax.evaluators.suite import evaluate_run
+
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "The run's config file (with the same --config.<field> overrides).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.")
+_STAGES = flags.DEFINE_list("stages", list(experiment.STAGES), "Stages to evaluate.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: each stage's latest).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  reporting.quiet_library_logs()
+  try:
+    evaluate_run(_CONFIG.value, _WORKDIR.value, _STAGES.value, _STEP.value)
+  except InputError as e:
+    sys.exit(f"rebalance_jax.evaluate: error: {e}")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

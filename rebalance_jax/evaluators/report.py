@@ -1,0 +1,69 @@
+"""Evaluation results as JSON, a paper-shaped markdown table, and PNG plots."""
+
+import json
+import os
+
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")  # files only; no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+RECALL_COLUMNS = [f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)] + ["rsum"]
+NDCG_PROTOCOLS = ("i2i", "t2t", "mixed", "mixed_faithful")
+NDCG_KS = (10, 20, 50)
+NDCG_COLUMNS = [f"{p}_ndcg@{k}" for p in NDCG_PROTOCOLS for k in NDCG_KS]
+
+
+def _header(column: str) -> str:
+  if column in NDCG_COLUMNS:
+    protocol, k = column.split("_ndcg@")
+    return f"{protocol.replace('_faithful', ' (faithful)')} N@{k}"
+  return column.replace("_r", " R@")
+
+
+def results_table(rows: dict[str, dict]) -> str:
+  """Markdown: one row per model; i2t/t2i R@1/5/10, rsum, then NDCG@10/20/50 of each protocol."""
+  columns = RECALL_COLUMNS + [c for c in NDCG_COLUMNS if any(c in m for m in rows.values())]
+  header = ["model"] + [_header(c) for c in columns]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for name, metrics in rows.items():
+    cells = [f"{metrics[c]:.2f}" if c in metrics else "" for c in columns]
+    lines.append("| " + " | ".join([f"{name} ({metrics.get('score_mode', 'itc')})"] + cells) + " |")
+  return "\n".join(lines)
+
+
+def plot_results(rows: dict[str, dict], curves: dict[str, dict], path: str) -> None:
+  """Recall@K curves (i2t, t2i) and NDCG@K bars per protocol, one colour per model."""
+  fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+  for name, curve in curves.items():
+    for ax, direction in zip(axes[:2], ("i2t", "t2i")):
+      ax.plot(np.arange(1, len(curve[direction]) + 1), curve[direction], label=name)
+  for ax, direction in zip(axes[:2], ("i2t", "t2i")):
+    ax.set(title=f"{direction} recall@K", xlabel="K", ylabel="recall (%)", ylim=(0, 100))
+    ax.grid(alpha=0.3)
+    ax.legend()
+  width = 0.8 / max(len(rows), 1)
+  positions = np.arange(len(NDCG_COLUMNS))
+  for i, (name, metrics) in enumerate(rows.items()):
+    axes[2].bar(positions + i * width, [metrics.get(c, 0.0) for c in NDCG_COLUMNS], width,
+                label=name)
+  axes[2].set_xticks(positions + width * (len(rows) - 1) / 2,
+                     [_header(c) for c in NDCG_COLUMNS], rotation=60, ha="right", fontsize=8)
+  axes[2].set(title="NDCG@K (ROUGE-L relevance)", ylabel="NDCG × 100")
+  axes[2].legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def write_results(directory: str, rows: dict[str, dict], curves: dict[str, dict]) -> str:
+  """Writes results.json, results.md and results.png to `directory`; returns the table."""
+  os.makedirs(directory, exist_ok=True)
+  table = results_table(rows)
+  with open(os.path.join(directory, "results.json"), "w") as f:
+    json.dump({"metrics": rows, "recall_curves": curves}, f, indent=1)
+  with open(os.path.join(directory, "results.md"), "w") as f:
+    f.write(table + "\n")
+  plot_results(rows, curves, os.path.join(directory, "results.png"))
+  return table

@@ -10,6 +10,7 @@ Field reference (all overridable with --config.<path>=value):
   loss.*                §4 options: λ mode, τ2 mode, distance, ITM negative pool.
   optim.*               AdamW (§5): lr, betas, eps, weight decay, exclusions, lr multipliers.
   stage1.*, stage2.*    epochs (or num_steps), global batch size, loss weights of each stage.
+  mesh.*, sharding.*    device mesh (fsdp axis size) and regex rules placing parameters on it.
   checkpoint.*, log_every, eval.*
 """
 
@@ -97,6 +98,11 @@ def base_config() -> ml_collections.ConfigDict:
         num_epochs=10, num_steps=0, batch_size=36,
         loss_weights=ml_collections.ConfigDict(weights)))
 
+  c.mesh = ml_collections.ConfigDict(dict(fsdp=1))  # >1: a ('data', 'fsdp') mesh
+  c.sharding = ml_collections.ConfigDict(dict(
+      # First match wins: "replicate" or "fsdp" (split over the fsdp axis when >= fsdp_min_size).
+      rules=((r"^(temp|temp2|lam)$", "replicate"), (r"norm", "replicate"), (r".*", "fsdp")),
+      fsdp_min_size=2**14))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=2))
   c.log_every = 50
   # itm_k: ITC candidates re-ranked by the ITM head ([ref]: 256 COCO, 128 Flickr30K/VizWiz; 0: off).

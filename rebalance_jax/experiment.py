@@ -23,6 +23,7 @@ _CHOICES = {
 }
 # Config fields that do not change what a checkpoint holds.
 _OPERATIONAL_FIELDS = ("data.cache_dir", "data.image_root", "data.train_file", "data.test_file",
+                       "mesh", "sharding",
                        "checkpoint", "log_every", "eval")
 
 
@@ -72,6 +73,15 @@ def student_model(config: ml_collections.ConfigDict, vocab_size: int) -> Student
 
 
 
+def make_mesh(config: ml_collections.ConfigDict):
+  return sharding.make_mesh(fsdp=config.mesh.fsdp)
+
+
+def param_rules(config: ml_collections.ConfigDict) -> sharding.ParamRules:
+  return sharding.ParamRules(tuple(tuple(r) for r in config.sharding.rules),
+                             config.sharding.fsdp_min_size)
+
+
 def stage_checkpointer(config: ml_collections.ConfigDict, workdir: str,
                        stage: str) -> checkpointing.Checkpointer:
   return checkpointing.Checkpointer(os.path.join(workdir, stage, "checkpoints"),
@@ -88,7 +98,8 @@ def load_stage_params(config: ml_collections.ConfigDict, workdir: str, stage: st
       raise InputError(f"no {stage} checkpoint in {checkpointer.directory}")
     tx, _ = make_optimizer(config.optim, params_like,
                            trainer.steps_for(config[stage], num_examples))
-    state = checkpointer.restore(step, trainer.abstract_state(params_like, tx, mesh))
+    state = checkpointer.restore(step, trainer.abstract_state(params_like, tx, mesh,
+                                                              param_rules(config)))
     return state["params"], step
   finally:
     checkpointer.close()

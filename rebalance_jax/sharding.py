@@ -1,9 +1,15 @@
-"""Device mesh, batch sharding and host-to-global array assembly.
+"""Device mesh, sharding rules, and host-to-global array assembly.
 
-The batch axis is sharded over the mesh's 'data' axis; parameters are replicated. Every function
-works unchanged with one process or many (each process passes its own slice of the global batch).
+The mesh has a 'data' axis and optionally an 'fsdp' axis, both classic auto-sharded (GSPMD) axes.
+The batch is sharded over every mesh axis. Parameters are placed by regex rules over their
+'/'-joined paths (first match wins): "replicate", or "fsdp" (split the largest dimension divisible
+by the fsdp axis, for parameters of at least `min_size` elements); a parameter that matches no rule
+is an error. Optimizer-state leaves follow the parameter they belong to. Every function works
+unchanged with one process or many (each process passes its own slice of the global batch).
 """
 
+import dataclasses
+import re
 from collections.abc import Callable
 
 import jax
@@ -14,21 +20,83 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from rebalance_jax.errors import InputError
 
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+PLACEMENTS = ("replicate", "fsdp")
 
 
-def make_mesh(devices=None) -> Mesh:
-  """1-D data-parallel mesh over all devices, with classic auto-sharded (GSPMD) axes."""
-  devices = jax.devices() if devices is None else devices
-  return Mesh(np.asarray(devices).reshape(len(devices)), (DATA_AXIS,),
-              axis_types=(jax.sharding.AxisType.Auto,))
+def make_mesh(devices=None, fsdp: int = 1) -> Mesh:
+  """A ('data',) mesh over all devices, or ('data', 'fsdp') with an fsdp axis of size `fsdp`."""
+  devices = np.asarray(jax.devices() if devices is None else devices)
+  if fsdp < 1 or devices.size % fsdp:
+    raise InputError(f"config.mesh.fsdp={fsdp} must divide the device count ({devices.size})")
+  if fsdp == 1:
+    return Mesh(devices.reshape(-1), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+  return Mesh(devices.reshape(-1, fsdp), (DATA_AXIS, FSDP_AXIS),
+              axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(DATA_AXIS))
+  """Leading (batch) axis split over every mesh axis."""
+  return NamedSharding(mesh, P(mesh.axis_names))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def path_string(path) -> str:
+  """'/'-joined keys of a pytree key path."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamRules:
+  """Regex rules placing parameters on the mesh (config.sharding.rules / .fsdp_min_size)."""
+  rules: tuple[tuple[str, str], ...]
+  min_size: int = 2**14
+
+  def __post_init__(self):
+    for pattern, placement in self.rules:
+      if placement not in PLACEMENTS:
+        raise InputError(f"config.sharding.rules: {pattern!r} -> {placement!r} is not one of "
+                         f"{PLACEMENTS}")
+
+  def spec(self, path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
+    placement = next((p for pattern, p in self.rules if re.search(pattern, path)), None)
+    if placement is None:
+      raise InputError(f"parameter {path} matches no rule in config.sharding.rules")
+    fsdp = mesh.shape.get(FSDP_AXIS, 1)
+    if placement == "replicate" or fsdp == 1 or int(np.prod(shape)) < self.min_size:
+      return P()
+    divisible = [d for d, n in enumerate(shape) if n % fsdp == 0]
+    if not divisible:
+      return P()
+    axis = max(divisible, key=lambda d: shape[d])
+    return P(*[FSDP_AXIS if d == axis else None for d in range(len(shape))])
+
+  def param_shardings(self, params, mesh: Mesh):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: NamedSharding(mesh, self.spec(path_string(path), x.shape, mesh)), params)
+
+  def state_shardings(self, state, mesh: Mesh):
+    """Shardings of a train state {step, params, opt_state}: optimizer leaves follow the
+    parameter whose path ends theirs (Adam's moments), everything else is replicated."""
+    params = self.param_shardings(state["params"], mesh)
+    by_path = {path_string(p): (s, leaf.shape) for (p, s), leaf in zip(
+        jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(state["params"]))}
+
+    def follow(path, leaf):
+      keys = path_string(path).split("/")
+      for start in range(len(keys)):
+        match = by_path.get("/".join(keys[start:]))
+        if match and match[1] == leaf.shape:
+          return match[0]
+      return replicated(mesh)
+
+    return {**jax.tree.map(lambda _: replicated(mesh), {k: v for k, v in state.items()
+                                                         if k not in ("params", "opt_state")}),
+            "params": params,
+            "opt_state": jax.tree_util.tree_map_with_path(follow, state["opt_state"])}
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, field: str) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from rebalance_jax import checkpointing, reporting, sharding, trainer
+from rebalance_jax import checkpointing, experiment, reporting, sharding, trainer
 from rebalance_jax.data import augment
 from rebalance_jax.data.datasets import PairSplit
 from rebalance_jax.errors import InputError
@@ -44,7 +44,7 @@ def _attribute_loss(model, modality: str, params, batch, frozen, rng):
 
 
 def pretrain_teachers(config: ml_collections.ConfigDict, models: dict, train: PairSplit,
-                      mesh: Mesh, directory: str) -> dict:
+                      mesh: Mesh, directory: str, param_rules: sharding.ParamRules) -> dict:
   """Trains (or resumes, or loads when finished) both teachers; returns their parameters."""
   if train.attributes is None:
     raise InputError(f"dataset {config.data.name!r} has no scene attributes to pre-train teachers "
@@ -58,6 +58,7 @@ def pretrain_teachers(config: ml_collections.ConfigDict, models: dict, train: Pa
                lambda idx: {"ids": train.ids[idx], "mask": train.mask[idx],
                             "attributes": attributes[train.image_index[idx]]}),
   }
+  fingerprint = experiment.fingerprint(config)
   params = {}
   for modality, model in models.items():
     num_examples, rows = examples[modality]
@@ -74,10 +75,11 @@ def pretrain_teachers(config: ml_collections.ConfigDict, models: dict, train: Pa
         batch_size=t.batch_size,
         make_batch=rows,
         checkpointer=checkpointing.Checkpointer(
-            os.path.join(directory, modality), {"teachers": t.to_dict(), "data": config.data.to_dict()},
-            keep=1),
+            os.path.join(directory, modality),
+            {k: fingerprint[k] for k in ("seed", "data", "tokenizer", "teachers")}, keep=1),
         writer=reporting.MetricWriter(os.path.join(directory, modality, "logs")),
-        checkpoint_every=t.num_steps, log_every=max(t.num_steps // 5, 1), seed=config.seed)
+        checkpoint_every=t.num_steps, log_every=max(t.num_steps // 5, 1), seed=config.seed,
+        param_rules=param_rules)
     state = trainer.run_stage(stage, init, None, mesh, num_examples)
     params[modality] = state["params"]
     stage.writer.close()

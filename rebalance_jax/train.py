@@ -80,7 +80,7 @@ def train_student_stage(stage: str, config, workdir, data: RetrievalData, model:
       checkpointer=experiment.stage_checkpointer(config, workdir, stage),
       writer=reporting.MetricWriter(os.path.join(workdir, stage, "logs")),
       checkpoint_every=config.checkpoint.every_steps, log_every=config.log_every,
-      seed=config.seed)
+      seed=config.seed, param_rules=experiment.param_rules(config))
   try:
     return trainer.run_stage(run_config, init_params, teachers["params"] if online else None,
                              mesh, data.train.num_pairs, until_step)
@@ -99,7 +99,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, until: tuple[str, int] 
   would). Returns {model name: test metrics} of the stages that finished."""
   experiment.validate_config(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  mesh = sharding.make_mesh()
+  mesh = experiment.make_mesh(config)
   for stage in experiment.STAGES:
     sharding.check_batch_size(config[stage].batch_size, mesh, f"config.{stage}.batch_size")
   data = load_retrieval_data(config)
@@ -108,7 +108,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, until: tuple[str, int] 
 
   teacher_models = teacher_job.teacher_models(config, data.vocab_size, data.train.attributes.shape[1])
   teacher_params = teacher_job.pretrain_teachers(config, teacher_models, data.train, mesh,
-                                                 os.path.join(workdir, "teachers"))
+                                                 os.path.join(workdir, "teachers"),
+                                                 experiment.param_rules(config))
   teachers = {"models": teacher_models, "params": teacher_params}
   features = None
   if config.teachers.mode == "precomputed":

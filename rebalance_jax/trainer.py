@@ -61,17 +61,21 @@ def _initial_state(params, tx: optax.GradientTransformation):
   return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
 
-def create_state(params, tx: optax.GradientTransformation, mesh: Mesh):
-  """The initial train state, built under jit so every leaf is a replicated global array."""
-  init = functools.partial(_initial_state, tx=tx)
-  return jax.jit(init, out_shardings=sharding.replicated(mesh))(params)
-
-
-def abstract_state(params, tx: optax.GradientTransformation, mesh: Mesh):
-  """Shapes, dtypes and shardings of the train state: the target to restore a checkpoint onto."""
+def abstract_state(params, tx: optax.GradientTransformation, mesh: Mesh,
+                   rules: sharding.ParamRules):
+  """Shapes, dtypes and shardings of the train state: the target to create it or restore a
+  checkpoint onto (any mesh: the shardings come from `mesh`, not from the checkpoint)."""
   shapes = jax.eval_shape(functools.partial(_initial_state, tx=tx), params)
-  replicated = sharding.replicated(mesh)
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      shapes, rules.state_shardings(shapes, mesh))
+
+
+def create_state(params, tx: optax.GradientTransformation, mesh: Mesh,
+                 rules: sharding.ParamRules):
+  """The initial train state, built under jit directly in its sharded layout."""
+  target = abstract_state(params, tx, mesh, rules)
+  init = functools.partial(_initial_state, tx=tx)
+  return jax.jit(init, out_shardings=jax.tree.map(lambda s: s.sharding, target))(params)
 
 
 @dataclasses.dataclass
@@ -89,6 +93,7 @@ class Stage:
   checkpoint_every: int
   log_every: int
   seed: int
+  param_rules: sharding.ParamRules
 
 
 def run_stage(stage: Stage, init_params, frozen, mesh: Mesh, num_examples: int,
@@ -97,10 +102,11 @@ def run_stage(stage: Stage, init_params, frozen, mesh: Mesh, num_examples: int,
   end), checkpointing periodically and at the end. Returns the final train state."""
   sharding.check_batch_size(stage.batch_size, mesh, f"config.{stage.name}.batch_size")
   latest = stage.checkpointer.latest_step()
+  target = abstract_state(init_params, stage.tx, mesh, stage.param_rules)
   if latest is None:
-    state = create_state(init_params, stage.tx, mesh)
+    state = create_state(init_params, stage.tx, mesh, stage.param_rules)
   else:
-    state = stage.checkpointer.restore(latest, abstract_state(init_params, stage.tx, mesh))
+    state = stage.checkpointer.restore(latest, target)
     logging.info("%s: resumed from step %d", stage.name, latest)
   end = stage.total_steps if until_step is None else min(until_step, stage.total_steps)
   step = int(state["step"])
@@ -108,10 +114,11 @@ def run_stage(stage: Stage, init_params, frozen, mesh: Mesh, num_examples: int,
     return state
 
   replicated = sharding.replicated(mesh)
+  state_shardings = jax.tree.map(lambda s: s.sharding, target)
   train_step = jax.jit(make_train_step(stage.loss_fn, stage.tx),
-                       in_shardings=(replicated, sharding.batch_sharding(mesh), replicated,
+                       in_shardings=(state_shardings, sharding.batch_sharding(mesh), replicated,
                                      replicated),
-                       out_shardings=(replicated, replicated), donate_argnums=(0,))
+                       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
   rng = jax.random.key(stage.seed)
   progress = reporting.Progress(stage.name, stage.total_steps, step)
   pending = []  # per-step metrics on device, fetched at each log point

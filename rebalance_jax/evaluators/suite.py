@@ -9,7 +9,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from rebalance_jax import experiment, reporting, sharding
+from rebalance_jax import experiment, reporting
 from rebalance_jax.data.datasets import EvalSplit, load_retrieval_data
 from rebalance_jax.errors import InputError
 from rebalance_jax.evaluators import report, retrieval
@@ -55,7 +55,7 @@ def evaluate_run(config, workdir: str, stages, step: int | None = None) -> dict:
   unknown = set(stages) - set(experiment.STAGES)
   if unknown:
     raise InputError(f"--stages: unknown {sorted(unknown)}; known: {experiment.STAGES}")
-  mesh = sharding.make_mesh()
+  mesh = experiment.make_mesh(config)
   data = load_retrieval_data(config)
   model = experiment.student_model(config, data.vocab_size)
   params_like = init_student(model, jax.random.key(config.seed))

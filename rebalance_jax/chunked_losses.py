@@ -247,7 +247,7 @@ def structure_distillation(student_features: Sequence[jax.Array],
     zero = _varying(jnp.zeros((), jnp.float32))
     sums, _ = _ring_fold(visit, {"kd": zero, "kdi": zero, "kdt": zero}, features,
                          (features, row_index, lam, temperature), num_devices)
-    num_entries = batch_size * (batch_size - 1)
+    num_entries = float(batch_size * (batch_size - 1))  # beyond int32 from B = 46,341
     return jax.tree.map(lambda s: jax.lax.psum(s, DATA_AXIS) / num_entries, sums)
 
   return jax.shard_map(

@@ -19,7 +19,8 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rebalance_jax import experiment, objective, reporting, sharding, teacher_job, trainer
+from rebalance_jax import distributed, experiment, objective, reporting, sharding, teacher_job
+from rebalance_jax import trainer
 from rebalance_jax.data import augment
 from rebalance_jax.data.datasets import RetrievalData, load_retrieval_data
 from rebalance_jax.errors import InputError
@@ -131,15 +132,21 @@ def run(config: ml_collections.ConfigDict, workdir: str, until: tuple[str, int] 
     params = state["params"]
     evaluator.add(stage, params)
     evaluator.write(workdir)
+    # Every process computed the metrics; logging them everywhere shows that the processes agree.
+    logging.info("process %d: %s rsum %.4f", jax.process_index(), stage,
+                 evaluator.rows[stage]["rsum"])
   return evaluator.rows
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  distributed.maybe_initialize()
   reporting.quiet_library_logs()
   try:
     run(_CONFIG.value, _WORKDIR.value)
+  except trainer.Preempted as e:
+    logging.warning("%s", e)
   except (InputError, trainer.NonFiniteLossError) as e:
     sys.exit(f"rebalance_jax.train: error: {e}")
 

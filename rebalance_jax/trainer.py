@@ -9,6 +9,8 @@ non-differentiated argument and never part of the state.
 
 import dataclasses
 import functools
+import signal
+import threading
 from collections.abc import Callable
 
 import jax
@@ -16,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from rebalance_jax import checkpointing, reporting, sharding
@@ -23,6 +26,42 @@ from rebalance_jax import checkpointing, reporting, sharding
 
 class NonFiniteLossError(FloatingPointError):
   pass
+
+
+class Preempted(Exception):
+  """The run received SIGTERM; a checkpoint of `step` was written. Re-run to resume."""
+
+  def __init__(self, stage: str, step: int):
+    super().__init__(f"{stage}: preempted at step {step}; checkpoint saved, re-run the same "
+                     "command to resume")
+    self.step = step
+
+
+class PreemptionWatch:
+  """Says, at a step boundary, whether the job was asked to stop (SIGTERM).
+
+  Single process: a SIGTERM handler sets a flag. Several processes: JAX's preemption sync point
+  (jax.distributed catches SIGTERM), so that every process stops at the same step.
+  """
+
+  def __init__(self):
+    self._requested = False
+    self._previous = None
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._request)
+
+  def _request(self, signum, frame):
+    del signum, frame
+    self._requested = True
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._requested
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def train_batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> np.ndarray:
@@ -121,6 +160,18 @@ def run_stage(stage: Stage, init_params, frozen, mesh: Mesh, num_examples: int,
                        out_shardings=(state_shardings, replicated), donate_argnums=(0,))
   rng = jax.random.key(stage.seed)
   progress = reporting.Progress(stage.name, stage.total_steps, step)
+  watch = PreemptionWatch()
+  try:
+    state = _train_loop(stage, state, train_step, frozen, rng, mesh, num_examples, step, end,
+                        progress, watch)
+  finally:
+    watch.close()
+  stage.checkpointer.wait()
+  return state
+
+
+def _train_loop(stage, state, train_step, frozen, rng, mesh, num_examples, step, end, progress,
+                watch):
   pending = []  # per-step metrics on device, fetched at each log point
   while step < end:
     indices = train_batch_indices(num_examples, stage.batch_size, step, stage.seed)
@@ -129,12 +180,16 @@ def run_stage(stage: Stage, init_params, frozen, mesh: Mesh, num_examples: int,
     state, metrics = train_step(state, batch, frozen, rng)
     pending.append(metrics)
     step += 1
-    if step % stage.log_every == 0 or step == end or step % stage.checkpoint_every == 0:
+    stop = watch.should_stop(step)
+    checkpoint = step % stage.checkpoint_every == 0 or step == end or stop
+    if step % stage.log_every == 0 or checkpoint:  # never checkpoint a non-finite state
       _log(stage, step, pending, progress)
       pending = []
-    if step % stage.checkpoint_every == 0 or step == end:
+    if checkpoint:
       stage.checkpointer.save(step, state)
-  stage.checkpointer.wait()
+    if stop:
+      stage.checkpointer.wait()
+      raise Preempted(stage.name, step)
   return state
 
 

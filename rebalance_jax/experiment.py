@@ -21,10 +21,16 @@ _CHOICES = {
     "teachers.mode": ("precomputed", "online"),
     "model.dual_relation": ("image", "text", "both"),
 }
-# Config fields that do not change what a checkpoint holds.
-_OPERATIONAL_FIELDS = ("data.cache_dir", "data.image_root", "data.train_file", "data.test_file",
-                       "mesh", "sharding",
-                       "checkpoint", "log_every", "eval")
+# The config fields each phase's outputs depend on (a later phase on the earlier ones too). A
+# checkpoint written under other values of these fields is refused.
+_DATA = ("seed", "data", "tokenizer")
+FINGERPRINT_FIELDS = {
+    "teachers": _DATA + ("teachers",),
+    "stage1": _DATA + ("model", "optim", "loss.itm_negatives", "stage1"),
+    "stage2": _DATA + ("model", "optim", "loss", "stage1", "stage2", "teachers"),
+}
+# Where the data lies does not change what it is.
+_LOCATION_FIELDS = ("data.cache_dir", "data.image_root")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -48,18 +54,37 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                                f"config.{stage}.loss_weights")
     if config[stage].num_steps <= 0 and config[stage].num_epochs <= 0:
       raise InputError(f"config.{stage}: set num_steps or num_epochs to a positive value")
+  teacher_terms = set(config.stage1.loss_weights) & set(objective.TEACHER_TERMS)
+  if teacher_terms:
+    raise InputError(f"config.stage1.loss_weights: {sorted(teacher_terms)} need the teachers, "
+                     "which only stage 2 uses")
+  for field in ("checkpoint.every_steps", "log_every", "eval.batch_size", "teachers.num_steps",
+                "teachers.batch_size"):
+    value = config
+    for key in field.split("."):
+      value = value[key]
+    if value <= 0:
+      raise InputError(f"config.{field}={value} must be positive")
+  low, high = config.loss.tau2_range
+  if not 0 < low <= high:
+    raise InputError(f"config.loss.tau2_range={tuple(config.loss.tau2_range)} must be (low, high) "
+                     "with 0 < low <= high")
+  if config.loss.lambda_mode == "sigmoid" and not 0 < config.model.lam_init < 1:
+    raise InputError(f"config.model.lam_init={config.model.lam_init} must lie in (0, 1) with "
+                     "config.loss.lambda_mode='sigmoid'")
 
 
-def fingerprint(config: ml_collections.ConfigDict) -> dict:
-  """The config minus fields that do not change what a checkpoint holds."""
-  d = config.to_dict()
-  for field in _OPERATIONAL_FIELDS:
-    *parents, key = field.split(".")
-    node = d
-    for p in parents:
-      node = node[p]
-    node.pop(key, None)
-  return d
+def fingerprint(config: ml_collections.ConfigDict, phase: str) -> dict:
+  """The config fields that `phase` ("teachers", "stage1", "stage2") depends on, by dotted name."""
+  values = {}
+  for field in FINGERPRINT_FIELDS[phase]:
+    node = config
+    for key in field.split("."):
+      node = node[key]
+    values[field] = node.to_dict() if isinstance(node, ml_collections.ConfigDict) else node
+  for field in _LOCATION_FIELDS:
+    values["data"].pop(field.split(".")[1], None)
+  return values
 
 
 def student_model(config: ml_collections.ConfigDict, vocab_size: int) -> Student:
@@ -85,7 +110,7 @@ def param_rules(config: ml_collections.ConfigDict) -> sharding.ParamRules:
 def stage_checkpointer(config: ml_collections.ConfigDict, workdir: str,
                        stage: str) -> checkpointing.Checkpointer:
   return checkpointing.Checkpointer(os.path.join(workdir, stage, "checkpoints"),
-                                    fingerprint(config), config.checkpoint.keep)
+                                    fingerprint(config, stage), config.checkpoint.keep)
 
 
 def load_stage_params(config: ml_collections.ConfigDict, workdir: str, stage: str, params_like,

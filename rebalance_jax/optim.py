@@ -4,17 +4,11 @@ Parameter groups are chosen by regular expressions over '/'-joined parameter pat
 matching rule winning.
 """
 
-import re
-
 import jax
 import ml_collections
 import optax
 
-
-def param_paths(params) -> dict:
-  """Pytree of '/'-joined key paths, shaped like `params`."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: "/".join(str(getattr(k, "key", k)) for k in path), params)
+from rebalance_jax import tree_rules
 
 
 def warmup_linear_decay(base_lr: float, total_steps: int, warmup_fraction: float) -> optax.Schedule:
@@ -26,20 +20,15 @@ def warmup_linear_decay(base_lr: float, total_steps: int, warmup_fraction: float
   ], [warmup])
 
 
-def _first_match(path: str, rules, default):
-  for pattern, value in rules:
-    if re.search(pattern, path):
-      return value
-  return default
-
-
 def make_optimizer(config: ml_collections.ConfigDict, params, total_steps: int):
   """AdamW per config.optim; returns (transformation, learning-rate schedule)."""
   c = config
   schedule = warmup_linear_decay(c.lr, total_steps, c.warmup_fraction)
-  paths = param_paths(params)
-  decay_mask = jax.tree.map(lambda p: _first_match(p, [(r, False) for r in c.no_decay], True), paths)
-  multipliers = jax.tree.map(lambda p: float(_first_match(p, c.lr_multipliers, 1.0)), paths)
+  paths = tree_rules.paths(params)
+  decay_mask = jax.tree.map(lambda p: tree_rules.first_match(p, [(r, False) for r in c.no_decay],
+                                                             True), paths)
+  multipliers = jax.tree.map(lambda p: float(tree_rules.first_match(p, c.lr_multipliers, 1.0)),
+                             paths)
 
   tx = optax.adamw(schedule, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay,
                    mask=decay_mask)

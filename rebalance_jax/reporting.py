@@ -10,6 +10,8 @@ import numpy as np
 from absl import logging
 from tensorboardX import SummaryWriter
 
+from rebalance_jax.files import atomic_write_text
+
 
 def quiet_library_logs() -> None:
   """Hides Orbax's per-save INFO lines (it logs through absl); warnings and errors still show."""
@@ -23,14 +25,28 @@ def is_main_process() -> bool:
 
 
 class MetricWriter:
-  """Writes scalar metrics to <logdir>/metrics.jsonl and TensorBoard event files."""
+  """Writes scalar metrics to <logdir>/metrics.jsonl and TensorBoard event files.
+
+  `start(step)` opens them for a run that starts (or resumes) at `step`: records of later steps,
+  written before an interruption, are dropped from both, so a resumed run logs each step once.
+  """
 
   def __init__(self, logdir: str):
+    self._logdir = logdir
     self._enabled = is_main_process()
-    if self._enabled:
-      os.makedirs(logdir, exist_ok=True)
-      self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a")
-      self._tb = SummaryWriter(logdir)
+    self._jsonl = self._tb = None
+
+  def start(self, step: int) -> None:
+    if not self._enabled:
+      return
+    path = os.path.join(self._logdir, "metrics.jsonl")
+    if os.path.exists(path):
+      with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+      atomic_write_text(path, "".join(kept))
+    os.makedirs(self._logdir, exist_ok=True)
+    self._jsonl = open(path, "a")
+    self._tb = SummaryWriter(self._logdir, purge_step=step + 1 if step else None)
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self._enabled:
@@ -42,7 +58,7 @@ class MetricWriter:
     self._tb.flush()
 
   def close(self) -> None:
-    if self._enabled:
+    if self._jsonl is not None:
       self._jsonl.close()
       self._tb.close()
 

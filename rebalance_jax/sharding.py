@@ -9,7 +9,6 @@ unchanged with one process or many (each process passes its own slice of the glo
 """
 
 import dataclasses
-import re
 from collections.abc import Callable
 
 import jax
@@ -17,6 +16,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from rebalance_jax import tree_rules
 from rebalance_jax.errors import InputError
 
 DATA_AXIS = "data"
@@ -44,11 +44,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def path_string(path) -> str:
-  """'/'-joined keys of a pytree key path."""
-  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
 @dataclasses.dataclass(frozen=True)
 class ParamRules:
   """Regex rules placing parameters on the mesh (config.sharding.rules / .fsdp_min_size)."""
@@ -62,7 +57,7 @@ class ParamRules:
                          f"{PLACEMENTS}")
 
   def spec(self, path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
-    placement = next((p for pattern, p in self.rules if re.search(pattern, path)), None)
+    placement = tree_rules.first_match(path, self.rules)
     if placement is None:
       raise InputError(f"parameter {path} matches no rule in config.sharding.rules")
     fsdp = mesh.shape.get(FSDP_AXIS, 1)
@@ -75,18 +70,18 @@ class ParamRules:
     return P(*[FSDP_AXIS if d == axis else None for d in range(len(shape))])
 
   def param_shardings(self, params, mesh: Mesh):
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x: NamedSharding(mesh, self.spec(path_string(path), x.shape, mesh)), params)
+    spec = lambda path, x: self.spec(tree_rules.path_string(path), x.shape, mesh)
+    return jax.tree_util.tree_map_with_path(lambda p, x: NamedSharding(mesh, spec(p, x)), params)
 
   def state_shardings(self, state, mesh: Mesh):
     """Shardings of a train state {step, params, opt_state}: optimizer leaves follow the
     parameter whose path ends theirs (Adam's moments), everything else is replicated."""
     params = self.param_shardings(state["params"], mesh)
-    by_path = {path_string(p): (s, leaf.shape) for (p, s), leaf in zip(
+    by_path = {tree_rules.path_string(p): (s, leaf.shape) for (p, s), leaf in zip(
         jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(state["params"]))}
 
     def follow(path, leaf):
-      keys = path_string(path).split("/")
+      keys = tree_rules.path_string(path).split("/")
       for start in range(len(keys)):
         match = by_path.get("/".join(keys[start:]))
         if match and match[1] == leaf.shape:

@@ -15,19 +15,26 @@ import jax
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from rebalance_jax import checkpointing, experiment, reporting, sharding, trainer
 from rebalance_jax.data import augment
 from rebalance_jax.data.datasets import PairSplit
 from rebalance_jax.errors import InputError
+from rebalance_jax.files import atomic_write, atomic_write_text
 from rebalance_jax.models.teachers import ImageTeacher, TextTeacher
 from rebalance_jax.models.towers import TextConfig, VitConfig
 
 FEATURE_FILES = {"image": "image.npy", "text": "text.npy"}
 
 
-def teacher_models(config: ml_collections.ConfigDict, vocab_size: int, num_attributes: int):
+def teacher_models(config: ml_collections.ConfigDict, vocab_size: int, train: PairSplit):
+  """The two teacher towers, with heads over the dataset's scene attributes."""
+  if train.attributes is None:
+    raise InputError(f"dataset {config.data.name!r} has no scene attributes to pre-train teachers "
+                     "on; real datasets use converted pre-trained teacher weights")
+  num_attributes = train.attributes.shape[1]
   t = config.teachers
   return {"image": ImageTeacher(VitConfig(**t.image), num_attributes),
           "text": TextTeacher(TextConfig(vocab_size=vocab_size, **t.text), num_attributes)}
@@ -46,9 +53,6 @@ def _attribute_loss(model, modality: str, params, batch, frozen, rng):
 def pretrain_teachers(config: ml_collections.ConfigDict, models: dict, train: PairSplit,
                       mesh: Mesh, directory: str, param_rules: sharding.ParamRules) -> dict:
   """Trains (or resumes, or loads when finished) both teachers; returns their parameters."""
-  if train.attributes is None:
-    raise InputError(f"dataset {config.data.name!r} has no scene attributes to pre-train teachers "
-                     "on; real datasets use converted pre-trained teacher weights")
   t = config.teachers
   attributes = train.attributes.astype(np.float32)
   examples = {
@@ -58,7 +62,7 @@ def pretrain_teachers(config: ml_collections.ConfigDict, models: dict, train: Pa
                lambda idx: {"ids": train.ids[idx], "mask": train.mask[idx],
                             "attributes": attributes[train.image_index[idx]]}),
   }
-  fingerprint = experiment.fingerprint(config)
+  fingerprint = experiment.fingerprint(config, "teachers")
   params = {}
   for modality, model in models.items():
     num_examples, rows = examples[modality]
@@ -66,7 +70,8 @@ def pretrain_teachers(config: ml_collections.ConfigDict, models: dict, train: Pa
     init_input.pop("attributes")
     if modality == "image":
       init_input["image"] = augment.to_float(init_input["image"])
-    init = model.init(jax.random.key(config.seed), **init_input)["params"]
+    seed = trainer.stage_seed(config.seed, f"teacher_{modality}")
+    init = model.init(jax.random.key(seed), **init_input)["params"]
     schedule = optax.warmup_cosine_decay_schedule(0.0, t.lr, max(t.num_steps // 10, 1), t.num_steps)
     name = f"teacher_{modality}"
     stage = trainer.Stage(
@@ -76,33 +81,43 @@ def pretrain_teachers(config: ml_collections.ConfigDict, models: dict, train: Pa
         make_batch=rows,
         checkpointer=checkpointing.Checkpointer(
             os.path.join(directory, modality),
-            {k: fingerprint[k] for k in ("seed", "data", "tokenizer", "teachers")}, keep=1),
+            fingerprint, keep=1),
         writer=reporting.MetricWriter(os.path.join(directory, modality, "logs")),
-        checkpoint_every=t.num_steps, log_every=max(t.num_steps // 5, 1), seed=config.seed,
+        checkpoint_every=t.num_steps, log_every=max(t.num_steps // 5, 1), seed=seed,
         param_rules=param_rules)
-    state = trainer.run_stage(stage, init, None, mesh, num_examples)
-    params[modality] = state["params"]
-    stage.writer.close()
-    stage.checkpointer.close()
+    try:
+      params[modality] = trainer.run_stage(stage, init, None, mesh, num_examples)["params"]
+    finally:
+      stage.writer.close()
+      stage.checkpointer.close()
   return params
 
 
-def feature_fns(models: dict, params: dict):
-  """Jitted frozen-teacher feature functions: image(image uint8), text(ids, mask)."""
-  image_fn = lambda image: models["image"].apply(
-      {"params": params["image"]}, augment.to_float(image), method=ImageTeacher.features)
-  text_fn = lambda ids, mask: models["text"].apply(
-      {"params": params["text"]}, ids, mask, method=TextTeacher.features)
-  return jax.jit(image_fn), jax.jit(text_fn)
+def image_features(models: dict, params: dict, images):
+  """g^v of float images (B, H, W, 3) in [0, 1]."""
+  return models["image"].apply({"params": params["image"]}, images, method=ImageTeacher.features)
 
 
-def teacher_features(models: dict, params: dict, train: PairSplit, batch_size: int, mesh: Mesh,
-                     directory: str) -> dict[str, np.ndarray]:
-  """One row per training pair of each teacher's features, read from `directory` if present,
-  else computed (sharded over devices and processes) and written there by process 0."""
-  if all(os.path.exists(os.path.join(directory, f)) for f in FEATURE_FILES.values()):
-    return load_teacher_features(directory, train.num_pairs)
-  image_fn, text_fn = feature_fns(models, params)
+def text_features(models: dict, params: dict, ids, mask):
+  """g^t of token ids (B, L)."""
+  return models["text"].apply({"params": params["text"]}, ids, mask, method=TextTeacher.features)
+
+
+def teacher_features(config: ml_collections.ConfigDict, models: dict, params: dict,
+                     train: PairSplit, mesh: Mesh, directory: str) -> dict[str, np.ndarray]:
+  """One row per training pair of each teacher's features: read from `directory` if present
+  (and written by these teachers), else computed sharded over devices and processes and written
+  there by process 0."""
+  manifest = {"teachers": experiment.fingerprint(config, "teachers"), "num_pairs": train.num_pairs,
+              "dims": {"image": config.teachers.image.width, "text": config.teachers.text.width}}
+  manifest_path = os.path.join(directory, "manifest.json")
+  # Process 0 decides, so that every process takes the same path through the collectives.
+  present = bool(multihost_utils.broadcast_one_to_all(np.array(os.path.exists(manifest_path))))
+  if present:
+    return load_teacher_features(directory, manifest)
+  image_fn = jax.jit(lambda image: image_features(models, params, augment.to_float(image)))
+  text_fn = jax.jit(functools.partial(text_features, models, params))
+  batch_size = config.eval.batch_size
   per_image = sharding.map_in_batches(image_fn, len(train.images),
                                       lambda i: {"image": train.images[i]}, batch_size, mesh)
   features = {
@@ -112,29 +127,31 @@ def teacher_features(models: dict, params: dict, train: PairSplit, batch_size: i
                                       batch_size, mesh),
   }
   if reporting.is_main_process():
-    os.makedirs(directory, exist_ok=True)
     for modality, array in features.items():
-      path = os.path.join(directory, FEATURE_FILES[modality])
-      tmp = f"{path}.tmp.npy"
-      np.save(tmp, array.astype(np.float32))
-      os.replace(tmp, path)
-    with open(os.path.join(directory, "manifest.json"), "w") as f:
-      json.dump({"num_pairs": train.num_pairs,
-                 "dims": {m: int(a.shape[1]) for m, a in features.items()}}, f)
+      atomic_write(os.path.join(directory, FEATURE_FILES[modality]),
+                   lambda f, a=array: np.save(f, a.astype(np.float32)))
+    atomic_write_text(manifest_path, json.dumps(manifest))  # last: marks the files complete
   return features
 
 
-def load_teacher_features(directory: str, num_pairs: int) -> dict[str, np.ndarray]:
-  """Reads the feature files, checking they hold one row per training pair."""
+def load_teacher_features(directory: str, manifest: dict) -> dict[str, np.ndarray]:
+  """Reads the feature files, checking they were written for these teachers and training pairs."""
+  manifest_path = os.path.join(directory, "manifest.json")
+  with open(manifest_path) as f:
+    saved = json.load(f)
+  if saved != json.loads(json.dumps(manifest)):
+    raise InputError(f"teacher features in {directory} were written for other teachers or data "
+                     f"({manifest_path}); delete the directory to recompute them")
   features = {}
   for modality, name in FEATURE_FILES.items():
     path = os.path.join(directory, name)
     try:
-      array = np.load(path, mmap_mode="r")
+      array = np.load(path)
     except (OSError, ValueError) as e:
       raise InputError(f"teacher feature file {path} is unreadable ({e}); delete it to recompute")
-    if array.ndim != 2 or array.shape[0] != num_pairs:
+    expected = (manifest["num_pairs"], manifest["dims"][modality])
+    if array.shape != expected:
       raise InputError(f"teacher feature file {path} has shape {array.shape}, expected "
-                       f"({num_pairs}, D): one row per training pair; delete it to recompute")
-    features[modality] = np.asarray(array)
+                       f"{expected}: one row per training pair; delete it to recompute")
+    features[modality] = array
   return features

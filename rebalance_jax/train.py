@@ -34,7 +34,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
 
 
-def _student_loss(params, batch, frozen, rng, *, config, stage, model, teacher_fns, mesh):
+def _student_loss(params, batch, frozen, rng, *, config, stage, model, teacher_models, mesh):
   """Preprocesses the batch on device, gets teacher features, and calls `objective.stage_loss`."""
   augment_rng, loss_rng = jax.random.split(rng)
   images = augment.random_shift(augment_rng, augment.to_float(batch["image"]),
@@ -42,7 +42,9 @@ def _student_loss(params, batch, frozen, rng, *, config, stage, model, teacher_f
   teacher_features = None
   if any(t in config[stage].loss_weights for t in objective.TEACHER_TERMS):
     if config.teachers.mode == "online":
-      teacher_features = teacher_fns(frozen, images, batch["ids"], batch["mask"])
+      teacher_features = (teacher_job.image_features(teacher_models, frozen, images),
+                          teacher_job.text_features(teacher_models, frozen, batch["ids"],
+                                                    batch["mask"]))
     else:
       teacher_features = (batch["teacher_image"], batch["teacher_text"])
   groups = mesh.devices.size if config.loss.itm_negatives == "device" else 1
@@ -50,11 +52,6 @@ def _student_loss(params, batch, frozen, rng, *, config, stage, model, teacher_f
       params, {**batch, "image": images}, teacher_features, loss_rng, model=model,
       loss_config=config.loss, weights=dict(config[stage].loss_weights),
       dual_relation=config.model.dual_relation, num_negative_groups=groups)
-
-
-def _online_teacher_features(models, params, images, ids, mask):
-  return (models["image"].apply({"params": params["image"]}, images, method="features"),
-          models["text"].apply({"params": params["text"]}, ids, mask, method="features"))
 
 
 def train_student_stage(stage: str, config, workdir, data: RetrievalData, model: Student,
@@ -74,14 +71,14 @@ def train_student_stage(stage: str, config, workdir, data: RetrievalData, model:
   online = config.teachers.mode == "online" and stage == "stage2"
   loss_fn = functools.partial(
       _student_loss, config=config, stage=stage, model=model, mesh=mesh,
-      teacher_fns=functools.partial(_online_teacher_features, teachers["models"]))
+      teacher_models=teachers["models"])
   run_config = trainer.Stage(
       name=stage, loss_fn=loss_fn, tx=tx, schedule=schedule, total_steps=total_steps,
       batch_size=c.batch_size, make_batch=make_batch,
       checkpointer=experiment.stage_checkpointer(config, workdir, stage),
       writer=reporting.MetricWriter(os.path.join(workdir, stage, "logs")),
       checkpoint_every=config.checkpoint.every_steps, log_every=config.log_every,
-      seed=config.seed, param_rules=experiment.param_rules(config))
+      seed=trainer.stage_seed(config.seed, stage), param_rules=experiment.param_rules(config))
   try:
     return trainer.run_stage(run_config, init_params, teachers["params"] if online else None,
                              mesh, data.train.num_pairs, until_step)
@@ -107,16 +104,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, until: tuple[str, int] 
   logging.info("data: %d training pairs, %d test images, %d test captions, vocabulary %d",
                data.train.num_pairs, len(data.test.images), len(data.test.ids), data.vocab_size)
 
-  teacher_models = teacher_job.teacher_models(config, data.vocab_size, data.train.attributes.shape[1])
+  teacher_models = teacher_job.teacher_models(config, data.vocab_size, data.train)
   teacher_params = teacher_job.pretrain_teachers(config, teacher_models, data.train, mesh,
                                                  os.path.join(workdir, "teachers"),
                                                  experiment.param_rules(config))
   teachers = {"models": teacher_models, "params": teacher_params}
   features = None
   if config.teachers.mode == "precomputed":
-    features = teacher_job.teacher_features(teacher_models, teacher_params, data.train,
-                                            config.eval.batch_size, mesh,
-                                            os.path.join(workdir, "teacher_features"))
+    features = teacher_job.teacher_features(config, teacher_models, teacher_params, data.train,
+                                            mesh, os.path.join(workdir, "teacher_features"))
 
   model = experiment.student_model(config, data.vocab_size)
   fresh = init_student(model, jax.random.key(config.seed))
@@ -147,6 +143,7 @@ def main(argv):
     run(_CONFIG.value, _WORKDIR.value)
   except trainer.Preempted as e:
     logging.warning("%s", e)
+    sys.exit(143)  # 128 + SIGTERM: not finished, so schedulers and retry loops run it again
   except (InputError, trainer.NonFiniteLossError) as e:
     sys.exit(f"rebalance_jax.train: error: {e}")
 

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import signal
 import threading
+import zlib
 from collections.abc import Callable
 
 import jax
@@ -22,6 +23,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from rebalance_jax import checkpointing, reporting, sharding
+from rebalance_jax.errors import InputError
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -64,6 +66,11 @@ class PreemptionWatch:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def stage_seed(seed: int, stage: str) -> int:
+  """A seed of its own for each stage (data order, initialization, step keys) from config.seed."""
+  return int(np.random.SeedSequence([seed, zlib.crc32(stage.encode())]).generate_state(1)[0] >> 1)
+
+
 def train_batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> np.ndarray:
   """Example indices of the global batch at `step`: a fresh seeded permutation per epoch, the
   last partial batch dropped."""
@@ -75,6 +82,9 @@ def train_batch_indices(num_examples: int, batch_size: int, step: int, seed: int
 
 def steps_for(stage_config, num_examples: int) -> int:
   """config.<stage>.num_steps if set, else num_epochs full epochs of the global batch."""
+  if num_examples < stage_config.batch_size:
+    raise InputError(f"batch size {stage_config.batch_size} exceeds the {num_examples} training "
+                     "examples")
   if stage_config.num_steps > 0:
     return stage_config.num_steps
   return stage_config.num_epochs * (num_examples // stage_config.batch_size)
@@ -159,6 +169,7 @@ def run_stage(stage: Stage, init_params, frozen, mesh: Mesh, num_examples: int,
                                      replicated),
                        out_shardings=(state_shardings, replicated), donate_argnums=(0,))
   rng = jax.random.key(stage.seed)
+  stage.writer.start(step)
   progress = reporting.Progress(stage.name, stage.total_steps, step)
   watch = PreemptionWatch()
   try:
@@ -198,10 +209,11 @@ def _log(stage: Stage, step: int, pending: list, progress: reporting.Progress) -
   fetched = jax.device_get(pending)
   first = step - len(fetched) + 1
   for offset, metrics in enumerate(fetched):
-    bad = {k: float(v) for k, v in metrics.items() if k.startswith("loss/") and not np.isfinite(v)}
+    bad = {k: float(v) for k, v in metrics.items()
+           if (k.startswith("loss/") or k == "grad_norm") and not np.isfinite(v)}
     if bad:
       raise NonFiniteLossError(
-          f"{stage.name}: non-finite loss at step {first + offset}: {bad}. The last checkpoint "
+          f"{stage.name}: non-finite loss or gradient at step {first + offset}: {bad}. The last checkpoint "
           f"({stage.checkpointer.latest_step()}) is intact; lower config.optim.lr or check the data.")
   means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
   means["lr"] = float(stage.schedule(step - 1))

@@ -118,7 +118,7 @@ def test_batch_size_not_divisible_by_devices(tiny_config, tmp_path):
 
 def test_non_finite_loss_stops_the_run(tiny_config, tmp_path):
   tiny_config.model.temp_init = 0.0  # logits / 0
-  with pytest.raises(trainer.NonFiniteLossError, match=r"stage1: non-finite loss at step 1"):
+  with pytest.raises(trainer.NonFiniteLossError, match=r"stage1: non-finite loss or gradient at step 1"):
     train.run(tiny_config, str(tmp_path))
 
 

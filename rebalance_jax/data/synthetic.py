@@ -16,14 +16,13 @@ stream, so image i of a split does not depend on how many images the split has.
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
 
 import numpy as np
+
+from rebalance_jax.files import atomic_write
 
 SPLITS = ("train", "val", "test")
 SHAPES = ("circle", "square", "triangle", "cross", "diamond")
@@ -344,24 +343,10 @@ def cache_key(cfg: SyntheticConfig) -> str:
   return hashlib.sha256(fields.encode()).hexdigest()[:16]
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-  """Writes via a temp file in the same directory + os.replace, so `path` is never half-written."""
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
-
-
 def _save_split(data: dict, arrays_path: Path, captions_path: Path) -> None:
-  _atomic_write(captions_path, lambda f: f.write(json.dumps(data["captions"]).encode()))
+  atomic_write(str(captions_path), lambda f: f.write(json.dumps(data["captions"]).encode()))
   arrays = {key: data[key] for key in ("images", "attributes", "degraded")}
-  _atomic_write(arrays_path, lambda f: np.savez(f, **arrays))
+  atomic_write(str(arrays_path), lambda f: np.savez(f, **arrays))
 
 
 def _load_split(cfg: SyntheticConfig, split: str, arrays_path: Path, captions_path: Path) -> dict:

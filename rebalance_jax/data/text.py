@@ -13,6 +13,7 @@ import tokenizers
 import transformers
 
 from rebalance_jax.errors import InputError
+from rebalance_jax.files import atomic_write_text
 
 _PUNCTUATION = re.compile(r"[^\w\s']|_")
 _SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -30,10 +31,7 @@ def train_wordpiece_vocab(captions: Sequence[str], vocab_file: str, vocab_size: 
   trainer.train_from_iterator(captions, vocab_size=vocab_size, special_tokens=_SPECIAL_TOKENS,
                               min_frequency=1, show_progress=False)
   vocab = sorted(trainer.get_vocab().items(), key=lambda kv: kv[1])
-  tmp = f"{vocab_file}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.writelines(token + "\n" for token, _ in vocab)
-  os.replace(tmp, vocab_file)
+  atomic_write_text(vocab_file, "".join(token + "\n" for token, _ in vocab))
   return vocab_file
 
 

@@ -6,6 +6,8 @@ import os
 import matplotlib
 import numpy as np
 
+from rebalance_jax.files import atomic_write, atomic_write_text
+
 matplotlib.use("Agg")  # files only; no display
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -33,7 +35,7 @@ def results_table(rows: dict[str, dict]) -> str:
   return "\n".join(lines)
 
 
-def plot_results(rows: dict[str, dict], curves: dict[str, dict], path: str) -> None:
+def plot_results(rows: dict[str, dict], curves: dict[str, dict], path) -> None:
   """Recall@K curves (i2t, t2i) and NDCG@K bars per protocol, one colour per model."""
   fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
   for name, curve in curves.items():
@@ -53,17 +55,16 @@ def plot_results(rows: dict[str, dict], curves: dict[str, dict], path: str) -> N
   axes[2].set(title="NDCG@K (ROUGE-L relevance)", ylabel="NDCG × 100")
   axes[2].legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  fig.savefig(path, dpi=100, format="png")
   plt.close(fig)
 
 
 def write_results(directory: str, rows: dict[str, dict], curves: dict[str, dict]) -> str:
   """Writes results.json, results.md and results.png to `directory`; returns the table."""
-  os.makedirs(directory, exist_ok=True)
   table = results_table(rows)
-  with open(os.path.join(directory, "results.json"), "w") as f:
-    json.dump({"metrics": rows, "recall_curves": curves}, f, indent=1)
-  with open(os.path.join(directory, "results.md"), "w") as f:
-    f.write(table + "\n")
-  plot_results(rows, curves, os.path.join(directory, "results.png"))
+  atomic_write_text(os.path.join(directory, "results.json"),
+                    json.dumps({"metrics": rows, "recall_curves": curves}, indent=1))
+  atomic_write_text(os.path.join(directory, "results.md"), table + "\n")
+  atomic_write(os.path.join(directory, "results.png"),
+               lambda f: plot_results(rows, curves, f))
   return table

@@ -26,8 +26,8 @@ def _batch(config, vocab_size):
       rng.normal(size=(BATCH, config.teachers.text.width)).astype(np.float32))
 
 
-@pytest.mark.parametrize("itm_negatives", ["global", "device"])
-def test_sharded_stage2_loss_and_grads_match_single_device(tiny_config, itm_negatives):
+@pytest.mark.parametrize("itm_negatives,fsdp", [("global", 1), ("device", 1), ("device", 2)])
+def test_sharded_stage2_loss_and_grads_match_single_device(tiny_config, itm_negatives, fsdp):
   config = tiny_config
   model = student_model(config, vocab_size=50)
   params = init_student(model, jax.random.key(0))
@@ -39,18 +39,24 @@ def test_sharded_stage2_loss_and_grads_match_single_device(tiny_config, itm_nega
       num_negative_groups=8 if itm_negatives == "device" else 1)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def run(devices):
-    mesh = sharding.make_mesh(devices)
+  # fsdp=2: parameters (and their gradients) split over the fsdp axis by the config's rules.
+  rules = sharding.ParamRules(tuple(map(tuple, config.sharding.rules)), min_size=256)
+
+  def run(devices, fsdp):
+    mesh = sharding.make_mesh(devices, fsdp=fsdp)
     rep, rows = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    placed = jax.device_put(batch, rows)
-    placed_teacher = jax.device_put(teacher, rows)
-    fn = jax.jit(grad_fn, in_shardings=(rep, rows, rows, rep), out_shardings=rep)
-    (loss, metrics), grads = fn(jax.device_put(params, rep), placed, placed_teacher,
+    param_shardings = rules.param_shardings(params, mesh)
+    fn = jax.jit(grad_fn, in_shardings=(param_shardings, rows, rows, rep),
+                 out_shardings=((rep, rep), param_shardings))
+    (loss, metrics), grads = fn(jax.device_put(params, param_shardings),
+                                jax.device_put(batch, rows), jax.device_put(teacher, rows),
                                 jax.random.key(1))
+    if fsdp > 1:
+      assert any(s.spec != () for s in jax.tree.leaves(param_shardings))
     return jax.device_get((loss, metrics, grads))
 
-  (loss1, metrics1, grads1) = run(jax.devices()[:1])
-  (loss8, metrics8, grads8) = run(jax.devices())
+  (loss1, metrics1, grads1) = run(jax.devices()[:1], 1)
+  (loss8, metrics8, grads8) = run(jax.devices(), fsdp)
   assert np.isfinite(loss1)
   np.testing.assert_allclose(loss8, loss1, rtol=2e-5)
   for name in metrics1:

@@ -1,14 +1,18 @@
 """Per-device memory and time of the stage-2 relation + contrastive loss: global view vs ring.
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python bench/relation_memory.py \
-      [--batches 1024 4096 16384 65536] [--dim 256] [--max_run_gib 12]
+      [--batches 1024 4096 16384 65536] [--dim 256] [--max_tile 2048] [--max_run_gib 12]
 
 For each global batch B, jit-compiles value_and_grad of `itc + 2·kd + kdi + kdt` (fusion-CLS-like
 student features, image and text teachers, D-dim rows batch-sharded over the "data" axis) twice:
-with `losses` (global view: each device holds B/n × B matrices) and with `chunked_losses` (ring:
-B/n × B/n blocks). Prints XLA's per-device temporary memory, the naive/chunked ratio, and the wall
-time of one call after compilation. A variant whose temporaries on all devices together exceed
---max_run_gib is compiled but not run (the fake devices share this host's memory).
+with `losses` (global view: each device holds B/n × B matrices) and with `chunked_losses` (ring of
+B/n × min(B/n, max_tile) tiles). Prints XLA's per-device temporary memory, the naive/chunked
+ratio, and the wall time of one call after compilation.
+
+The fake devices share this host's memory, so a variant whose temporaries on all devices together
+exceed --max_run_gib is compiled but not run. The naive loss is compiled up to --naive_max_batch;
+beyond, its memory is extrapolated ∝ B² from the largest compiled batch (losses.py cannot compile
+there anyway: B(B−1) overflows int32 from B = 46,341).
 """
 
 import argparse
@@ -40,16 +44,17 @@ def stage2_loss(terms):
 
 
 class _Chunked:
-  """`chunked_losses` with the mesh bound, shaped like the `losses` module."""
+  """`chunked_losses` with the mesh and tile size bound, shaped like the `losses` module."""
 
-  def __init__(self, mesh):
-    self.mesh = mesh
+  def __init__(self, mesh, tile_size):
+    self.mesh, self.tile_size = mesh, tile_size
 
   def itc_loss(self, *args):
-    return chunked_losses.itc_loss(*args, mesh=self.mesh)
+    return chunked_losses.itc_loss(*args, mesh=self.mesh, tile_size=self.tile_size)
 
   def structure_distillation(self, *args):
-    return chunked_losses.structure_distillation(*args, mesh=self.mesh)
+    return chunked_losses.structure_distillation(*args, mesh=self.mesh,
+                                                 tile_size=self.tile_size)
 
 
 def make_inputs(batch, dim, mesh):
@@ -69,11 +74,9 @@ def make_inputs(batch, dim, mesh):
 
 
 def compile_loss(loss, inputs):
-  # Gradients w.r.t. the student embeddings and the three scalars, as in training.
+  """Compiles value_and_grad w.r.t. the student embeddings and the three scalars, as in training."""
   grad_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 6, 7, 8)))
-  start = time.perf_counter()
-  compiled = grad_fn.lower(*inputs).compile()
-  return compiled, compiled.memory_analysis().temp_size_in_bytes, time.perf_counter() - start
+  return grad_fn.lower(*inputs).compile()
 
 
 def timed_call(compiled, inputs):
@@ -83,7 +86,11 @@ def timed_call(compiled, inputs):
 
 
 def measure(name, loss, inputs, num_devices, max_run_bytes):
-  compiled, temp_bytes, compile_s = compile_loss(loss, inputs)
+  """(per-device temp bytes, call time or why it was not run)."""
+  start = time.perf_counter()
+  compiled = compile_loss(loss, inputs)
+  temp_bytes = compiled.memory_analysis().temp_size_in_bytes
+  compile_s = time.perf_counter() - start
   if temp_bytes * num_devices > max_run_bytes:
     wall = f"skipped ({temp_bytes * num_devices / GIB:.1f} GiB)"
   else:
@@ -97,28 +104,43 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batches", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
   parser.add_argument("--dim", type=int, default=256)
+  parser.add_argument("--max_tile", type=int, default=2048,
+                      help="chunked: at most this many columns per tile")
   parser.add_argument("--max_run_gib", type=float, default=12.0,
                       help="do not run a variant whose temporaries on all devices exceed this")
+  parser.add_argument("--naive_max_batch", type=int, default=16384,
+                      help="extrapolate the naive memory beyond this batch instead of compiling")
   args = parser.parse_args()
 
   mesh = sharding.make_mesh()
   num_devices = mesh.devices.size
+  max_run_bytes = args.max_run_gib * GIB
   print(f"{num_devices} devices, D={args.dim}: value_and_grad of itc + 2·kd + kdi + kdt")
-  rows = []
+  rows, compiled_naive = [], None
   for batch in args.batches:
-    print(f"  B={batch}", flush=True)
+    tile = min(batch // num_devices, args.max_tile)
+    print(f"  B={batch}, chunked tiles {batch // num_devices}×{tile}", flush=True)
     inputs = make_inputs(batch, args.dim, mesh)
-    naive = measure("naive  ", stage2_loss(losses), inputs, num_devices, args.max_run_gib * GIB)
-    chunked = measure("chunked", stage2_loss(_Chunked(mesh)), inputs, num_devices,
-                      args.max_run_gib * GIB)
-    rows.append((batch, naive, chunked))
+    if batch <= args.naive_max_batch or compiled_naive is None:
+      naive = measure("naive  ", stage2_loss(losses), inputs, num_devices, max_run_bytes)
+      compiled_naive = (batch, naive[0])
+    else:
+      known_batch, known_bytes = compiled_naive
+      estimate = known_bytes * (batch / known_batch)**2
+      naive = (estimate, f"skipped (est. {estimate * num_devices / GIB:.0f} GiB)")
+      print(f"    naive  : temp ~{estimate / MIB:.0f} MiB/device (extrapolated), not compiled")
+    chunked = measure("chunked", stage2_loss(_Chunked(mesh, tile)), inputs, num_devices,
+                      max_run_bytes)
+    rows.append((batch, tile, naive, chunked))
     del inputs
 
-  print(f"\n| global B | naive temp/device | chunked temp/device | ratio | naive call | "
-        f"chunked call |\n|---:|---:|---:|---:|---:|---:|")
-  for batch, (naive_bytes, naive_wall), (chunked_bytes, chunked_wall) in rows:
-    print(f"| {batch} | {naive_bytes / MIB:.1f} MiB | {chunked_bytes / MIB:.1f} MiB | "
-          f"{naive_bytes / chunked_bytes:.1f}x | {naive_wall} | {chunked_wall} |")
+  print("\n| global B | tile | naive temp/device | chunked temp/device | ratio | naive call | "
+        "chunked call |\n|---:|---:|---:|---:|---:|---:|---:|")
+  for batch, tile, (naive_bytes, naive_wall), (chunked_bytes, chunked_wall) in rows:
+    approx = "~" if batch > args.naive_max_batch else ""
+    print(f"| {batch} | {batch // num_devices}×{tile} | {approx}{naive_bytes / MIB:.1f} MiB | "
+          f"{chunked_bytes / MIB:.1f} MiB | {approx}{naive_bytes / chunked_bytes:.1f}x | "
+          f"{naive_wall} | {chunked_wall} |")
 
 
 if __name__ == "__main__":

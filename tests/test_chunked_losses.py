@@ -1,7 +1,8 @@
 """The ring-chunked losses (rebalance_jax.chunked_losses) equal the global-view losses of losses.py.
 
 Values and gradients (w.r.t. every differentiable input) are compared on the 8 fake CPU devices and
-on a 2-device sub-mesh, with repeated ids (soft labels) and local blocks of 3, 5 and 20 rows.
+on a 2-device sub-mesh, with repeated ids (soft labels), local blocks of 3, 5, 20 and 6 rows, and
+whole or partial (tile_size) column tiles.
 """
 
 import functools
@@ -18,8 +19,8 @@ ATOL = 1e-6
 TEMPERATURE = 0.3
 LAM = 1.3  # outside [0, 1], so kdi and kdt have a λ gradient too
 MESHES = {8: sharding.make_mesh(jax.devices()), 2: sharding.make_mesh(jax.devices()[:2])}
-# (devices, global batch): local blocks of 3, 5, 5 and 20 rows.
-LAYOUTS = [(8, 24), (8, 40), (2, 10), (2, 40)]
+# (devices, global batch, tile_size): B_local × tile_size tiles of 3×3, 5×5, 20×20 and 6×2.
+LAYOUTS = [(8, 24, None), (8, 40, None), (2, 40, None), (8, 48, 2)]
 
 
 def _close(actual, expected):
@@ -56,19 +57,20 @@ def _global_contrastive(name):
 
 
 @functools.cache
-def _chunked_contrastive(name, num_devices):
-  fn = functools.partial(getattr(chunked_losses, name), mesh=MESHES[num_devices])
+def _chunked_contrastive(name, num_devices, tile_size=None):
+  fn = functools.partial(getattr(chunked_losses, name), mesh=MESHES[num_devices],
+                         tile_size=tile_size)
   return jax.jit(jax.value_and_grad(fn, CONTRASTIVE_ARGNUMS))
 
 
 @pytest.mark.parametrize("name", ["itc_loss", "representation_distillation"])
-@pytest.mark.parametrize("num_devices,batch", LAYOUTS)
-def test_contrastive_value_and_grads_match_global(name, num_devices, batch):
+@pytest.mark.parametrize("num_devices,batch,tile_size", LAYOUTS)
+def test_contrastive_value_and_grads_match_global(name, num_devices, batch, tile_size):
   rng = np.random.default_rng(batch)
   left, right, ids = _rows(rng, batch, 16), _rows(rng, batch, 16), _ids(batch)
   expected = _global_contrastive(name)(left, right, ids, TEMPERATURE)
-  actual = _chunked_contrastive(name, num_devices)(*_on_mesh(num_devices, left, right, ids),
-                                                    TEMPERATURE)
+  chunked = _chunked_contrastive(name, num_devices, tile_size)
+  actual = chunked(*_on_mesh(num_devices, left, right, ids), TEMPERATURE)
   _assert_same_value_and_grads(actual, expected)
 
 
@@ -99,9 +101,9 @@ def _global_structure(distance):
 
 
 @functools.cache
-def _chunked_structure(distance, num_devices):
+def _chunked_structure(distance, num_devices, tile_size=None):
   fn = functools.partial(chunked_losses.structure_distillation, mesh=MESHES[num_devices],
-                         distance=distance)
+                         distance=distance, tile_size=tile_size)
   return jax.jit(jax.value_and_grad(_weighted_terms(fn), STRUCTURE_ARGNUMS, has_aux=True))
 
 
@@ -113,12 +115,13 @@ def _structure_inputs(batch):
 
 
 @pytest.mark.parametrize("distance", ["mae", "mse"])
-@pytest.mark.parametrize("num_devices,batch", LAYOUTS)
-def test_structure_value_and_grads_match_global(distance, num_devices, batch):
+@pytest.mark.parametrize("num_devices,batch,tile_size", LAYOUTS)
+def test_structure_value_and_grads_match_global(distance, num_devices, batch, tile_size):
   students, image_teacher, text_teacher = _structure_inputs(batch)
   (expected_loss, expected_terms), expected_grads = _global_structure(distance)(
       students, image_teacher, text_teacher, LAM, TEMPERATURE)
-  (actual_loss, actual_terms), actual_grads = _chunked_structure(distance, num_devices)(
+  chunked = _chunked_structure(distance, num_devices, tile_size)
+  (actual_loss, actual_terms), actual_grads = chunked(
       _on_mesh(num_devices, *students), *_on_mesh(num_devices, image_teacher, text_teacher),
       LAM, TEMPERATURE)
   jax.tree.map(_close, actual_terms, expected_terms)
@@ -135,13 +138,13 @@ def test_structure_teacher_gradient_exactly_zero():
 
 
 @pytest.mark.parametrize("distance", ["mae", "mse"])
-def test_structure_ignores_the_diagonal(distance):
-  # Orthogonal student rows (R^S = I/τ2) against zero teachers (R^E = 0): only the diagonal differs.
-  batch = 24
-  students = [np.eye(batch, 32, dtype=np.float32)]
+@pytest.mark.parametrize("batch,tile_size", [(24, None), (48, 3)])
+def test_structure_ignores_the_diagonal(distance, batch, tile_size):
+  # Orthogonal student rows (R^S = I/τ2), zero teachers (R^E = 0): only the diagonals differ.
+  students = [np.eye(batch, 64, dtype=np.float32)]
   teacher = np.zeros((batch, 20), np.float32)
   terms = chunked_losses.structure_distillation(students, teacher, teacher, LAM, TEMPERATURE,
-                                                MESHES[8], distance)
+                                                MESHES[8], distance, tile_size)
   assert {k: float(v) for k, v in terms.items()} == {"kd": 0.0, "kdi": 0.0, "kdt": 0.0}
 
 
@@ -157,6 +160,12 @@ def test_batch_not_divisible_by_devices_raises():
   for call in calls:
     with pytest.raises(ValueError, match=r"20 rows .* 8 devices"):
       call()
+
+
+def test_tile_size_not_dividing_local_rows_raises():
+  rows, ids = np.ones((40, 4), np.float32), _ids(40)  # 5 rows per device
+  with pytest.raises(ValueError, match=r"tile_size=2 .* 5 rows per device"):
+    chunked_losses.itc_loss(rows, rows, ids, TEMPERATURE, MESHES[8], tile_size=2)
 
 
 def test_unknown_distance_raises():

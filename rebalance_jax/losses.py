@@ -76,7 +76,7 @@ def relation_distance(a: jax.Array, b: jax.Array, distance: str = "mae") -> jax.
     raise ValueError(f"relation distance must be 'mae' or 'mse', got {distance!r}")
   n = a.shape[0]
   off_diagonal = 1.0 - jnp.eye(n, dtype=per_entry.dtype)
-  return jnp.sum(per_entry * off_diagonal) / (n * (n - 1))
+  return jnp.sum(per_entry * off_diagonal) / float(n * (n - 1))  # a Python int overflows int32
 
 
 def structure_distillation(student_features: Sequence[jax.Array],
@@ -148,21 +148,23 @@ def sample_hard_negatives(rng: jax.Array, image_emb: jax.Array, text_emb: jax.Ar
   b = ids.shape[0]
   if b % num_groups:
     raise ValueError(f"batch of {b} cannot be split into {num_groups} negative-sampling groups")
-  sim = jax.lax.stop_gradient(image_emb @ text_emb.T / temperature)
-  group = jnp.arange(b) // (b // num_groups)
-  same_group = group[:, None] == group[None, :]
-  candidates = same_group & (ids[:, None] != ids[None, :])
-  fallback = same_group & ~jnp.eye(b, dtype=bool)
-  candidates = jnp.where(jnp.any(candidates, axis=1, keepdims=True), candidates, fallback)
+  size = b // num_groups
+  grouped = lambda x: x.reshape(num_groups, size, *x.shape[1:])
+  # (groups, size, size) similarities: only each group's own block is ever formed.
+  sim = jax.lax.stop_gradient(
+      jnp.einsum("gid,gjd->gij", grouped(image_emb), grouped(text_emb)) / temperature)
+  group_ids = grouped(ids)
+  candidates = group_ids[:, :, None] != group_ids[:, None, :]
+  fallback = ~jnp.eye(size, dtype=bool)
+  candidates = jnp.where(jnp.any(candidates, axis=2, keepdims=True), candidates, fallback)
 
   def draw(key, scores):
-    # Softmax over the row's own group, as each device of the reference sees only its batch.
-    weights = jax.nn.softmax(jnp.where(same_group, scores, -jnp.inf), axis=1) + _NEGATIVE_WEIGHT_FLOOR
-    logits = jnp.where(candidates, jnp.log(weights), -jnp.inf)
-    return jax.random.categorical(key, logits, axis=1)
+    weights = jax.nn.softmax(scores, axis=2) + _NEGATIVE_WEIGHT_FLOOR
+    local = jax.random.categorical(key, jnp.where(candidates, jnp.log(weights), -jnp.inf), axis=2)
+    return (local + jnp.arange(num_groups)[:, None] * size).reshape(b)
 
   text_key, image_key = jax.random.split(rng)
-  negative_image_for_text = draw(text_key, sim.T)
+  negative_image_for_text = draw(text_key, jnp.swapaxes(sim, 1, 2))
   negative_text_for_image = draw(image_key, sim)
   return negative_image_for_text, negative_text_for_image
 

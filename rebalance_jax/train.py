@@ -51,7 +51,7 @@ def _student_loss(params, batch, frozen, rng, *, config, stage, model, teacher_m
   return objective.stage_loss(
       params, {**batch, "image": images}, teacher_features, loss_rng, model=model,
       loss_config=config.loss, weights=dict(config[stage].loss_weights),
-      dual_relation=config.model.dual_relation, num_negative_groups=groups)
+      dual_relation=config.model.dual_relation, num_negative_groups=groups, mesh=mesh)
 
 
 def train_student_stage(stage: str, config, workdir, data: RetrievalData, model: Student,

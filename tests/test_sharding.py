@@ -26,24 +26,29 @@ def _batch(config, vocab_size):
       rng.normal(size=(BATCH, config.teachers.text.width)).astype(np.float32))
 
 
-@pytest.mark.parametrize("itm_negatives,fsdp", [("global", 1), ("device", 1), ("device", 2)])
-def test_sharded_stage2_loss_and_grads_match_single_device(tiny_config, itm_negatives, fsdp):
+@pytest.mark.parametrize("itm_negatives,fsdp,chunked", [
+    ("global", 1, False), ("device", 1, False), ("device", 2, False), ("device", 1, True)])
+def test_sharded_stage2_loss_and_grads_match_single_device(tiny_config, itm_negatives, fsdp,
+                                                           chunked):
   config = tiny_config
   model = student_model(config, vocab_size=50)
   params = init_student(model, jax.random.key(0))
   batch, teacher = _batch(config, 50)
   loss_fn = functools.partial(
-      objective.stage_loss, model=model, loss_config=config.loss,
+      objective.stage_loss, model=model,
       weights=dict(config.stage2.loss_weights), dual_relation="image",
       # Same groups on both meshes: "device" reproduces 8-device per-device sampling.
       num_negative_groups=8 if itm_negatives == "device" else 1)
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   # fsdp=2: parameters (and their gradients) split over the fsdp axis by the config's rules.
   rules = sharding.ParamRules(tuple(map(tuple, config.sharding.rules)), min_size=256)
 
-  def run(devices, fsdp):
+  def run(devices, fsdp, chunked):
     mesh = sharding.make_mesh(devices, fsdp=fsdp)
+    loss_config = config.loss.copy_and_resolve_references()
+    loss_config.chunked = chunked  # ring-chunked ITC, L_iic/L_ttc and relation losses
+    grad_fn = jax.value_and_grad(
+        functools.partial(loss_fn, loss_config=loss_config, mesh=mesh), has_aux=True)
     rep, rows = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     param_shardings = rules.param_shardings(params, mesh)
     fn = jax.jit(grad_fn, in_shardings=(param_shardings, rows, rows, rep),
@@ -55,8 +60,8 @@ def test_sharded_stage2_loss_and_grads_match_single_device(tiny_config, itm_nega
       assert any(s.spec != () for s in jax.tree.leaves(param_shardings))
     return jax.device_get((loss, metrics, grads))
 
-  (loss1, metrics1, grads1) = run(jax.devices()[:1], 1)
-  (loss8, metrics8, grads8) = run(jax.devices(), fsdp)
+  (loss1, metrics1, grads1) = run(jax.devices()[:1], 1, False)
+  (loss8, metrics8, grads8) = run(jax.devices(), fsdp, chunked)
   assert np.isfinite(loss1)
   np.testing.assert_allclose(loss8, loss1, rtol=2e-5)
   for name in metrics1:

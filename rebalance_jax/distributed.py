@@ -10,7 +10,9 @@ Flags (shared by `train` and `evaluate`):
 import os
 
 import jax
-from absl import flags, logging
+from absl import app, flags, logging
+
+from rebalance_jax import reporting
 
 _MODE = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                           "Multi-process initialization (jax.distributed.initialize).")
@@ -22,6 +24,14 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 def _slurm_multi_task() -> bool:
   return int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ
+
+
+def start(argv) -> None:
+  """The start of an entry point's main: no stray arguments, multi-process set-up, quiet logs."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  maybe_initialize()
+  reporting.quiet_library_logs()
 
 
 def maybe_initialize() -> None:

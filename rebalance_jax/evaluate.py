@@ -12,7 +12,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from rebalance_jax import distributed, experiment, reporting
+from rebalance_jax import distributed, experiment
 from rebalance_jax.errors import InputError
 from rebalance_jax.evaluators.suite import evaluate_run
 
@@ -26,10 +26,7 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: each stage
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  distributed.maybe_initialize()
-  reporting.quiet_library_logs()
+  distributed.start(argv)
   try:
     evaluate_run(_CONFIG.value, _WORKDIR.value, _STAGES.value, _STEP.value)
   except InputError as e:

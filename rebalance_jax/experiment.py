@@ -3,7 +3,6 @@ and a stage's parameters from its checkpoint. Shared by `train` and `evaluate`."
 
 import os
 
-import jax
 import ml_collections
 
 from rebalance_jax import checkpointing, objective, sharding, trainer

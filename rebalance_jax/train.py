@@ -135,10 +135,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, until: tuple[str, int] 
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  distributed.maybe_initialize()
-  reporting.quiet_library_logs()
+  distributed.start(argv)
   try:
     run(_CONFIG.value, _WORKDIR.value)
   except trainer.Preempted as e:

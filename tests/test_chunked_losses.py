@@ -8,7 +8,6 @@ whole or partial (tile_size) column tiles.
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

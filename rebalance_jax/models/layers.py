@@ -2,7 +2,6 @@
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 # Dense and conv kernels scale with their fan (ViT's choice): a fixed std of 0.02 (BERT's) suits
 # 768-wide towers but starves narrow ones trained from scratch of signal. Embedding tables and

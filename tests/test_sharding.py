@@ -96,3 +96,25 @@ def test_map_in_batches_rejects_indivisible_batch():
   with pytest.raises(ValueError, match=r"config\.eval\.batch_size=12"):
     sharding.map_in_batches(lambda x: x, 4, lambda i: {"x": np.zeros((len(i), 1))}, 12,
                             sharding.make_mesh())
+
+
+def test_embedding_extraction_on_8_devices_matches_direct_apply(tiny_config):
+  """13 images and 13 captions in batches of 8: the padded rows never reach the outputs."""
+  from rebalance_jax.data.datasets import EvalSplit
+  from rebalance_jax.evaluators import retrieval
+  from rebalance_jax.models.student import Student
+  model = student_model(tiny_config, vocab_size=50)
+  params = init_student(model, jax.random.key(0))
+  batch, _ = _batch(tiny_config, 50)
+  n = 13
+  images = (batch["image"][:n] * 255).astype(np.uint8)
+  split = EvalSplit(images, batch["ids"][:n], batch["mask"][:n], np.arange(n, dtype=np.int32),
+                    tuple(f"caption {i}" for i in range(n)))
+  encoded = retrieval.encode_split(model, params, split, 8, sharding.make_mesh(), keep_tokens=True)
+  _, v = model.apply({"params": params}, images.astype(np.float32) / 255,
+                     method=Student.encode_image)
+  hidden, t = model.apply({"params": params}, split.ids, split.mask, method=Student.encode_text)
+  np.testing.assert_allclose(encoded.image_emb, v, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(encoded.text_emb, t, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(encoded.text_hidden, hidden, rtol=1e-5, atol=1e-5)
+  assert encoded.image_tokens.shape[0] == n

@@ -11,21 +11,17 @@ ratio, and the wall time of one call after compilation.
 
 The fake devices share this host's memory, so a variant whose temporaries on all devices together
 exceed --max_run_gib is compiled but not run. The naive loss is compiled up to --naive_max_batch;
-beyond, its memory is extrapolated ∝ B² from the largest compiled batch (losses.py cannot compile
-there anyway: B(B−1) overflows int32 from B = 46,341).
+beyond, its memory is extrapolated ∝ B² from the largest compiled batch. Needs the package
+installed (pip install -e .).
 """
 
 import argparse
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from rebalance_jax import chunked_losses, losses, sharding  # noqa: E402
+from rebalance_jax import chunked_losses, losses, sharding
 
 TEMPERATURE, RELATION_TEMPERATURE, LAM = 0.07, 0.5, 0.5
 GIB = 2**30

@@ -1,19 +1,43 @@
-"""Orbax checkpoints of a train state, tagged with the config they belong to.
+"""Orbax checkpoints of a train state, tagged with the config they belong to and checked on restore.
 
-Saves are asynchronous and atomic (Orbax writes to a temporary directory and renames it), keep the
-newest `keep`, and carry a JSON fingerprint of the config sections that shape the state; restoring
-a checkpoint written under a different fingerprint is an error naming the differing fields.
+Saves are asynchronous and atomic (Orbax writes to a temporary directory and renames it) and keep
+the newest `keep`. Each checkpoint carries, besides the state:
+- `config`: a JSON fingerprint of the config sections that shape the state; a checkpoint written
+  under another fingerprint is refused with an error naming the differing fields;
+- `checksums`: a position-weighted checksum of every state leaf's bits, computed on device. A
+  restored state whose checksums differ (bytes garbled on disk, which Orbax itself restores
+  silently) counts as damaged, as does one Orbax cannot read.
+A non-finite state is never saved. `restore_newest` falls back from damaged checkpoints to the
+newest intact one, moving the damaged step folders aside (nothing is deleted).
 """
 
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
 
+from rebalance_jax import reporting
 from rebalance_jax.errors import InputError
+
+DAMAGED_SUFFIX = ".damaged"  # <checkpoints>.damaged/<step>: where damaged step folders are moved
 
 
 class ConfigMismatchError(InputError):
+  pass
+
+
+class DamagedCheckpointError(InputError):
+
+  def __init__(self, message: str, reason: str = ""):
+    super().__init__(message)
+    self.reason = reason
+
+
+class NonFiniteStateError(FloatingPointError):
   pass
 
 
@@ -26,31 +50,144 @@ def _flatten(tree, prefix=""):
   return {prefix[:-1]: tree}
 
 
-class Checkpointer:
-  """A CheckpointManager for one training stage's directory."""
+def _leaf_checksum(x):
+  """Σ bits_i · (odd multiplier of i), mod 2^32: any change of one word changes it."""
+  if x.dtype == jnp.bool_:
+    bits = x.astype(jnp.uint32)
+  else:
+    word = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(x, word).astype(jnp.uint32)
+  bits = bits.ravel()
+  multipliers = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761) | jnp.uint32(1)
+  return jnp.sum(bits * multipliers, dtype=jnp.uint32)
 
-  def __init__(self, directory: str, fingerprint: dict, keep: int):
+
+@jax.jit
+def _digest(state):
+  """(checksum of every leaf, whether every floating leaf is finite)."""
+  finite = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(state)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jax.tree.map(_leaf_checksum, state), jnp.all(jnp.stack(finite)) if finite else True
+
+
+def state_digest(state) -> tuple[dict[str, int], bool]:
+  """({leaf path: checksum}, all finite) of a train state (global arrays on any mesh)."""
+  checksums, finite = jax.device_get(_digest(state))
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(checksums)]
+  return dict(zip(paths, (int(c) for c in jax.tree.leaves(checksums)))), bool(finite)
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0][:160] if text else ''}"
+
+
+class Checkpointer:
+  """A CheckpointManager for one training stage's directory (`read_only`: never writes there)."""
+
+  def __init__(self, directory: str, fingerprint: dict, keep: int, read_only: bool = False):
     self.directory = os.path.abspath(os.path.expanduser(directory))
     self.fingerprint = json.loads(json.dumps(fingerprint))  # normalize tuples -> lists
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
-                                             create=True))
+                                             create=not read_only, read_only=read_only))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
   def save(self, step: int, state) -> None:
+    """Starts an asynchronous save; raises NonFiniteStateError (saving nothing) for a state with
+    a NaN or Inf."""
+    checksums, finite = state_digest(state)
+    if not finite:
+      raise NonFiniteStateError(f"the state at step {step} has non-finite values")
     self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(self.fingerprint)))
+        state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(self.fingerprint),
+        checksums=ocp.args.JsonSave(checksums)))
+
+  def _saved_fingerprint(self, step: int) -> dict:
+    return self._manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))["config"]
 
   def restore(self, step: int, abstract_state):
-    """Restores `step` onto the shardings of `abstract_state` (a tree of ShapeDtypeStructs)."""
-    saved = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    self.check_fingerprint(saved["config"], step)
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))
+    """Restores `step` onto the shardings of `abstract_state` (a tree of ShapeDtypeStructs).
+
+    Raises ConfigMismatchError for another config's checkpoint and DamagedCheckpointError for one
+    that cannot be read or whose values differ from what was saved.
+    """
+    try:
+      saved = self._saved_fingerprint(step)
+    except Exception as e:  # noqa: BLE001 -- Orbax, TensorStore and JSON errors alike
+      raise self._damaged(step, _first_line(e)) from e
+    self.check_fingerprint(saved, step)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), checksums=ocp.args.JsonRestore()))
+    except Exception as e:  # noqa: BLE001
+      raise self._damaged(step, _first_line(e)) from e
+    checksums, _ = state_digest(restored["state"])
+    if checksums != restored["checksums"]:
+      bad = sorted(k for k in checksums if checksums[k] != restored["checksums"].get(k))
+      raise self._damaged(step, f"values differ from the saved checksums, e.g. {bad[0]}")
     return restored["state"]
+
+  def _damaged(self, step: int, reason: str) -> DamagedCheckpointError:
+    return DamagedCheckpointError(f"checkpoint {self.directory}/{step} is damaged ({reason})",
+                                  reason)
+
+  def restore_newest(self, abstract_state, set_aside: bool = True):
+    """(step, state) of the newest intact checkpoint, or None when there is none.
+
+    A damaged newer checkpoint is reported in one line and, with `set_aside`, moved to
+    `<directory>.damaged/` (so that training can write that step again). If every checkpoint is
+    damaged, raises DamagedCheckpointError and moves nothing.
+    """
+    damaged = []
+    for step in reversed(self.all_steps()):
+      try:
+        state = self.restore(step, abstract_state)
+      except DamagedCheckpointError as e:
+        damaged.append((step, e.reason))
+        continue
+      for bad_step, reason in damaged:
+        where = self._set_aside(bad_step) if set_aside else "left in place"
+        logging.warning("checkpoint %s/%d is damaged (%s); %s, using step %d instead",
+                        self.directory, bad_step, reason, where, step)
+      if damaged and set_aside:
+        self._manager.reload()
+      return step, state
+    if damaged:
+      listed = "; ".join(f"step {s}: {r}" for s, r in damaged)
+      raise DamagedCheckpointError(
+          f"every checkpoint in {self.directory} is damaged ({listed}); move them away to start "
+          "this phase over")
+    return None
+
+  def _set_aside(self, step: int) -> str:
+    target = os.path.join(self.directory + DAMAGED_SUFFIX, str(step))
+    if reporting.is_main_process():
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      suffix = 1
+      while os.path.exists(target):  # damaged twice: keep both
+        target = os.path.join(self.directory + DAMAGED_SUFFIX, f"{step}-{suffix}")
+        suffix += 1
+      os.rename(os.path.join(self.directory, str(step)), target)
+    multihost_utils.sync_global_devices(f"set aside {self.directory}/{step}")
+    return f"moved to {target}"
+
+  def check_config(self) -> None:
+    """Raises ConfigMismatchError if the newest readable checkpoint is another config's."""
+    for step in reversed(self.all_steps()):
+      try:
+        saved = self._saved_fingerprint(step)
+      except Exception:  # noqa: BLE001 -- damaged: `restore_newest` deals with it
+        continue
+      self.check_fingerprint(saved, step)
+      return
 
   def check_fingerprint(self, saved: dict, step: int) -> None:
     ours, theirs = _flatten(self.fingerprint), _flatten(saved)

@@ -7,13 +7,10 @@ writes <workdir>/eval/results.json, results.md (a paper-shaped table) and result
 curves and NDCG bars). The config must be the one the run was trained with.
 """
 
-import sys
-
 from absl import app, flags
 from ml_collections import config_flags
 
-from rebalance_jax import distributed, experiment
-from rebalance_jax.errors import InputError
+from rebalance_jax import cli, experiment
 from rebalance_jax.evaluators.suite import evaluate_run
 
 
@@ -22,17 +19,15 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.")
 _STAGES = flags.DEFINE_list("stages", list(experiment.STAGES), "Stages to evaluate.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: each stage's latest).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: each stage's newest intact "
+                             "checkpoint).", lower_bound=0)
 
 
 def main(argv):
-  distributed.start(argv)
-  try:
-    evaluate_run(_CONFIG.value, _WORKDIR.value, _STAGES.value, _STEP.value)
-  except InputError as e:
-    sys.exit(f"rebalance_jax.evaluate: error: {e}")
+  cli.run_guarded("rebalance_jax.evaluate", argv,
+                  lambda: evaluate_run(_CONFIG.value, _WORKDIR.value, _STAGES.value, _STEP.value))
 
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

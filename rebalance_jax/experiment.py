@@ -1,11 +1,16 @@
 """From a config to the experiment's objects: validation, checkpoint fingerprint, student model,
 and a stage's parameters from its checkpoint. Shared by `train` and `evaluate`."""
 
+import contextlib
+import math
 import os
 
 import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
 
-from rebalance_jax import checkpointing, objective, sharding, trainer
+from rebalance_jax import checkpointing, files, objective, reporting, sharding, trainer
 from rebalance_jax.errors import InputError
 from rebalance_jax.models.student import Student, StudentConfig
 from rebalance_jax.models.towers import TextConfig, VitConfig
@@ -57,13 +62,23 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if teacher_terms:
     raise InputError(f"config.stage1.loss_weights: {sorted(teacher_terms)} need the teachers, "
                      "which only stage 2 uses")
-  for field in ("checkpoint.every_steps", "log_every", "eval.batch_size", "teachers.num_steps",
-                "teachers.batch_size"):
-    value = config
-    for key in field.split("."):
-      value = value[key]
-    if value <= 0:
-      raise InputError(f"config.{field}={value} must be positive")
+  for field in ("checkpoint.every_steps", "checkpoint.keep", "log_every", "eval.batch_size",
+                "teachers.num_steps", "teachers.batch_size"):
+    if _get(config, field) <= 0:
+      raise InputError(f"config.{field}={_get(config, field)} must be positive")
+  for field in ("optim.lr", "teachers.lr", "optim.eps", "model.temp_init", "model.temp2_init",
+                "loss.tau2_fixed"):
+    value = _get(config, field)
+    if not (math.isfinite(value) and value > 0):
+      raise InputError(f"config.{field}={value} must be a positive finite number")
+  for field, low, high in (("optim.b1", 0, 1), ("optim.b2", 0, 1), ("optim.warmup_fraction", 0, 1)):
+    if not low <= _get(config, field) < high:
+      raise InputError(f"config.{field}={_get(config, field)} must lie in [{low}, {high})")
+  if not (math.isfinite(config.optim.weight_decay) and config.optim.weight_decay >= 0):
+    raise InputError(f"config.optim.weight_decay={config.optim.weight_decay} must be >= 0")
+  if not 0 <= config.data.augment_shift < config.data.image_size:
+    raise InputError(f"config.data.augment_shift={config.data.augment_shift} must lie in "
+                     f"[0, config.data.image_size={config.data.image_size})")
   low, high = config.loss.tau2_range
   if not 0 < low <= high:
     raise InputError(f"config.loss.tau2_range={tuple(config.loss.tau2_range)} must be (low, high) "
@@ -73,16 +88,23 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      "config.loss.lambda_mode='sigmoid'")
 
 
-def fingerprint(config: ml_collections.ConfigDict, phase: str) -> dict:
-  """The config fields that `phase` ("teachers", "stage1", "stage2") depends on, by dotted name."""
+def _get(config: ml_collections.ConfigDict, field: str):
+  node = config
+  for key in field.split("."):
+    node = node[key]
+  return node
+
+
+def fingerprint(config: ml_collections.ConfigDict, phase: str, vocab: dict) -> dict:
+  """What `phase` ("teachers", "stage1", "stage2") depends on: its config fields by dotted name,
+  and the vocabulary's real size and content hash (`vocab`, see RetrievalData.vocab)."""
   values = {}
   for field in FINGERPRINT_FIELDS[phase]:
-    node = config
-    for key in field.split("."):
-      node = node[key]
+    node = _get(config, field)
     values[field] = node.to_dict() if isinstance(node, ml_collections.ConfigDict) else node
   for field in _LOCATION_FIELDS:
     values["data"].pop(field.split(".")[1], None)
+  values["vocab"] = vocab
   return values
 
 
@@ -106,24 +128,103 @@ def param_rules(config: ml_collections.ConfigDict) -> sharding.ParamRules:
                              config.sharding.fsdp_min_size)
 
 
-def stage_checkpointer(config: ml_collections.ConfigDict, workdir: str,
-                       stage: str) -> checkpointing.Checkpointer:
-  return checkpointing.Checkpointer(os.path.join(workdir, stage, "checkpoints"),
-                                    fingerprint(config, stage), config.checkpoint.keep)
+def check_workdir(workdir: str, must_exist: bool = False) -> str:
+  """The absolute workdir; raises InputError for an empty flag, a file, or (with `must_exist`) a
+  missing directory."""
+  if not workdir:
+    raise InputError("--workdir is empty: pass the run's directory")
+  path = os.path.abspath(os.path.expanduser(workdir))
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise InputError(f"--workdir={workdir} is a file, not a directory")
+  if must_exist and not os.path.isdir(path):
+    raise InputError(f"--workdir={workdir} does not exist")
+  return path
+
+
+def check_batch_sizes(config: ml_collections.ConfigDict, mesh) -> None:
+  """Every batch size splits evenly over the devices and processes."""
+  for field in [f"{stage}.batch_size" for stage in STAGES] + ["teachers.batch_size",
+                                                             "eval.batch_size"]:
+    sharding.check_batch_size(_get(config, field), mesh, f"config.{field}")
+
+
+def check_data_sizes(config: ml_collections.ConfigDict, num_pairs: int, num_images: int) -> None:
+  """No batch is larger than the training set it draws from."""
+  for field, size, what in [(f"{stage}.batch_size", num_pairs, "pairs") for stage in STAGES] + [
+      ("teachers.batch_size", num_images, "images")]:
+    if _get(config, field) > size:
+      raise InputError(f"config.{field}={_get(config, field)} exceeds the {size} training {what} "
+                       f"of config.data.name={config.data.name!r}")
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str, what: str):
+  """Holds the workdir's lock (files.WorkdirLock) for a `what` while open. Process 0 takes it and
+  every process learns whether it got it, so that a refused job stops everywhere."""
+  with contextlib.ExitStack() as stack:
+    refusal = ""
+    if reporting.is_main_process():
+      try:
+        lock = stack.enter_context(files.WorkdirLock(workdir, what))
+      except InputError as e:
+        refusal = str(e)
+      else:
+        if lock.warning:
+          logging.warning("%s", lock.warning)
+    if bool(multihost_utils.broadcast_one_to_all(np.array(bool(refusal)))):
+      raise InputError(refusal or f"{workdir} is in use by another {what} (see process 0)")
+    yield
+
+
+# Each checkpointed phase: (fingerprint phase, directory under the workdir).
+CHECKPOINT_DIRS = {
+    "teacher_image": ("teachers", os.path.join("teachers", "image")),
+    "teacher_text": ("teachers", os.path.join("teachers", "text")),
+    **{stage: (stage, os.path.join(stage, "checkpoints")) for stage in STAGES},
+}
+
+
+def checkpointer(config: ml_collections.ConfigDict, workdir: str, phase: str, vocab: dict,
+                 keep: int | None = None, read_only: bool = False) -> checkpointing.Checkpointer:
+  """The Checkpointer of `phase` (a CHECKPOINT_DIRS key) in `workdir`."""
+  fingerprint_phase, directory = CHECKPOINT_DIRS[phase]
+  return checkpointing.Checkpointer(
+      os.path.join(workdir, directory), fingerprint(config, fingerprint_phase, vocab),
+      config.checkpoint.keep if keep is None else keep, read_only=read_only)
+
+
+def check_checkpoint_configs(config: ml_collections.ConfigDict, workdir: str, vocab: dict) -> None:
+  """Refuses, before any work, a workdir whose checkpoints another config wrote (any phase)."""
+  for phase, (_, directory) in CHECKPOINT_DIRS.items():
+    if os.path.isdir(os.path.join(workdir, directory)):
+      reader = checkpointer(config, workdir, phase, vocab, read_only=True)
+      try:
+        reader.check_config()
+      finally:
+        reader.close()
 
 
 def load_stage_params(config: ml_collections.ConfigDict, workdir: str, stage: str, params_like,
-                      num_examples: int, mesh, step: int | None = None):
-  """A stage's student parameters at `step` (default: its latest checkpoint)."""
-  checkpointer = stage_checkpointer(config, workdir, stage)
+                      num_examples: int, mesh, vocab: dict, step: int | None = None):
+  """A stage's student parameters at `step` (default: its newest intact checkpoint); reads only."""
+  directory = os.path.join(workdir, CHECKPOINT_DIRS[stage][1])
+  if not os.path.isdir(directory):
+    raise InputError(f"no {stage} checkpoints in {directory}: is --workdir the run's workdir?")
+  reader = checkpointer(config, workdir, stage, vocab, read_only=True)
   try:
-    step = checkpointer.latest_step() if step is None else step
-    if step is None:
-      raise InputError(f"no {stage} checkpoint in {checkpointer.directory}")
     tx, _ = make_optimizer(config.optim, params_like,
                            trainer.steps_for(config[stage], num_examples))
-    state = checkpointer.restore(step, trainer.abstract_state(params_like, tx, mesh,
-                                                              param_rules(config)))
+    target = trainer.abstract_state(params_like, tx, mesh, param_rules(config))
+    if step is None:
+      newest = reader.restore_newest(target, set_aside=False)
+      if newest is None:
+        raise InputError(f"no {stage} checkpoint in {directory}")
+      step, state = newest
+    elif step not in reader.all_steps():
+      raise InputError(f"--step={step}: {directory} has no checkpoint of that step (it has "
+                       f"{reader.all_steps()})")
+    else:
+      state = reader.restore(step, target)
     return state["params"], step
   finally:
-    checkpointer.close()
+    reader.close()

@@ -1,9 +1,44 @@
-"""Atomic file writes: readers never see a half-written file, a killed writer leaves none."""
+"""Files that survive a kill: atomic writes, content-checked caches, and the workdir lock.
 
+- `atomic_write`: readers never see a half-written file and a killed writer leaves none; the file
+  gets the permissions the umask allows (as `open` would), and the rename is made durable by
+  syncing the directory.
+- `write_checked` / `is_intact`: a cached artifact with its SHA-256 beside it (`<file>.sha256`,
+  written last), so a truncated, garbled or replaced cache file is noticed and recomputed.
+- `WorkdirLock`: an exclusive `flock` on `<dir>/.lock`; the kernel drops it when its holder dies,
+  so a killed run never leaves a stale lock.
+"""
+
+import fcntl
+import hashlib
+import json
 import os
+import socket
 import tempfile
+import time
 from collections.abc import Callable
 from typing import IO
+
+from rebalance_jax.errors import InputError
+
+DIGEST_SUFFIX = ".sha256"
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
+def _sync_directory(directory: str) -> None:
+  fd = os.open(directory, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
 
 
 def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
@@ -12,6 +47,7 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
   try:
+    os.fchmod(fd, _FILE_MODE)  # mkstemp creates 0600 whatever the umask
     with os.fdopen(fd, "wb") as f:
       write(f)
       f.flush()
@@ -21,7 +57,68 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+  _sync_directory(directory)
 
 
 def atomic_write_text(path: str, text: str) -> None:
   atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def file_digest(path: str) -> str:
+  """SHA-256 of the file's bytes, as hex."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 22), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def write_checked(path: str, write: Callable[[IO[bytes]], None]) -> str:
+  """`atomic_write`, then the file's digest beside it; returns the digest."""
+  atomic_write(path, write)
+  digest = file_digest(path)
+  atomic_write_text(path + DIGEST_SUFFIX, digest + "\n")
+  return digest
+
+
+def is_intact(path: str) -> bool:
+  """Whether `path` and its digest file exist and agree (a file written by `write_checked`)."""
+  try:
+    with open(path + DIGEST_SUFFIX) as f:
+      expected = f.read().strip()
+    return file_digest(path) == expected
+  except (OSError, UnicodeDecodeError):
+    return False
+
+
+class WorkdirLock:
+  """Holds `<directory>/.lock` exclusively while the context is open; a second holder is refused
+  with an InputError naming the holder. A filesystem without locks only warns (see `warning`)."""
+
+  def __init__(self, directory: str, what: str):
+    self.path = os.path.join(directory, ".lock")
+    self._what = what
+    self._fd = None
+    self.warning = None
+
+  def __enter__(self):
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown"
+      os.close(fd)
+      raise InputError(f"{os.path.dirname(self.path)} is in use by another {self._what} "
+                       f"({holder}); wait for it to finish or use another --workdir") from None
+    except OSError as e:  # e.g. a bucket mount without locks: run unlocked rather than not at all
+      self.warning = f"could not lock {self.path} ({e}); make sure no other run uses this workdir"
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                             "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+    self._fd = fd
+    return self
+
+  def __exit__(self, *exc_info):
+    os.close(self._fd)  # closing releases the lock; the file stays (removing it would race)
+    self._fd = None

@@ -10,6 +10,7 @@ import numpy as np
 from absl import logging
 from tensorboardX import SummaryWriter
 
+from rebalance_jax.errors import InputError
 from rebalance_jax.files import atomic_write_text
 
 
@@ -41,9 +42,8 @@ class MetricWriter:
       return
     path = os.path.join(self._logdir, "metrics.jsonl")
     if os.path.exists(path):
-      with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-      atomic_write_text(path, "".join(kept))
+      atomic_write_text(path, "".join(line for line in _records(path) if
+                                      json.loads(line)["step"] <= step))
     os.makedirs(self._logdir, exist_ok=True)
     self._jsonl = open(path, "a")
     self._tb = SummaryWriter(self._logdir, purge_step=step + 1 if step else None)
@@ -61,6 +61,22 @@ class MetricWriter:
     if self._jsonl is not None:
       self._jsonl.close()
       self._tb.close()
+
+
+def _records(path: str) -> list[str]:
+  """The JSON lines of a metrics file; a torn last line (a kill while writing it) is dropped, any
+  other unreadable line is an InputError naming it."""
+  with open(path, encoding="utf-8", errors="replace") as f:
+    lines = [line.rstrip("\n") + "\n" for line in f if line.strip()]
+  for number, line in enumerate(lines, 1):
+    try:
+      json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+      if number < len(lines):
+        raise InputError(f"{path}:{number} is not a metrics record; repair or delete the file")
+      logging.warning("%s: dropping the torn last line %d", path, number)
+      return lines[:-1]
+  return lines
 
 
 def format_duration(seconds: float) -> str:

@@ -16,7 +16,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from rebalance_jax import tree_rules
+from rebalance_jax import interrupts, tree_rules
 from rebalance_jax.errors import InputError
 
 DATA_AXIS = "data"
@@ -127,6 +127,7 @@ def map_in_batches(fn: Callable, num_rows: int, get_rows: Callable, batch_size: 
   check_batch_size(batch_size, mesh, "config.eval.batch_size")
   outputs = []
   for start in range(0, num_rows, batch_size):
+    interrupts.check("a batched inference pass")
     indices = np.minimum(np.arange(start, start + batch_size), num_rows - 1)
     out = fn(**to_global(get_rows(indices[process_slice(batch_size)]), mesh))
     outputs.append(multihost_utils.process_allgather(out, tiled=True))

@@ -15,18 +15,19 @@ import jax
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from rebalance_jax import checkpointing, experiment, reporting, sharding, trainer
+from rebalance_jax import experiment, files, reporting, sharding, trainer
 from rebalance_jax.data import augment
 from rebalance_jax.data.datasets import PairSplit
 from rebalance_jax.errors import InputError
-from rebalance_jax.files import atomic_write, atomic_write_text
 from rebalance_jax.models.teachers import ImageTeacher, TextTeacher
 from rebalance_jax.models.towers import TextConfig, VitConfig
 
 FEATURE_FILES = {"image": "image.npy", "text": "text.npy"}
+MANIFEST = "manifest.json"
 
 
 def teacher_models(config: ml_collections.ConfigDict, vocab_size: int, train: PairSplit):
@@ -51,8 +52,9 @@ def _attribute_loss(model, modality: str, params, batch, frozen, rng):
 
 
 def pretrain_teachers(config: ml_collections.ConfigDict, models: dict, train: PairSplit,
-                      mesh: Mesh, directory: str, param_rules: sharding.ParamRules) -> dict:
-  """Trains (or resumes, or loads when finished) both teachers; returns their parameters."""
+                      mesh: Mesh, workdir: str, vocab: dict) -> dict:
+  """Trains (or resumes, or loads when finished) both teachers in `workdir`; returns their
+  parameters."""
   t = config.teachers
   attributes = train.attributes.astype(np.float32)
   examples = {
@@ -62,7 +64,6 @@ def pretrain_teachers(config: ml_collections.ConfigDict, models: dict, train: Pa
                lambda idx: {"ids": train.ids[idx], "mask": train.mask[idx],
                             "attributes": attributes[train.image_index[idx]]}),
   }
-  fingerprint = experiment.fingerprint(config, "teachers")
   params = {}
   for modality, model in models.items():
     num_examples, rows = examples[modality]
@@ -74,17 +75,15 @@ def pretrain_teachers(config: ml_collections.ConfigDict, models: dict, train: Pa
     init = model.init(jax.random.key(seed), **init_input)["params"]
     schedule = optax.warmup_cosine_decay_schedule(0.0, t.lr, max(t.num_steps // 10, 1), t.num_steps)
     name = f"teacher_{modality}"
+    checkpointer = experiment.checkpointer(config, workdir, name, vocab, keep=1)
     stage = trainer.Stage(
         name=name, loss_fn=functools.partial(_attribute_loss, model, modality),
         tx=optax.adamw(schedule, weight_decay=1e-4), schedule=schedule, total_steps=t.num_steps,
-        batch_size=t.batch_size,
-        make_batch=rows,
-        checkpointer=checkpointing.Checkpointer(
-            os.path.join(directory, modality),
-            fingerprint, keep=1),
-        writer=reporting.MetricWriter(os.path.join(directory, modality, "logs")),
+        batch_size=t.batch_size, batch_size_field="config.teachers.batch_size", make_batch=rows,
+        checkpointer=checkpointer,
+        writer=reporting.MetricWriter(os.path.join(checkpointer.directory, "logs")),
         checkpoint_every=t.num_steps, log_every=max(t.num_steps // 5, 1), seed=seed,
-        param_rules=param_rules)
+        param_rules=experiment.param_rules(config))
     try:
       params[modality] = trainer.run_stage(stage, init, None, mesh, num_examples)["params"]
     finally:
@@ -104,17 +103,22 @@ def text_features(models: dict, params: dict, ids, mask):
 
 
 def teacher_features(config: ml_collections.ConfigDict, models: dict, params: dict,
-                     train: PairSplit, mesh: Mesh, directory: str) -> dict[str, np.ndarray]:
-  """One row per training pair of each teacher's features: read from `directory` if present
-  (and written by these teachers), else computed sharded over devices and processes and written
-  there by process 0."""
-  manifest = {"teachers": experiment.fingerprint(config, "teachers"), "num_pairs": train.num_pairs,
+                     train: PairSplit, mesh: Mesh, directory: str,
+                     vocab: dict) -> dict[str, np.ndarray]:
+  """One row per training pair of each teacher's features: read from `directory` if they are
+  there, intact and written by these teachers for these pairs, else computed sharded over devices
+  and processes and written there by process 0 (each file with its content hash, the manifest
+  last)."""
+  manifest = {"teachers": experiment.fingerprint(config, "teachers", vocab),
+              "num_pairs": train.num_pairs,
               "dims": {"image": config.teachers.image.width, "text": config.teachers.text.width}}
-  manifest_path = os.path.join(directory, "manifest.json")
+  problem = _feature_problem(directory, manifest) if reporting.is_main_process() else None
   # Process 0 decides, so that every process takes the same path through the collectives.
-  present = bool(multihost_utils.broadcast_one_to_all(np.array(os.path.exists(manifest_path))))
-  if present:
-    return load_teacher_features(directory, manifest)
+  if bool(multihost_utils.broadcast_one_to_all(np.array(problem is None))):
+    return {modality: np.load(os.path.join(directory, name))
+            for modality, name in FEATURE_FILES.items()}
+  if problem != "absent":
+    logging.warning("teacher features in %s: %s; computing them again", directory, problem)
   image_fn = jax.jit(lambda image: image_features(models, params, augment.to_float(image)))
   text_fn = jax.jit(functools.partial(text_features, models, params))
   batch_size = config.eval.batch_size
@@ -128,30 +132,31 @@ def teacher_features(config: ml_collections.ConfigDict, models: dict, params: di
   }
   if reporting.is_main_process():
     for modality, array in features.items():
-      atomic_write(os.path.join(directory, FEATURE_FILES[modality]),
-                   lambda f, a=array: np.save(f, a.astype(np.float32)))
-    atomic_write_text(manifest_path, json.dumps(manifest))  # last: marks the files complete
+      files.write_checked(os.path.join(directory, FEATURE_FILES[modality]),
+                          lambda f, a=array: np.save(f, a.astype(np.float32)))
+    files.atomic_write_text(os.path.join(directory, MANIFEST),
+                            json.dumps(manifest))  # last: marks the files complete
   return features
 
 
-def load_teacher_features(directory: str, manifest: dict) -> dict[str, np.ndarray]:
-  """Reads the feature files, checking they were written for these teachers and training pairs."""
-  manifest_path = os.path.join(directory, "manifest.json")
-  with open(manifest_path) as f:
-    saved = json.load(f)
+def _feature_problem(directory: str, manifest: dict) -> str | None:
+  """Why the feature files in `directory` cannot be used for `manifest` ("absent" when there are
+  none), or None when they can."""
+  manifest_path = os.path.join(directory, MANIFEST)
+  if not os.path.exists(manifest_path):
+    return "absent"
+  try:
+    with open(manifest_path) as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:
+    return f"{manifest_path} is unreadable ({e})"
   if saved != json.loads(json.dumps(manifest)):
-    raise InputError(f"teacher features in {directory} were written for other teachers or data "
-                     f"({manifest_path}); delete the directory to recompute them")
-  features = {}
+    return f"{manifest_path} names other teachers or training pairs"
   for modality, name in FEATURE_FILES.items():
     path = os.path.join(directory, name)
-    try:
-      array = np.load(path)
-    except (OSError, ValueError) as e:
-      raise InputError(f"teacher feature file {path} is unreadable ({e}); delete it to recompute")
-    expected = (manifest["num_pairs"], manifest["dims"][modality])
-    if array.shape != expected:
-      raise InputError(f"teacher feature file {path} has shape {array.shape}, expected "
-                       f"{expected}: one row per training pair; delete it to recompute")
-    features[modality] = array
-  return features
+    if not files.is_intact(path):
+      return f"{path} is missing or fails its content check"
+    shape = np.load(path, mmap_mode="r").shape
+    if shape != (manifest["num_pairs"], manifest["dims"][modality]):
+      return f"{path} has shape {shape}, not one row per training pair"
+  return None

@@ -12,18 +12,15 @@ interruption continues where it stopped. The workdir ends up with:
 
 import functools
 import os
-import sys
 
 import jax
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rebalance_jax import distributed, experiment, objective, reporting, sharding, teacher_job
-from rebalance_jax import trainer
+from rebalance_jax import cli, experiment, interrupts, objective, reporting, teacher_job, trainer
 from rebalance_jax.data import augment
 from rebalance_jax.data.datasets import RetrievalData, load_retrieval_data
-from rebalance_jax.errors import InputError
 from rebalance_jax.evaluators.suite import Evaluator
 from rebalance_jax.models.student import STAGE2_NEW_PARAMS, Student, init_student
 from rebalance_jax.optim import make_optimizer
@@ -74,8 +71,9 @@ def train_student_stage(stage: str, config, workdir, data: RetrievalData, model:
       teacher_models=teachers["models"])
   run_config = trainer.Stage(
       name=stage, loss_fn=loss_fn, tx=tx, schedule=schedule, total_steps=total_steps,
-      batch_size=c.batch_size, make_batch=make_batch,
-      checkpointer=experiment.stage_checkpointer(config, workdir, stage),
+      batch_size=c.batch_size, batch_size_field=f"config.{stage}.batch_size",
+      make_batch=make_batch,
+      checkpointer=experiment.checkpointer(config, workdir, stage, data.vocab),
       writer=reporting.MetricWriter(os.path.join(workdir, stage, "logs")),
       checkpoint_every=config.checkpoint.every_steps, log_every=config.log_every,
       seed=trainer.stage_seed(config.seed, stage), param_rules=experiment.param_rules(config))
@@ -94,29 +92,42 @@ def stage2_init(stage1_params, fresh_params):
 
 def run(config: ml_collections.ConfigDict, workdir: str, until: tuple[str, int] | None = None):
   """Runs every phase; `until=(stage, step)` stops once `stage` reaches `step` (as a preemption
-  would). Returns {model name: test metrics} of the stages that finished."""
+  would). Returns {model name: test metrics} of the stages evaluated in the workdir so far.
+
+  Everything that can be checked is checked before any work: the config, the workdir, batch sizes
+  against devices and data, and every phase's checkpoints against the config. The workdir is
+  locked for the run; SIGTERM and Ctrl-C stop it gracefully (interrupts.Interrupted).
+  """
   experiment.validate_config(config)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = experiment.check_workdir(workdir)
   mesh = experiment.make_mesh(config)
-  for stage in experiment.STAGES:
-    sharding.check_batch_size(config[stage].batch_size, mesh, f"config.{stage}.batch_size")
+  experiment.check_batch_sizes(config, mesh)
+  with interrupts.catching(), experiment.workdir_lock(workdir, "training run"):
+    return _run_phases(config, workdir, mesh, until)
+
+
+def _run_phases(config, workdir, mesh, until):
   data = load_retrieval_data(config)
+  experiment.check_data_sizes(config, data.train.num_pairs, len(data.train.images))
+  experiment.check_checkpoint_configs(config, workdir, data.vocab)
   logging.info("data: %d training pairs, %d test images, %d test captions, vocabulary %d",
                data.train.num_pairs, len(data.test.images), len(data.test.ids), data.vocab_size)
+  interrupts.check("data loading")
 
   teacher_models = teacher_job.teacher_models(config, data.vocab_size, data.train)
   teacher_params = teacher_job.pretrain_teachers(config, teacher_models, data.train, mesh,
-                                                 os.path.join(workdir, "teachers"),
-                                                 experiment.param_rules(config))
+                                                 workdir, data.vocab)
   teachers = {"models": teacher_models, "params": teacher_params}
   features = None
   if config.teachers.mode == "precomputed":
     features = teacher_job.teacher_features(config, teacher_models, teacher_params, data.train,
-                                            mesh, os.path.join(workdir, "teacher_features"))
+                                            mesh, os.path.join(workdir, "teacher_features"),
+                                            data.vocab)
+  interrupts.check("the teacher phases")
 
   model = experiment.student_model(config, data.vocab_size)
   fresh = init_student(model, jax.random.key(config.seed))
-  evaluator = Evaluator(config, model, data.test, mesh)
+  evaluator = Evaluator(config, model, data.test, mesh, workdir)
   params = fresh
   for stage in experiment.STAGES:
     until_step = until[1] if until and until[0] == stage else None
@@ -125,9 +136,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, until: tuple[str, int] 
                                 features if stage == "stage2" else None, until_step)
     if until_step is not None:
       break
+    interrupts.check(f"{stage} (its final checkpoint is saved)")
     params = state["params"]
     evaluator.add(stage, params)
-    evaluator.write(workdir)
+    evaluator.write()
     # Every process computed the metrics; logging them everywhere shows that the processes agree.
     logging.info("process %d: %s rsum %.4f", jax.process_index(), stage,
                  evaluator.rows[stage]["rsum"])
@@ -135,16 +147,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, until: tuple[str, int] 
 
 
 def main(argv):
-  distributed.start(argv)
-  try:
-    run(_CONFIG.value, _WORKDIR.value)
-  except trainer.Preempted as e:
-    logging.warning("%s", e)
-    sys.exit(143)  # 128 + SIGTERM: not finished, so schedulers and retry loops run it again
-  except (InputError, trainer.NonFiniteLossError) as e:
-    sys.exit(f"rebalance_jax.train: error: {e}")
+  cli.run_guarded("rebalance_jax.train", argv, lambda: run(_CONFIG.value, _WORKDIR.value))
 
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

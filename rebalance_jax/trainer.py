@@ -10,7 +10,6 @@ non-differentiated argument and never part of the state.
 import dataclasses
 import functools
 import signal
-import threading
 import zlib
 from collections.abc import Callable
 
@@ -22,7 +21,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from rebalance_jax import checkpointing, reporting, sharding
+from rebalance_jax import checkpointing, interrupts, reporting, sharding
 from rebalance_jax.errors import InputError
 
 
@@ -30,40 +29,21 @@ class NonFiniteLossError(FloatingPointError):
   pass
 
 
-class Preempted(Exception):
-  """The run received SIGTERM; a checkpoint of `step` was written. Re-run to resume."""
+class Preempted(interrupts.Interrupted):
+  """A stop was requested (SIGTERM, Ctrl-C); a checkpoint of `step` was written. Re-run to resume."""
 
-  def __init__(self, stage: str, step: int):
-    super().__init__(f"{stage}: preempted at step {step}; checkpoint saved, re-run the same "
-                     "command to resume")
+  def __init__(self, signum: int, stage: str, step: int):
+    super().__init__(signum, f"{stage}: stopped at step {step} ({signal.Signals(signum).name}); "
+                             "checkpoint saved, re-run the same command to resume")
     self.step = step
 
 
-class PreemptionWatch:
-  """Says, at a step boundary, whether the job was asked to stop (SIGTERM).
-
-  Single process: a SIGTERM handler sets a flag. Several processes: JAX's preemption sync point
-  (jax.distributed catches SIGTERM), so that every process stops at the same step.
-  """
-
-  def __init__(self):
-    self._requested = False
-    self._previous = None
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._request)
-
-  def _request(self, signum, frame):
-    del signum, frame
-    self._requested = True
-
-  def should_stop(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self._requested
-
-  def close(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+def _stop_requested(step: int) -> int | None:
+  """The signal asking this job to stop at `step`, or None. Several processes: JAX's preemption
+  sync point (jax.distributed catches SIGTERM), so that every process stops at the same step."""
+  if jax.process_count() > 1:
+    return signal.SIGTERM if multihost_utils.reached_preemption_sync_point(step) else None
+  return interrupts.requested()
 
 
 def stage_seed(seed: int, stage: str) -> int:
@@ -136,6 +116,7 @@ class Stage:
   schedule: optax.Schedule
   total_steps: int
   batch_size: int
+  batch_size_field: str         # the config field it comes from, for error messages
   make_batch: Callable          # example indices -> host batch of those rows
   checkpointer: checkpointing.Checkpointer
   writer: reporting.MetricWriter
@@ -147,16 +128,16 @@ class Stage:
 
 def run_stage(stage: Stage, init_params, frozen, mesh: Mesh, num_examples: int,
               until_step: int | None = None):
-  """Trains `stage` from its latest checkpoint (or `init_params`) to `until_step` (default: the
-  end), checkpointing periodically and at the end. Returns the final train state."""
-  sharding.check_batch_size(stage.batch_size, mesh, f"config.{stage.name}.batch_size")
-  latest = stage.checkpointer.latest_step()
+  """Trains `stage` from its newest intact checkpoint (or `init_params`) to `until_step` (default:
+  the end), checkpointing periodically and at the end. Returns the final train state."""
+  sharding.check_batch_size(stage.batch_size, mesh, stage.batch_size_field)
   target = abstract_state(init_params, stage.tx, mesh, stage.param_rules)
-  if latest is None:
+  resumed = stage.checkpointer.restore_newest(target)
+  if resumed is None:
     state = create_state(init_params, stage.tx, mesh, stage.param_rules)
   else:
-    state = stage.checkpointer.restore(latest, target)
-    logging.info("%s: resumed from step %d", stage.name, latest)
+    state = resumed[1]
+    logging.info("%s: resumed from step %d", stage.name, resumed[0])
   end = stage.total_steps if until_step is None else min(until_step, stage.total_steps)
   step = int(state["step"])
   if step >= end:
@@ -171,18 +152,6 @@ def run_stage(stage: Stage, init_params, frozen, mesh: Mesh, num_examples: int,
   rng = jax.random.key(stage.seed)
   stage.writer.start(step)
   progress = reporting.Progress(stage.name, stage.total_steps, step)
-  watch = PreemptionWatch()
-  try:
-    state = _train_loop(stage, state, train_step, frozen, rng, mesh, num_examples, step, end,
-                        progress, watch)
-  finally:
-    watch.close()
-  stage.checkpointer.wait()
-  return state
-
-
-def _train_loop(stage, state, train_step, frozen, rng, mesh, num_examples, step, end, progress,
-                watch):
   pending = []  # per-step metrics on device, fetched at each log point
   while step < end:
     indices = train_batch_indices(num_examples, stage.batch_size, step, stage.seed)
@@ -191,17 +160,35 @@ def _train_loop(stage, state, train_step, frozen, rng, mesh, num_examples, step,
     state, metrics = train_step(state, batch, frozen, rng)
     pending.append(metrics)
     step += 1
-    stop = watch.should_stop(step)
-    checkpoint = step % stage.checkpoint_every == 0 or step == end or stop
-    if step % stage.log_every == 0 or checkpoint:  # never checkpoint a non-finite state
+    stop = _stop_requested(step)
+    checkpoint = step % stage.checkpoint_every == 0 or step == end or stop is not None
+    if step % stage.log_every == 0 or checkpoint:
       _log(stage, step, pending, progress)
       pending = []
     if checkpoint:
-      stage.checkpointer.save(step, state)
-    if stop:
+      _save(stage, step, state)
+    if stop is not None:
       stage.checkpointer.wait()
-      raise Preempted(stage.name, step)
+      raise Preempted(stop, stage.name, step)
+  stage.checkpointer.wait()
   return state
+
+
+def _non_finite(stage: Stage, what: str) -> NonFiniteLossError:
+  stage.checkpointer.wait()
+  latest = stage.checkpointer.latest_step()  # every saved state passed the finiteness check
+  intact = (f"The last checkpoint ({latest}) is intact" if latest is not None else
+            "No checkpoint of this phase was written")
+  return NonFiniteLossError(f"{stage.name}: {what}. {intact}; lower the learning rate or check "
+                            "the data.")
+
+
+def _save(stage: Stage, step: int, state) -> None:
+  try:
+    stage.checkpointer.save(step, state)
+  except checkpointing.NonFiniteStateError:
+    raise _non_finite(stage, f"non-finite parameters or optimizer state after step {step}, not "
+                             "saved") from None
 
 
 def _log(stage: Stage, step: int, pending: list, progress: reporting.Progress) -> None:
@@ -212,9 +199,7 @@ def _log(stage: Stage, step: int, pending: list, progress: reporting.Progress) -
     bad = {k: float(v) for k, v in metrics.items()
            if (k.startswith("loss/") or k == "grad_norm") and not np.isfinite(v)}
     if bad:
-      raise NonFiniteLossError(
-          f"{stage.name}: non-finite loss or gradient at step {first + offset}: {bad}. The last checkpoint "
-          f"({stage.checkpointer.latest_step()}) is intact; lower config.optim.lr or check the data.")
+      raise _non_finite(stage, f"non-finite loss or gradient at step {first + offset}: {bad}")
   means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
   means["lr"] = float(stage.schedule(step - 1))
   means.update(progress.report(step, means, stage.batch_size))

@@ -10,7 +10,9 @@ import os
 
 import ml_collections
 import numpy as np
+from absl import logging
 
+from rebalance_jax import files
 from rebalance_jax.data import synthetic
 from rebalance_jax.data import text
 from rebalance_jax.errors import InputError
@@ -76,11 +78,11 @@ class RetrievalData:
   val: EvalSplit
   test: EvalSplit
   vocab_file: str
+  vocab: dict  # {"size", "sha256"} of the vocabulary: part of every phase's fingerprint
 
   @property
   def vocab_size(self) -> int:
-    with open(self.vocab_file) as f:
-      return sum(1 for _ in f)
+    return self.vocab["size"]
 
 
 def load_retrieval_data(config: ml_collections.ConfigDict) -> RetrievalData:
@@ -125,7 +127,10 @@ def _synthetic(config: ml_collections.ConfigDict) -> RetrievalData:
   if not vocab_file:
     vocab_file = os.path.join(cache_dir, synthetic.cache_key(scene_config),
                               f"vocab{tok.vocab_size}_{data.max_words_train}.txt")
-    if not os.path.exists(vocab_file):
+    if not files.is_intact(vocab_file):  # absent, or not the file that was written: retrain
+      if os.path.exists(vocab_file):
+        logging.warning("cached vocabulary %s fails its content check; training it again",
+                        vocab_file)
       train_captions = [text.clean_caption(c, data.max_words_train)
                         for caps in splits["train"]["captions"] for c in caps]
       text.train_wordpiece_vocab(train_captions, vocab_file, tok.vocab_size)
@@ -149,4 +154,5 @@ def _synthetic(config: ml_collections.ConfigDict) -> RetrievalData:
                               len(split["captions"][0]))
     return EvalSplit(split["images"], ids, mask, text_to_image, captions)
 
-  return RetrievalData(pairs, eval_split(splits["val"]), eval_split(splits["test"]), vocab_file)
+  return RetrievalData(pairs, eval_split(splits["val"]), eval_split(splits["test"]), vocab_file,
+                       text.check_vocab(vocab_file))

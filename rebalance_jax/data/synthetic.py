@@ -22,7 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from rebalance_jax.files import atomic_write
+from absl import logging
+
+from rebalance_jax import files
 
 SPLITS = ("train", "val", "test")
 SHAPES = ("circle", "square", "triangle", "cross", "diamond")
@@ -344,9 +346,10 @@ def cache_key(cfg: SyntheticConfig) -> str:
 
 
 def _save_split(data: dict, arrays_path: Path, captions_path: Path) -> None:
-  atomic_write(str(captions_path), lambda f: f.write(json.dumps(data["captions"]).encode()))
+  files.write_checked(str(captions_path),
+                      lambda f: f.write(json.dumps(data["captions"]).encode()))
   arrays = {key: data[key] for key in ("images", "attributes", "degraded")}
-  atomic_write(str(arrays_path), lambda f: np.savez(f, **arrays))
+  files.write_checked(str(arrays_path), lambda f: np.savez(f, **arrays))
 
 
 def _load_split(cfg: SyntheticConfig, split: str, arrays_path: Path, captions_path: Path) -> dict:
@@ -379,17 +382,21 @@ def _load_split(cfg: SyntheticConfig, split: str, arrays_path: Path, captions_pa
 def load_or_generate(cfg: SyntheticConfig, cache_dir: str) -> dict[str, dict]:
   """All splits, cached as cache_dir/<cache_key(cfg)>/<split>.{npz,json}.
 
-  A split is read from the cache when both of its files exist, otherwise generated and written
-  atomically (a run killed mid-write leaves at most a stray temp file, never a partial cache file).
+  A split is read from the cache when both of its files pass their content check (`files.is_intact`),
+  otherwise generated and written atomically with their content hashes (a run killed mid-write
+  leaves at most a stray temp file, never a partial cache file).
   """
   directory = Path(cache_dir) / cache_key(cfg)
   directory.mkdir(parents=True, exist_ok=True)
   splits = {}
   for split in SPLITS:
     arrays_path, captions_path = directory / f"{split}.npz", directory / f"{split}.json"
-    if arrays_path.exists() and captions_path.exists():
+    if files.is_intact(str(arrays_path)) and files.is_intact(str(captions_path)):
       splits[split] = _load_split(cfg, split, arrays_path, captions_path)
     else:
+      if arrays_path.exists() or captions_path.exists():
+        logging.warning("cached %s split in %s fails its content check; generating it again",
+                        split, directory)
       splits[split] = generate_split(cfg, split)
       _save_split(splits[split], arrays_path, captions_path)
   return splits

@@ -4,7 +4,6 @@ Follows the reference (METHOD.md §5): lower-case, punctuation stripped, cut to 
 `[CLS] x` with no final `[SEP]` unless `append_sep` is set.
 """
 
-import os
 import re
 from collections.abc import Sequence
 
@@ -13,7 +12,7 @@ import tokenizers
 import transformers
 
 from rebalance_jax.errors import InputError
-from rebalance_jax.files import atomic_write_text
+from rebalance_jax import files
 
 _PUNCTUATION = re.compile(r"[^\w\s']|_")
 _SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -26,18 +25,39 @@ def clean_caption(caption: str, max_words: int) -> str:
 
 
 def train_wordpiece_vocab(captions: Sequence[str], vocab_file: str, vocab_size: int) -> str:
-  """Trains a WordPiece vocabulary on `captions` and writes it (atomically) as a BERT vocab.txt."""
+  """Trains a WordPiece vocabulary on `captions` and writes it (atomically, with its content hash
+  beside it) as a BERT vocab.txt."""
   trainer = tokenizers.BertWordPieceTokenizer(lowercase=True)
   trainer.train_from_iterator(captions, vocab_size=vocab_size, special_tokens=_SPECIAL_TOKENS,
                               min_frequency=1, show_progress=False)
   vocab = sorted(trainer.get_vocab().items(), key=lambda kv: kv[1])
-  atomic_write_text(vocab_file, "".join(token + "\n" for token, _ in vocab))
+  text = "".join(token + "\n" for token, _ in vocab)
+  files.write_checked(vocab_file, lambda f: f.write(text.encode()))
   return vocab_file
 
 
+def check_vocab(vocab_file: str) -> dict:
+  """{"size", "sha256"} of a BERT vocab.txt; raises InputError naming the file unless it holds
+  distinct tokens, the special ones among them."""
+  try:
+    with open(vocab_file, encoding="utf-8") as f:
+      tokens = f.read().splitlines()
+  except FileNotFoundError:
+    raise InputError(f"tokenizer vocabulary not found: {vocab_file}") from None
+  except (OSError, UnicodeDecodeError) as e:
+    raise InputError(f"tokenizer vocabulary {vocab_file} is unreadable ({e})") from None
+  missing = [t for t in _SPECIAL_TOKENS if t not in tokens]
+  if missing:
+    raise InputError(f"tokenizer vocabulary {vocab_file} ({len(tokens)} tokens) lacks the special "
+                     f"tokens {missing}")
+  if len(set(tokens)) != len(tokens) or "" in tokens:
+    raise InputError(f"tokenizer vocabulary {vocab_file} has empty or repeated lines")
+  return {"size": len(tokens), "sha256": files.file_digest(vocab_file)}
+
+
 def load_tokenizer(vocab_file: str) -> transformers.BertTokenizerFast:
-  if not os.path.isfile(vocab_file):
-    raise InputError(f"tokenizer vocabulary not found: {vocab_file} (config.tokenizer.vocab_file)")
+  """The tokenizer of a vocab.txt that passes `check_vocab`."""
+  check_vocab(vocab_file)
   return transformers.BertTokenizerFast(vocab_file=vocab_file, do_lower_case=True)
 
 

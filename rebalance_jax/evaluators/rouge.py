@@ -31,7 +31,9 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
+from absl import logging
 
+from rebalance_jax import files
 from rebalance_jax.data.text import clean_caption
 from rebalance_jax.errors import InputError
 
@@ -58,33 +60,24 @@ def relevance_matrix(captions: Sequence[str], references: Sequence[Sequence[str]
                      cache_dir: str | None, beta: float = 1.2) -> np.ndarray:
   """rouge_l_matrix, cached on disk at cache_dir/rouge_l_<sha256>.npy; cache_dir None = no cache.
 
-  The hash covers the cleaned captions, the cleaned references and beta. A cache file that cannot be
-  read as the expected matrix raises InputError (a ValueError) naming it.
+  The name's hash covers the cleaned captions, the cleaned references and beta; the file's content
+  hash is stored beside it (`files.write_checked`). A cache file that fails its content check or is
+  not the expected matrix is recomputed and rewritten.
   """
   if cache_dir is None:
     return rouge_l_matrix(captions, references, beta)
   caption_tokens, reference_tokens = _tokenize(captions, references)
   key = json.dumps([caption_tokens, reference_tokens, float(beta)], ensure_ascii=False)
   path = os.path.join(cache_dir, f"rouge_l_{hashlib.sha256(key.encode()).hexdigest()}.npy")
-  if os.path.exists(path):
-    return _load_cached(path, (len(captions), len(references)))
-  rel = rouge_l_matrix(captions, references, beta)
-  os.makedirs(cache_dir, exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    np.save(f, rel)
-  os.replace(tmp, path)
-  return rel
-
-
-def _load_cached(path: str, shape: tuple[int, int]) -> np.ndarray:
-  try:
+  shape = (len(captions), len(references))
+  if files.is_intact(path):
     rel = np.load(path, allow_pickle=False)
-  except (ValueError, OSError, EOFError) as e:
-    raise InputError(f"corrupt ROUGE-L cache file {path} ({e}); delete it to recompute") from e
-  if rel.shape != shape or rel.dtype != np.float32:
-    raise InputError(f"corrupt ROUGE-L cache file {path}: {rel.dtype}{rel.shape}, expected "
-                     f"float32{shape}; delete it to recompute")
+    if rel.shape == shape and rel.dtype == np.float32:
+      return rel
+  if os.path.exists(path):
+    logging.warning("ROUGE-L cache file %s fails its content check; computing it again", path)
+  rel = _rouge_l(caption_tokens, reference_tokens, beta)
+  files.write_checked(path, lambda f: np.save(f, rel))
   return rel
 
 

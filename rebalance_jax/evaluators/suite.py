@@ -1,7 +1,9 @@
 """The evaluation suite of an experiment: every protocol on the test split and its configured
 sub-splits (e.g. COCO-1K), accumulated over models into one results table and plot."""
 
+import json
 import os
+import time
 
 import jax
 import ml_collections
@@ -9,7 +11,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from rebalance_jax import experiment, reporting
+from rebalance_jax import experiment, interrupts, reporting
 from rebalance_jax.data.datasets import EvalSplit, load_retrieval_data
 from rebalance_jax.errors import InputError
 from rebalance_jax.evaluators import report, retrieval
@@ -17,15 +19,19 @@ from rebalance_jax.models.student import Student, init_student
 
 
 class Evaluator:
-  """Evaluates parameters with `retrieval.evaluate`; rows are named '<model>' or '<model> (<n>)'."""
+  """Evaluates parameters with `retrieval.evaluate`; rows are named '<model>' or '<model> (<n>)'.
+
+  `directory` holds results.{json,md,png}; rows already there are kept and merged with the new
+  ones (a rerun that evaluates one stage never drops another's row).
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, model: Student, test: EvalSplit,
-               mesh: Mesh):
+               mesh: Mesh, directory: str):
     self._config, self._model, self._mesh = config, model, mesh
+    self._directory = directory
     self._splits = {"": test, **{f" ({n})": test.first(n) for n in config.eval.subsets}}
     self._relevance: dict[str, np.ndarray] = {}
-    self.rows: dict[str, dict] = {}
-    self.curves: dict[str, dict] = {}
+    self.rows, self.curves = _saved_results(os.path.join(directory, "results.json"))
 
   def _relevance_of(self, suffix: str) -> np.ndarray:
     if suffix not in self._relevance:
@@ -41,28 +47,57 @@ class Evaluator:
       self.rows[name + suffix] = metrics
       self.curves[name + suffix] = curves
 
-  def write(self, directory: str) -> None:
-    """Logs the table; process 0 writes results.{json,md,png} to `directory`."""
+  def write(self) -> None:
+    """Logs the table; process 0 writes results.{json,md,png}."""
     logging.info("test retrieval:\n%s", report.results_table(self.rows))
     if reporting.is_main_process():
-      report.write_results(directory, self.rows, self.curves)
+      report.write_results(self._directory, self.rows, self.curves)
+
+
+def _saved_results(path: str) -> tuple[dict, dict]:
+  """(rows, curves) of a results.json; an unreadable one is moved aside (never overwritten)."""
+  if not os.path.exists(path):
+    return {}, {}
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+    return dict(saved["metrics"]), dict(saved["recall_curves"])
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    if reporting.is_main_process():
+      aside = f"{path}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+      os.replace(path, aside)
+      logging.warning("%s is unreadable (%s); moved to %s, its rows are evaluated again", path,
+                      e, aside)
+    return {}, {}
 
 
 def evaluate_run(config, workdir: str, stages, step: int | None = None) -> dict:
-  """Evaluates each stage's checkpoint; returns {'<stage>@<step>': metrics}."""
+  """Evaluates each stage's checkpoint into <workdir>/eval; returns {'<stage>@<step>': metrics}
+  of this call. Reads the run's checkpoints and writes nothing else."""
   experiment.validate_config(config)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = experiment.check_workdir(workdir, must_exist=True)
   unknown = set(stages) - set(experiment.STAGES)
   if unknown:
     raise InputError(f"--stages: unknown {sorted(unknown)}; known: {experiment.STAGES}")
+  if step is not None and step < 0:
+    raise InputError(f"--step={step} must be a checkpoint step (>= 0)")
   mesh = experiment.make_mesh(config)
-  data = load_retrieval_data(config)
-  model = experiment.student_model(config, data.vocab_size)
-  params_like = init_student(model, jax.random.key(config.seed))
-  evaluator = Evaluator(config, model, data.test, mesh)
+  experiment.check_batch_sizes(config, mesh)
   for stage in stages:
-    params, loaded_step = experiment.load_stage_params(
-        config, workdir, stage, params_like, data.train.num_pairs, mesh, step)
-    evaluator.add(f"{stage}@{loaded_step}", params)
-  evaluator.write(os.path.join(workdir, "eval"))
-  return evaluator.rows
+    directory = os.path.join(workdir, experiment.CHECKPOINT_DIRS[stage][1])
+    if not os.path.isdir(directory):
+      raise InputError(f"no {stage} checkpoints in {directory}: is --workdir the run's workdir?")
+  output = os.path.join(workdir, "eval")
+  with interrupts.catching(), experiment.workdir_lock(output, "evaluation"):
+    data = load_retrieval_data(config)
+    model = experiment.student_model(config, data.vocab_size)
+    params_like = init_student(model, jax.random.key(config.seed))
+    evaluator = Evaluator(config, model, data.test, mesh, output)
+    names = []
+    for stage in stages:
+      params, loaded_step = experiment.load_stage_params(
+          config, workdir, stage, params_like, data.train.num_pairs, mesh, data.vocab, step)
+      names.append(f"{stage}@{loaded_step}")
+      evaluator.add(names[-1], params)
+    evaluator.write()
+  return {name: evaluator.rows[name] for name in names}

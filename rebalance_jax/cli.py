@@ -1,0 +1,47 @@
+"""What the entry points share: flag parsing whose errors are one line, and a main that turns the
+library's errors and stop requests into a message and an exit status.
+
+Exit statuses: 0 done; 1 an error of the input (config, flag, data, checkpoint) or a non-finite
+loss, printed as `<prog>: error: <message>`; 128 + signal (143 SIGTERM, 130 Ctrl-C) when stopped
+gracefully: re-run the same command to continue.
+"""
+
+import re
+import sys
+from collections.abc import Callable
+
+from absl import flags, logging
+
+from rebalance_jax import distributed, interrupts, trainer
+from rebalance_jax.errors import InputError
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with an unknown `--config.<field>` reported as a flag error naming it."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:  # ml_collections: no such field in a locked config
+    field = str(e).strip("\"'")
+    named = [a.split("=")[0] for a in argv[1:]
+             if re.match(rf"--config\.(.+\.)?{re.escape(field)}(=|$)", a.split("=")[0] + "=")]
+    flag = named[0] if named else f"--config...{field}"
+    sys.stderr.write(f"FATAL Flags parsing error: {flag}: the config has no field {field!r} "
+                     "(the fields are listed in rebalance_jax/config_base.py)\n")
+    sys.exit(1)
+
+
+def run_guarded(prog: str, argv: list[str], work: Callable[[], object]) -> None:
+  """Starts the process (distributed.start), runs `work` and exits as the module docstring says."""
+  distributed.start(argv)
+  try:
+    work()
+  except interrupts.Interrupted as e:
+    logging.warning("%s", e)
+    sys.exit(e.exit_code)  # not finished: schedulers and retry loops run it again
+  except KeyboardInterrupt:
+    sys.stderr.write(f"{prog}: interrupted twice: stopped at once; re-run to resume from the last "
+                     "checkpoint\n")
+    sys.exit(130)
+  except (InputError, trainer.NonFiniteLossError) as e:
+    sys.exit(f"{prog}: error: {e}")
+

@@ -51,12 +51,14 @@ def bench_metrics(num_images: int, itm_k: int = 256) -> None:
   t2i = ranking.itm_rerank_scores(itc.T, images_of_text, fake_logits(images_of_text))
   timed("recall (ITC)", ranking.recall_at_k, itc, itc.T, text_to_image)
   timed("recall (ITM re-ranked)", ranking.recall_at_k, i2t, t2i, text_to_image)
-  timed("i2i NDCG", ranking.i2i_ndcg, images, relevance, first)
-  timed("t2t NDCG", ranking.t2t_ndcg, texts, relevance, first, text_to_image)
+  for rule in ranking.SELF_RULES:
+    timed(f"i2i NDCG (self {rule})", ranking.i2i_ndcg, images, relevance, first, self_rule=rule)
+    timed(f"t2t NDCG (self {rule})", ranking.t2t_ndcg, texts, relevance, first, text_to_image,
+          self_rule=rule)
   timed("mixed NDCG (calibrated)", ranking.mixed_ndcg, images, texts, relevance, first,
         text_to_image, mode="calibrated")
   timed("mixed NDCG (faithful)", ranking.mixed_ndcg, images, texts, relevance, first,
-        text_to_image, mode="faithful", i2t_scores=i2t)
+        text_to_image, mode="faithful", i2t_scores=i2t, t2i_scores=t2i)
   print(f"  {'total':<34s} {time.perf_counter() - total:7.2f} s")
 
 

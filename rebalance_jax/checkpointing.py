@@ -90,8 +90,11 @@ class Checkpointer:
     self.fingerprint = json.loads(json.dumps(fingerprint))  # normalize tuples -> lists
     self._manager = ocp.CheckpointManager(
         self.directory,
+        # Orbax's own read_only mode warns on every use; a manager that is never asked to save
+        # writes nothing either.
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
-                                             create=not read_only, read_only=read_only))
+                                             create=not read_only))
+    self._read_only = read_only
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -102,6 +105,8 @@ class Checkpointer:
   def save(self, step: int, state) -> None:
     """Starts an asynchronous save; raises NonFiniteStateError (saving nothing) for a state with
     a NaN or Inf."""
+    if self._read_only:
+      raise ValueError(f"{self.directory} was opened read-only")
     checksums, finite = state_digest(state)
     if not finite:
       raise NonFiniteStateError(f"the state at step {step} has non-finite values")

@@ -111,7 +111,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 50
   # itm_k: ITC candidates re-ranked by the ITM head ([ref]: 256 COCO, 128 Flickr30K/VizWiz; 0: off).
   # subsets: also evaluate on the first n test images (COCO-1K: (1000,)).
-  c.eval = ml_collections.ConfigDict(dict(batch_size=256, itm_k=16, subsets=()))
+  # single_modal_self: the query itself in the headline i2i/t2t NDCG, [ref] "zeroed" (score and
+  # relevance 0, still ranked); fixed: "removed". Both are always reported as i2i_<rule>_ndcg@K.
+  c.eval = ml_collections.ConfigDict(dict(batch_size=256, itm_k=16, subsets=(),
+                                          single_modal_self="zeroed"))
   return c
 
 

@@ -12,6 +12,7 @@ from jax.experimental import multihost_utils
 
 from rebalance_jax import checkpointing, files, objective, reporting, sharding, trainer
 from rebalance_jax.errors import InputError
+from rebalance_jax.evaluators import ranking
 from rebalance_jax.models.student import Student, StudentConfig
 from rebalance_jax.models.towers import TextConfig, VitConfig
 from rebalance_jax.optim import make_optimizer
@@ -24,6 +25,7 @@ _CHOICES = {
     "loss.itm_negatives": ("device", "global"),
     "teachers.mode": ("precomputed", "online"),
     "model.dual_relation": ("image", "text", "both"),
+    "eval.single_modal_self": ranking.SELF_RULES,
 }
 # The config fields each phase's outputs depend on (a later phase on the earlier ones too). A
 # checkpoint written under other values of these fields is refused.

@@ -149,9 +149,12 @@ def test_ndcg_partial_last_block_matches_one_block():
 # ---------------------------------------------------------------- single-modal protocols
 
 STANDARD_2 = np.repeat(np.arange(2), 5)  # captions 0-4: image 0, 5-9: image 1
+STANDARD_3 = np.repeat(np.arange(3), 5)  # caption 5i is image i's first
+FIRST_3 = np.array([0, 5, 10])
+A = 1 / LOG2_3  # the discount of rank 1
 
 
-def test_i2i_excludes_self_and_uses_first_caption_relevance():
+def test_i2i_removed_self_uses_first_caption_relevance():
   image_emb = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
   # Cosines by query: 0 -> (1: 0.6, 2: 0.0); 1 -> (0: 0.6, 2: 0.8); 2 -> (0: 0.0, 1: 0.8).
   # Rankings without self: 0 -> [1, 2], 1 -> [2, 0], 2 -> [1, 0].
@@ -161,11 +164,12 @@ def test_i2i_excludes_self_and_uses_first_caption_relevance():
                         [0.3, 0.0, 0.6],   # query 1: gains 0.6, 0.3: ideal
                         [0.1, 0.4, 0.0]]   # query 2: gains 0.4, 0.1: ideal
   # Self scores highest (cosine 1) with relevance 0: ranked, it would make every NDCG@1 0.
-  assert ranking.i2i_ndcg(image_emb, rel, first_caption, ks=(1, 2)) == pytest.approx(
+  assert ranking.i2i_ndcg(image_emb, rel, first_caption, ks=(1, 2),
+                          self_rule="removed") == pytest.approx(
       {"i2i_ndcg@1": 100.0, "i2i_ndcg@2": 100.0})
 
 
-def test_t2t_excludes_self_and_uses_query_image_column():
+def test_t2t_removed_self_uses_query_image_column():
   text_emb = np.random.default_rng(2).normal(size=(10, 4))
   text_emb /= np.linalg.norm(text_emb, axis=1, keepdims=True)
   first_caption = np.array([0, 5])
@@ -174,45 +178,145 @@ def test_t2t_excludes_self_and_uses_query_image_column():
   # and the relevance is read from column i.
   rel = np.ones((10, 2))
   rel[first_caption, [0, 1]] = 0.0
-  assert ranking.t2t_ndcg(text_emb, rel, first_caption, STANDARD_2, ks=(1, 9)) == pytest.approx(
+  assert ranking.t2t_ndcg(text_emb, rel, first_caption, STANDARD_2, ks=(1, 9),
+                          self_rule="removed") == pytest.approx(
       {"t2t_ndcg@1": 100.0, "t2t_ndcg@9": 100.0})
+
+
+def test_i2i_zeroed_self_takes_a_top_slot_without_gain():
+  image_emb = np.array([[1.0, 0.0], [-0.6, 0.8], [-0.6, -0.8]])
+  # Cosines: (0, 1) = (0, 2) = -0.6, (1, 2) = -0.28: all below the zeroed self score 0, so every
+  # query ranks itself first: 0 -> [0, 1, 2], 1 -> [1, 2, 0], 2 -> [2, 1, 0].
+  rel = np.zeros((15, 3))
+  rel[FIRST_3] = [[0.9, 0.5, 0.2],   # the self relevances 0.9 are zeroed: out of the IDCG too
+                  [0.3, 0.9, 0.6],
+                  [0.1, 0.4, 0.9]]
+  # Zeroed, NDCG@1 = 0 for all. NDCG@2: query 0 gains (0, 0.5) -> 0.5A / (0.5 + 0.2A);
+  # query 1 (0, 0.6) -> 0.6A / (0.6 + 0.3A); query 2 (0, 0.4) -> 0.4A / (0.4 + 0.1A).
+  # NDCG@3: query 0 (0, 0.5, 0.2) -> (0.5A + 0.2/2) / (0.5 + 0.2A); query 1 (0, 0.6, 0.3) ->
+  # (0.6A + 0.15) / (0.6 + 0.3A); query 2 (0, 0.4, 0.1) -> (0.4A + 0.05) / (0.4 + 0.1A).
+  at_2 = [0.5 * A / (0.5 + 0.2 * A), 0.6 * A / (0.6 + 0.3 * A), 0.4 * A / (0.4 + 0.1 * A)]
+  at_3 = [(0.5 * A + 0.1) / (0.5 + 0.2 * A), (0.6 * A + 0.15) / (0.6 + 0.3 * A),
+          (0.4 * A + 0.05) / (0.4 + 0.1 * A)]
+  assert ranking.i2i_ndcg(image_emb, rel, FIRST_3, ks=(1, 2, 3)) == pytest.approx(
+      {"i2i_ndcg@1": 0.0, "i2i_ndcg@2": 100 * np.mean(at_2), "i2i_ndcg@3": 100 * np.mean(at_3)})
+  assert np.mean(at_2) == pytest.approx(0.5095, abs=1e-4)  # (0.5038 + 0.4796 + 0.5450) / 3
+  # Removed: 0 -> [1, 2], 1 -> [2, 0], 2 -> [1, 0] rank the gains in their ideal order.
+  assert ranking.i2i_ndcg(image_emb, rel, FIRST_3, ks=(1, 2), self_rule="removed") == (
+      pytest.approx({"i2i_ndcg@1": 100.0, "i2i_ndcg@2": 100.0}))
+
+
+def test_t2t_zeroed_self_takes_a_top_slot_without_gain():
+  text_emb = np.tile([-0.6, -0.8], (15, 1))
+  text_emb[0] = [1.0, 0.0]  # query 0: cosine -0.6 with every other caption, below its zeroed self
+  rel = np.zeros((15, 3))
+  rel[[0, 1], 0] = [0.9, 1.0]  # queries 5 and 10 have no relevant caption: NDCG 0
+  # Query 0, zeroed: [0, 1, 2, ...], gains (0, 1) -> NDCG@1 0, NDCG@2 A / 1. Removed: caption 1
+  # (relevance 1) first -> 1 and 1.
+  def t2t(self_rule):
+    return ranking.t2t_ndcg(text_emb, rel, FIRST_3, STANDARD_3, ks=(1, 2), self_rule=self_rule)
+  assert t2t("zeroed") == pytest.approx({"t2t_ndcg@1": 0.0, "t2t_ndcg@2": 100 * A / 3})
+  assert t2t("removed") == pytest.approx({"t2t_ndcg@1": 100 / 3, "t2t_ndcg@2": 100 / 3})
+
+
+def test_single_modal_rejects_unknown_self_rule():
+  with pytest.raises(ValueError, match="self_rule"):
+    ranking.i2i_ndcg(np.eye(3), np.ones((15, 3)), FIRST_3, self_rule="kept")
 
 
 # ---------------------------------------------------------------- mixed protocol
 
-def test_mixed_faithful_transposed_indexing_changes_the_answer():
+def test_mixed_calibrated_scores_everything_by_cosine_without_self():
   image_emb = np.eye(4)[:2]                  # images e0, e1
   text_emb = np.tile(np.eye(4)[3], (10, 1))  # captions 1-9: e3
   text_emb[0] = [0.8, 0.6, 0.0, 0.0]         # caption 0: cos 0.8 with image 0, 0.6 with image 1
   rel = np.zeros((10, 2))
   rel[0, 1] = 1.0  # the only relevance: caption 0 against image 1's references
-  # Image 0 re-ranks caption 1 first (logit 3), image 1 caption 0 (logit 2); all else -100.
-  i2t = ranking.itm_rerank_scores(np.zeros((2, 10)), np.array([[1], [0]]), np.array([[3.0], [2.0]]))
-  first_caption = np.array([0, 5])
   # NDCG@1 is 1 if a query's top item is relevant (IDCG@1 = 1 for every query here).
-  # Image query 0 (relevant: image 1): calibrated top = caption 0 (0.8), faithful top = caption 1
-  #   (logit 3) -> 0 and 0.
-  # Image query 1 (relevant: caption 0): calibrated caption 0 (0.6), faithful caption 0 (logit 2)
-  #   -> 1 and 1.
-  # Text query 0 (relevant: image 1): calibrated top = image 0 (cos 0.8) -> 0; faithful reads the
-  #   image scores from column 0 of i2t, (-100, 2) -> image 1 -> 1.
-  # Text query 5 (relevant: caption 0): both rank caption 1 first (cos 1, lowest index) -> 0.
-  def mixed(mode):
-    return ranking.mixed_ndcg(image_emb, text_emb, rel, first_caption, STANDARD_2, ks=(1,),
-                              mode=mode, i2t_scores=i2t)
-  assert mixed("calibrated") == pytest.approx(
+  # Image query 0 (relevant: image 1, cos 0): top = caption 0 (0.8) -> 0.
+  # Image query 1 (relevant: caption 0): top = caption 0 (0.6) -> 1.
+  # Text query 0 (relevant: image 1, cos 0.6): top = image 0 (0.8) -> 0.
+  # Text query 5 (relevant: caption 0, cos 0): top = caption 1 (cos 1, lowest index) -> 0.
+  assert ranking.mixed_ndcg(image_emb, text_emb, rel, np.array([0, 5]), STANDARD_2, ks=(1,),
+                            mode="calibrated") == pytest.approx(
       {"mixed_img_ndcg@1": 50.0, "mixed_txt_ndcg@1": 0.0, "mixed_ndcg@1": 25.0})
-  assert mixed("faithful") == pytest.approx(
-      {"mixed_img_ndcg@1": 50.0, "mixed_txt_ndcg@1": 50.0, "mixed_ndcg@1": 50.0})
 
 
-def test_mixed_modes_agree_when_cross_scores_are_cosines():
-  image_emb, text_emb, rel, first_caption, text_to_image = _random_split(seed=3)
-  kwargs = dict(ks=(1, 5, 10), i2t_scores=image_emb @ text_emb.T, block=3)
-  assert ranking.mixed_ndcg(image_emb, text_emb, rel, first_caption, text_to_image,
-                            mode="faithful", **kwargs) == pytest.approx(
-      ranking.mixed_ndcg(image_emb, text_emb, rel, first_caption, text_to_image,
-                         mode="calibrated", **kwargs))
+def _faithful(rel, i2t=None, t2i=None, ks=(1,)):
+  """Faithful mixed NDCG on 3 images and 15 captions whose cosines are 1 with themselves and 0
+  with the others of their modality; cross-modal scores -100 unless given."""
+  return ranking.mixed_ndcg(np.eye(3), np.eye(15), rel, FIRST_3, STANDARD_3, ks=ks,
+                            mode="faithful",
+                            i2t_scores=np.full((3, 15), -100.0) if i2t is None else i2t,
+                            t2i_scores=np.full((15, 3), -100.0) if t2i is None else t2i)
+
+
+def test_mixed_faithful_ranks_the_query_itself():
+  rel = np.zeros((15, 3))
+  rel[0, [0, 1]] = [0.6, 0.8]  # caption 0 (image 0's first) against images 0 and 1
+  # Every query ranks itself first (cosine 1), then its modality by index, then the other at -100.
+  # Image query 0: images 0, 1, 2 (relevance rel[0, j]: 0.6, 0.8, 0), then captions (rel[c, 0]:
+  #   caption 0 0.6). @1: 0.6 / 0.8; @2: (0.6 + 0.8A) / (0.8 + 0.6A). Without self: 1 and 1.
+  # Image query 1: images 1, 0, 2 (rel[5, j] = 0), captions (rel[c, 1]: caption 0 0.8) -> 0, 0.
+  # Text query 0: captions 0, 1, ... (rel[c, 0]: caption 0 0.6), then images (rel[5a, 0]: image 0
+  #   0.6). @1: 0.6 / 0.6 = 1; @2: gains (0.6, 0) / ideal (0.6, 0.6) = 1 / (1 + A).
+  #   Without self: 0, 0.
+  # Text query 5: captions 5 (rel[5, 1] = 0), 0 (rel[0, 1] = 0.8), ...; images (rel[5a, 1]: image 0
+  #   0.8). @1: 0; @2: 0.8A / (0.8 + 0.8A) = A / (1 + A). Without self: 1, 1.
+  # Image query 2, text query 10: no relevant item -> 0.
+  img = [0.75 / 3, (0.6 + 0.8 * A) / (0.8 + 0.6 * A) / 3]
+  txt = [1 / 3, (1 / (1 + A) + A / (1 + A)) / 3]
+  assert _faithful(rel, ks=(1, 2)) == pytest.approx(
+      {"mixed_img_ndcg@1": 100 * img[0], "mixed_txt_ndcg@1": 100 * txt[0],
+       "mixed_ndcg@1": 50 * (img[0] + txt[0]), "mixed_img_ndcg@2": 100 * img[1],
+       "mixed_txt_ndcg@2": 100 * txt[1], "mixed_ndcg@2": 50 * (img[1] + txt[1])})
+  assert 100 * img[1] == pytest.approx(31.2456, abs=1e-4)  # 1.10474 / 1.17856 / 3
+
+
+def test_mixed_faithful_text_query_scores_image_a_by_its_first_captions_row():
+  rel = np.zeros((15, 3))
+  rel[10, 0] = 1.0  # caption 10 (image 2's first) against image 0
+  t2i = np.full((15, 3), -100.0)
+  t2i[10, 0] = 5.0  # caption 10 scored image 0
+  t2i[0, 1] = 4.0   # caption 0 scored image 1
+  # Text query 0: image a is scored t2i[5a, 0]: image 2 gets 5 and tops the captions (cosines <= 1);
+  #   its relevance rel[10, 0] = 1 = IDCG@1 -> 1. The row t2i[0, a] would put image 1 (4,
+  #   relevance rel[5, 0] = 0) first -> 0.
+  # Text query 5: images t2i[5a, 1]: image 0 (4) first, but nothing in its row is relevant -> 0.
+  # Text query 10: captions first (self, rel[10, 2] = 0), images at -100 -> 0.
+  # Image queries: their own image first, relevance rel[5i, i] = 0 -> 0.
+  assert _faithful(rel, t2i=t2i) == pytest.approx(
+      {"mixed_img_ndcg@1": 0.0, "mixed_txt_ndcg@1": 100 / 3, "mixed_ndcg@1": 100 / 6})
+
+
+def test_mixed_faithful_text_query_reads_image_relevance_transposed():
+  rel = np.zeros((15, 3))
+  rel[5, 0] = 1.0  # caption 5 (image 1's first) against image 0; rel[0, 1] stays 0
+  t2i = np.full((15, 3), -100.0)
+  t2i[5, 0] = 5.0  # text query 0 ranks image 1 first (t2i[5a, 0], a = 1)
+  # Text query 0: image 1 first with relevance rel[5a, i] = rel[5, 0] = 1 = IDCG@1 -> 1;
+  #   the untransposed rel[0, 1] = 0 would give 0.
+  # Text query 5: images at -100 (t2i[5a, 1]), self first (rel[5, 1] = 0) -> 0; so would it with
+  #   the untransposed relevance, whose rel[5, 0] = 1 then belongs to image 0 in this row.
+  # Image query 0: self (rel[0, 0] = 0) first -> 0. Image query 1: self (rel[5, 1] = 0) first,
+  #   image 0 (rel[5, 0] = 1) second -> 0. Image query 2 and text query 10: nothing relevant.
+  assert _faithful(rel, t2i=t2i) == pytest.approx(
+      {"mixed_img_ndcg@1": 0.0, "mixed_txt_ndcg@1": 100 / 3, "mixed_ndcg@1": 100 / 6})
+  # Image 1 scored 1, tied with text query 0's own cosine: the captions come first in the row, so
+  # the query itself (rel[0, 0] = 0) wins the tie -> 0.
+  t2i[5, 0] = 1.0
+  assert _faithful(rel, t2i=t2i)["mixed_txt_ndcg@1"] == 0.0
+
+
+def test_mixed_faithful_image_query_reads_i2t_row():
+  rel = np.zeros((15, 3))
+  rel[3, 0] = 1.0  # caption 3 (of image 0) against image 0
+  i2t = np.full((3, 15), -100.0)
+  i2t[0, 3] = 2.0  # image 0's re-ranking scored caption 3 above every cosine
+  # Image query 0: caption 3 (2) first, relevance rel[3, 0] = 1 -> 1. Text query 0: caption 0
+  #   (self, rel[0, 0] = 0) first -> 0. All other queries have nothing relevant.
+  assert _faithful(rel, i2t=i2t) == pytest.approx(
+      {"mixed_img_ndcg@1": 100 / 3, "mixed_txt_ndcg@1": 0.0, "mixed_ndcg@1": 100 / 6})
 
 
 def test_mixed_rejects_bad_mode_and_missing_scores():
@@ -221,6 +325,9 @@ def test_mixed_rejects_bad_mode_and_missing_scores():
     ranking.mixed_ndcg(image_emb, text_emb, rel, first_caption, text_to_image, mode="other")
   with pytest.raises(ValueError, match="i2t_scores"):
     ranking.mixed_ndcg(image_emb, text_emb, rel, first_caption, text_to_image, mode="faithful")
+  with pytest.raises(ValueError, match=r"t2i_scores of shape \(20, 4\)"):
+    ranking.mixed_ndcg(image_emb, text_emb, rel, first_caption, text_to_image, mode="faithful",
+                       i2t_scores=np.zeros((4, 20)), t2i_scores=np.zeros((4, 20)))
 
 
 # ---------------------------------------------------------------- plain-loop reference
@@ -247,64 +354,77 @@ def _loop_ndcg(gallery, k):
   return dcg / idcg if idcg > 0 else 0.0
 
 
-def _loop_mixed(image_emb, text_emb, rel, first_caption, i2t, k, text_queries):
-  """Mean NDCG@k × 100 of the image (or text) queries; i2t None = calibrated cosines."""
-  n_images, n_captions = len(image_emb), len(text_emb)
-  values = []
-  for i in range(n_images):
-    q = first_caption[i]
-    query = text_emb[q] if text_queries else image_emb[i]
-    gallery = []
-    for j in range(n_images):
-      if text_queries:
-        score = float(query @ image_emb[j]) if i2t is None else i2t[j, q]  # the reference's [:, q]
-      elif j == i:
-        continue
-      else:
-        score = float(query @ image_emb[j])
-      gallery.append((score, j, rel[q, j]))
-    for c in range(n_captions):
-      if text_queries and c == q:
-        continue
-      if text_queries or i2t is None:
-        score = float(query @ text_emb[c])
-      else:
-        score = i2t[i, c]
-      gallery.append((score, n_images + c, rel[c, i]))
-    values.append(_loop_ndcg(gallery, k))
-  return 100 * np.mean(values)
+def _loop_calibrated(image_emb, text_emb, rel, first_caption, i, k, text_query):
+  """NDCG@k of image i's (or its first caption's) query: images then captions, all by cosine,
+  the query left out."""
+  q = first_caption[i]
+  query = text_emb[q] if text_query else image_emb[i]
+  gallery = [(float(query @ image_emb[j]), j, rel[q, j]) for j in range(len(image_emb))
+             if text_query or j != i]
+  gallery += [(float(query @ text_emb[c]), len(image_emb) + c, rel[c, i])
+              for c in range(len(text_emb)) if not text_query or c != q]
+  return _loop_ndcg(gallery, k)
+
+
+def _loop_faithful(image_emb, text_emb, rel, first_caption, i2t, t2i, i, k, text_query):
+  """The reference's row for image i's (or its first caption's) query, the query included."""
+  n_images, n_captions, q = len(image_emb), len(text_emb), first_caption[i]
+  if text_query:  # captions, then images scored and judged through their own first caption
+    gallery = [(float(text_emb[q] @ text_emb[c]), c, rel[c, i]) for c in range(n_captions)]
+    gallery += [(t2i[first_caption[a], i], n_captions + a, rel[first_caption[a], i])
+                for a in range(n_images)]
+  else:
+    gallery = [(float(image_emb[i] @ image_emb[j]), j, rel[q, j]) for j in range(n_images)]
+    gallery += [(i2t[i, c], n_images + c, rel[c, i]) for c in range(n_captions)]
+  return _loop_ndcg(gallery, k)
 
 
 @pytest.mark.parametrize("mode", ["calibrated", "faithful"])
 def test_mixed_matches_loop_reference(mode):
   image_emb, text_emb, rel, first_caption, text_to_image = _random_split(seed=5, n_images=5)
-  candidates = np.argsort(-(image_emb @ text_emb.T), axis=1)[:, :3]
-  i2t = ranking.itm_rerank_scores(image_emb @ text_emb.T, candidates,
-                                  np.random.default_rng(6).normal(size=candidates.shape))
+  itc = image_emb @ text_emb.T
+  rng = np.random.default_rng(6)
+  texts_of_image = np.argsort(-itc, axis=1)[:, :3]
+  images_of_text = np.argsort(-itc.T, axis=1)[:, :2]
+  i2t = ranking.itm_rerank_scores(itc, texts_of_image, rng.normal(size=texts_of_image.shape))
+  t2i = ranking.itm_rerank_scores(itc.T, images_of_text, rng.normal(size=images_of_text.shape))
   ks = (1, 5, 10, 50)
   result = ranking.mixed_ndcg(image_emb, text_emb, rel, first_caption, text_to_image, ks=ks,
-                              mode=mode, i2t_scores=i2t, block=2)
-  loop_i2t = i2t if mode == "faithful" else None
+                              mode=mode, i2t_scores=i2t, t2i_scores=t2i, block=2)
   for k in ks:
-    img = _loop_mixed(image_emb, text_emb, rel, first_caption, loop_i2t, k, text_queries=False)
-    txt = _loop_mixed(image_emb, text_emb, rel, first_caption, loop_i2t, k, text_queries=True)
+    def loop(text_query):
+      if mode == "faithful":
+        return [_loop_faithful(image_emb, text_emb, rel, first_caption, i2t, t2i, i, k, text_query)
+                for i in range(5)]
+      return [_loop_calibrated(image_emb, text_emb, rel, first_caption, i, k, text_query)
+              for i in range(5)]
+    img, txt = 100 * np.mean(loop(False)), 100 * np.mean(loop(True))
     assert result[f"mixed_img_ndcg@{k}"] == pytest.approx(img)
     assert result[f"mixed_txt_ndcg@{k}"] == pytest.approx(txt)
     assert result[f"mixed_ndcg@{k}"] == pytest.approx((img + txt) / 2)
 
 
-def test_single_modal_match_loop_reference():
+@pytest.mark.parametrize("self_rule", ["zeroed", "removed"])
+def test_single_modal_match_loop_reference(self_rule):
   image_emb, text_emb, rel, first_caption, text_to_image = _random_split(seed=7, n_images=6)
   ks = (1, 3, 50)
-  i2i = ranking.i2i_ndcg(image_emb, rel, first_caption, ks=ks, block=4)
-  t2t = ranking.t2t_ndcg(text_emb, rel, first_caption, text_to_image, ks=ks, block=4)
+  i2i = ranking.i2i_ndcg(image_emb, rel, first_caption, ks=ks, self_rule=self_rule, block=4)
+  t2t = ranking.t2t_ndcg(text_emb, rel, first_caption, text_to_image, ks=ks, self_rule=self_rule,
+                         block=4)
+
+  def gallery(scores, relevance, own):
+    """The query's own item zeroed (score and relevance 0) or left out."""
+    if self_rule == "zeroed":
+      return [(0.0, g, 0.0) if g == own else (s, g, r)
+              for g, (s, r) in enumerate(zip(scores, relevance))]
+    return [(s, g, r) for g, (s, r) in enumerate(zip(scores, relevance)) if g != own]
   for k in ks:
-    assert i2i[f"i2i_ndcg@{k}"] == pytest.approx(100 * np.mean([_loop_ndcg(
-        [(float(image_emb[i] @ image_emb[j]), j, rel[first_caption[i], j])
-         for j in range(6) if j != i], k) for i in range(6)]))
-    assert t2t[f"t2t_ndcg@{k}"] == pytest.approx(100 * np.mean([_loop_ndcg(
-        [(float(text_emb[first_caption[i]] @ text_emb[c]), c, rel[c, i])
-         for c in range(30) if c != first_caption[i]], k) for i in range(6)]))
+    assert i2i[f"i2i_ndcg@{k}"] == pytest.approx(100 * np.mean([_loop_ndcg(gallery(
+        [float(image_emb[i] @ image_emb[j]) for j in range(6)], rel[first_caption[i]], i), k)
+        for i in range(6)]))
+    assert t2t[f"t2t_ndcg@{k}"] == pytest.approx(100 * np.mean([_loop_ndcg(gallery(
+        [float(text_emb[first_caption[i]] @ text_emb[c]) for c in range(30)], rel[:, i],
+        first_caption[i]), k) for i in range(6)]))
 
 
 # ---------------------------------------------------------------- validation

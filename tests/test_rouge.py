@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from rebalance_jax import files
 from rebalance_jax.data.text import clean_caption
 from rebalance_jax.evaluators import rouge
 
@@ -91,30 +92,35 @@ def test_bad_inputs_name_the_index():
 def test_cache_is_reused_and_keyed_by_beta(tmp_path, monkeypatch):
   captions, references = ["a dog runs", "a cat"], [["a dog"], ["a cat sleeps", "the cat"]]
   first = rouge.relevance_matrix(captions, references, str(tmp_path))
-  [cached] = os.listdir(tmp_path)
-  assert cached.startswith("rouge_l_") and cached.endswith(".npy")
+  cached, digest = sorted(os.listdir(tmp_path))
+  assert cached.startswith("rouge_l_") and cached.endswith(".npy") and digest == cached + ".sha256"
 
   def fail(*args, **kwargs):
     raise AssertionError("recomputed despite the cache")
-  monkeypatch.setattr(rouge, "rouge_l_matrix", fail)
+  monkeypatch.setattr(rouge, "_rouge_l", fail)
   np.testing.assert_array_equal(rouge.relevance_matrix(["A dog runs.", "a cat"], references,
                                                        str(tmp_path)), first)  # same cleaned text
   with pytest.raises(AssertionError, match="recomputed"):
     rouge.relevance_matrix(captions, references, str(tmp_path), beta=1.0)
 
 
-@pytest.mark.parametrize("content", [b"not a numpy file", "wrong shape"])
-def test_corrupt_cache_raises_naming_the_file(tmp_path, content):
-  captions, references = ["a dog runs"], [["a dog"]]
-  rouge.relevance_matrix(captions, references, str(tmp_path))
-  path = str(tmp_path / os.listdir(tmp_path)[0])
-  if content == "wrong shape":
-    np.save(path, np.zeros((2, 2), np.float32))
-  else:
+@pytest.mark.parametrize("tamper", ["garbage", "zeros of the right shape", "wrong shape",
+                                    "digest removed"])
+def test_a_tampered_cache_is_recomputed(tmp_path, tamper):
+  captions, references = ["a dog runs", "a cat"], [["a dog"], ["a cat sleeps", "the cat"]]
+  expected = rouge.relevance_matrix(captions, references, str(tmp_path))
+  path = str(tmp_path / [n for n in os.listdir(tmp_path) if n.endswith(".npy")][0])
+  if tamper == "garbage":
     with open(path, "wb") as f:
-      f.write(content)
-  with pytest.raises(ValueError, match=f"corrupt ROUGE-L cache file {path}"):
-    rouge.relevance_matrix(captions, references, str(tmp_path))
+      f.write(b"not a numpy file")
+  elif tamper == "digest removed":
+    os.remove(path + ".sha256")
+  else:  # the case: a cache of zeros silently gave NDCG 0
+    np.save(path, np.zeros((2, 2) if tamper == "zeros of the right shape" else (3, 1), np.float32))
+  np.testing.assert_array_equal(rouge.relevance_matrix(captions, references, str(tmp_path)),
+                                expected)
+  assert files.is_intact(path)  # rewritten
+  np.testing.assert_array_equal(np.load(path), expected)
 
 
 def test_no_cache_dir_computes_directly():

@@ -5,6 +5,7 @@ import re
 import numpy as np
 import pytest
 
+from rebalance_jax import files
 from rebalance_jax.data import synthetic
 from rebalance_jax.data.synthetic import ATTRIBUTE_NAMES, COLOURS, SHAPE_NOUNS, SIZE_WORDS, SyntheticConfig
 
@@ -170,7 +171,8 @@ def test_clean_images_show_exactly_the_scene_colours(image_size):
 def test_cache_is_reused_without_regeneration(tmp_path, monkeypatch):
   first = synthetic.load_or_generate(SMALL, str(tmp_path))
   cache_files = sorted(p.name for p in (tmp_path / synthetic.cache_key(SMALL)).iterdir())
-  assert cache_files == sorted(f"{s}.{ext}" for s in synthetic.SPLITS for ext in ("json", "npz"))
+  assert cache_files == sorted(f"{s}.{ext}{digest}" for s in synthetic.SPLITS
+                               for ext in ("json", "npz") for digest in ("", ".sha256"))
 
   def fail(*_):
     raise AssertionError("generate_split called although the cache is complete")
@@ -192,13 +194,27 @@ def test_different_configs_use_different_cache_directories(tmp_path):
   assert len(list(tmp_path.iterdir())) == 2
 
 
-@pytest.mark.parametrize("file_name", ["train.npz", "val.json"])
-def test_truncated_cache_file_raises_naming_it(tmp_path, file_name):
-  synthetic.load_or_generate(SMALL, str(tmp_path))
+@pytest.mark.parametrize("file_name, tamper", [("train.npz", "truncate"), ("val.json", "truncate"),
+                                               ("train.npz", "flip"), ("test.json", "flip")])
+def test_a_tampered_cache_file_is_regenerated(tmp_path, monkeypatch, file_name, tamper):
+  first = synthetic.load_or_generate(SMALL, str(tmp_path))
   path = tmp_path / synthetic.cache_key(SMALL) / file_name
-  path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-  with pytest.raises(ValueError, match=re.escape(file_name)):
-    synthetic.load_or_generate(SMALL, str(tmp_path))
+  content = bytearray(path.read_bytes())
+  if tamper == "truncate":
+    content = content[: len(content) // 2]
+  else:  # same size, one byte changed: still a loadable file, but not the one written
+    content[len(content) // 2] ^= 0xFF
+  path.write_bytes(bytes(content))
+  generated = []
+  real_generate = synthetic.generate_split
+  monkeypatch.setattr(synthetic, "generate_split", lambda cfg, split: generated.append(split) or
+                      real_generate(cfg, split))
+  second = synthetic.load_or_generate(SMALL, str(tmp_path))
+  assert generated == [file_name.split(".")[0]]
+  split = file_name.split(".")[0]
+  np.testing.assert_array_equal(second[split]["images"], first[split]["images"])
+  assert second[split]["captions"] == first[split]["captions"]
+  assert files.is_intact(str(path))
 
 
 def test_split_with_a_missing_file_is_regenerated(tmp_path, monkeypatch):

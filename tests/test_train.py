@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,11 +14,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import REPO
-from rebalance_jax import train, trainer
+from rebalance_jax import experiment, files, interrupts, teacher_job, train, trainer
 from rebalance_jax.checkpointing import ConfigMismatchError
-from rebalance_jax.data.datasets import PairSplit
+from rebalance_jax.data.datasets import PairSplit, load_retrieval_data
 from rebalance_jax.errors import InputError
-from rebalance_jax.evaluators.suite import evaluate_run
+from rebalance_jax.evaluators.suite import Evaluator, evaluate_run
 
 
 def saved_state(workdir, stage):
@@ -58,8 +59,10 @@ def test_two_stage_run_writes_results_metrics_and_features(finished_run):
   with open(os.path.join(workdir, "results.json")) as f:
     saved = json.load(f)
   assert saved["metrics"] == results
-  assert len(saved["recall_curves"]["stage2"]["i2t"]) == 50
-  assert saved["recall_curves"]["stage2"]["i2t"][-1] == 100.0  # 16 test images: all within K=50
+  curves = saved["recall_curves"]["stage2"]
+  assert len(curves["itc"]["i2t"]) == 50 and curves["ks"] == list(range(1, 51))
+  assert curves["itc"]["i2t"][-1] == 100.0  # 16 test images: every image within K=50
+  assert curves["itm"]["max_k"] == config.eval.itm_k == len(curves["itm"]["t2i"])
   with open(os.path.join(workdir, "results.md")) as f:
     table = f.read()
   assert "| stage1 (itm) |" in table and "| stage2 (itm) |" in table and "t2t N@10" in table
@@ -102,7 +105,11 @@ def test_resume_reproduces_the_uninterrupted_run(finished_run, tmp_path):
   # Stop mid stage 1, then mid stage 2, as a preemption would; each call resumes.
   assert train.run(config, resumed_dir, until=("stage1", 2)) == {}
   assert set(train.run(config, resumed_dir, until=("stage2", 2))) == {"stage1"}
+  with open(os.path.join(resumed_dir, "stage2", "logs", "metrics.jsonl"), "a") as f:
+    f.write('{"step": 3, "loss/itc": 0.')  # a kill while writing a line
   assert train.run(config, resumed_dir) == full_results
+  with open(os.path.join(resumed_dir, "stage2", "logs", "metrics.jsonl")) as f:
+    assert [json.loads(line)["step"] for line in f] == [2, 4]
   for stage in ("stage1", "stage2"):
     (_, full), (_, resumed) = saved_state(full_dir, stage), saved_state(resumed_dir, stage)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(full), jax.tree.leaves(resumed)):
@@ -124,20 +131,43 @@ def test_batch_size_not_divisible_by_devices(tiny_config, tmp_path):
 
 
 def test_non_finite_loss_stops_the_run(tiny_config, tmp_path):
-  tiny_config.model.temp_init = 0.0  # logits / 0
-  with pytest.raises(trainer.NonFiniteLossError, match=r"stage1: non-finite loss or gradient at step 1"):
+  tiny_config.optim.lr = 1e30
+  with pytest.raises(trainer.NonFiniteLossError, match=r"stage1: non-finite .* at step 2"):
     train.run(tiny_config, str(tmp_path))
+  assert not os.path.exists(os.path.join(tmp_path, "stage1", "checkpoints", "2"))
 
 
 @pytest.mark.parametrize("field,value,match", [
     ("loss.lambda_mode", "softmax", r"config\.loss\.lambda_mode='softmax'"),
     ("data.name", "flickr8k", r"config\.data\.name='flickr8k'"),
+    ("optim.lr", float("nan"), r"config\.optim\.lr=nan must be a positive finite number"),
+    ("optim.lr", -0.05, r"config\.optim\.lr=-0\.05 must be a positive finite number"),
+    ("model.temp_init", 0.0, r"config\.model\.temp_init=0\.0 must be a positive"),
+    ("checkpoint.keep", 0, r"config\.checkpoint\.keep=0 must be positive"),
+    ("data.augment_shift", -2, r"config\.data\.augment_shift=-2 must lie in \[0, "),
+    ("teachers.batch_size", 12, r"config\.teachers\.batch_size=12 must be a positive multiple "
+                                r"of the device count \(8 devices"),
+    ("teachers.batch_size", 64, r"config\.teachers\.batch_size=64 exceeds the 48 training images"),
+    ("stage1.batch_size", 320, r"config\.stage1\.batch_size=320 exceeds the 240 training pairs"),
 ])
 def test_invalid_config_values(tiny_config, tmp_path, field, value, match):
   section, key = field.split(".")
   tiny_config[section][key] = value
+  workdir = tmp_path / "run"
   with pytest.raises(InputError, match=match):
-    train.run(tiny_config, str(tmp_path))
+    train.run(tiny_config, str(workdir))
+  assert not os.path.exists(workdir / "teachers")  # refused before any work
+
+
+def test_bad_workdirs_and_a_second_run_are_refused(tiny_config, tmp_path):
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(InputError, match=r"--workdir=.*/file is a file, not a directory"):
+    train.run(tiny_config, str(tmp_path / "file"))
+  with pytest.raises(InputError, match=r"--workdir is empty"):
+    train.run(tiny_config, "")
+  with files.WorkdirLock(str(tmp_path), "training run"):
+    with pytest.raises(InputError, match=r"is in use by another training run"):
+      train.run(tiny_config, str(tmp_path))
 
 
 def test_dual_encoder_needs_no_itm_weight(tiny_config, tmp_path):
@@ -152,11 +182,15 @@ def _cli(*args):
                         env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})  # 1 device
 
 
-def test_cli_unknown_config_key(tmp_path):
-  result = _cli("--config=configs/demo.py:tiny", "--config.stage1.no_such_key=3",
-                f"--workdir={tmp_path}")
-  assert result.returncode != 0
-  assert "no_such_key" in result.stderr
+@pytest.mark.parametrize("flag", ["--config.stage1.no_such_key=3",
+                                  "--config.stage2.loss_weights.bogus=1"])
+def test_cli_unknown_config_key_is_one_line(tmp_path, flag):
+  result = _cli("--config=configs/demo.py:tiny", flag, f"--workdir={tmp_path}")
+  assert result.returncode == 1
+  assert result.stderr.splitlines()[0] == (
+      f"FATAL Flags parsing error: {flag.split('=')[0]}: the config has no field "
+      f"'{flag.split('.')[-1].split('=')[0]}' (the fields are listed in rebalance_jax/config_base.py)")
+  assert "Traceback" not in result.stderr
 
 
 def test_cli_missing_dataset_path_is_one_clear_line(tmp_path):
@@ -218,7 +252,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes_identically(finished_
     return batch(self, indices)
 
   monkeypatch.setattr(PairSplit, "batch", batch_with_sigterm)
-  with pytest.raises(trainer.Preempted, match="stage1: preempted at step 1") as stopped:
+  with pytest.raises(trainer.Preempted, match=r"stage1: stopped at step 1 \(SIGTERM\)") as stopped:
     train.run(config, str(tmp_path))
   assert stopped.value.step == 1 and saved_state(str(tmp_path), "stage1")[0] == 1
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
@@ -256,3 +290,129 @@ def test_two_processes_resume_a_single_process_run_and_match_it(finished_run, tm
       # turns into lr-sized steps that differ with the reduction order of the device layout.
       continue
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def _copy_of(workdir, tmp_path):
+  copy = str(tmp_path / "run")
+  shutil.copytree(workdir, copy)
+  return copy
+
+
+def _saved_rows(workdir):
+  with open(os.path.join(workdir, "results.json")) as f:
+    return json.load(f)["metrics"]
+
+
+def test_an_empty_latest_step_folder_resumes_from_the_previous_step(finished_run, tmp_path):
+  config, full_dir, full_results = finished_run
+  workdir = _copy_of(full_dir, tmp_path)
+  latest = os.path.join(workdir, "stage2", "checkpoints", "4")
+  shutil.rmtree(latest)
+  os.mkdir(latest)
+  assert train.run(config, workdir) == full_results  # step 2 restored, steps 3-4 trained again
+  assert set(_saved_rows(workdir)) == {"stage1", "stage2"}
+  assert os.path.isdir(os.path.join(workdir, "stage2", "checkpoints.damaged", "4"))
+  (_, full), (_, resumed) = saved_state(full_dir, "stage2"), saved_state(workdir, "stage2")
+  for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_refused_stage2_loses_no_results_row(finished_run, tmp_path):
+  config, full_dir, _ = finished_run
+  workdir = _copy_of(full_dir, tmp_path)
+  with open(os.path.join(workdir, "results.json"), "rb") as f:
+    before = f.read()
+  other = config.copy_and_resolve_references()
+  other.stage2.loss_weights.kd = 3.0
+  with pytest.raises(ConfigMismatchError, match=r"stage2/checkpoints/4 was written by another "
+                                                r"config \(stage2\.loss_weights\.kd"):
+    train.run(other, workdir)
+  with open(os.path.join(workdir, "results.json"), "rb") as f:
+    assert f.read() == before  # refused before stage 1 was evaluated again
+
+
+def test_the_vocabulary_is_in_every_fingerprint(finished_run):
+  config, workdir, _ = finished_run
+  data = load_retrieval_data(config)
+  reader = experiment.checkpointer(config, workdir, "stage2", data.vocab, read_only=True)
+  reader.check_config()  # the run's own vocabulary
+  other = {"size": data.vocab["size"], "sha256": "0" * 64}
+  with pytest.raises(ConfigMismatchError, match=r"vocab\.sha256"):
+    experiment.checkpointer(config, workdir, "stage2", other, read_only=True).check_config()
+  reader.close()
+
+
+def test_tampered_or_missing_teacher_features_are_recomputed(finished_run, tmp_path):
+  config, full_dir, _ = finished_run
+  workdir = _copy_of(full_dir, tmp_path)
+  directory = os.path.join(workdir, "teacher_features")
+  expected = {m: np.load(os.path.join(directory, n)) for m, n in teacher_job.FEATURE_FILES.items()}
+  data = load_retrieval_data(config)
+  models = teacher_job.teacher_models(config, data.vocab_size, data.train)
+  mesh = experiment.make_mesh(config)
+  params = teacher_job.pretrain_teachers(config, models, data.train, mesh, workdir, data.vocab)
+
+  def tamper_image(path):  # the case: zeros of the right shape
+    np.save(path, np.zeros_like(expected["image"]))
+
+  for target, tamper in [("image.npy", tamper_image), ("text.npy", os.remove),
+                         ("manifest.json", lambda p: open(p, "w").write("{garbled"))]:
+    tamper(os.path.join(directory, target))
+    features = teacher_job.teacher_features(config, models, params, data.train, mesh, directory,
+                                            data.vocab)
+    for modality in expected:
+      np.testing.assert_array_equal(features[modality], expected[modality])
+      np.testing.assert_array_equal(np.load(os.path.join(directory, f"{modality}.npy")),
+                                    expected[modality])
+
+
+@pytest.mark.parametrize("tamper", ["truncate", "empty"])
+def test_a_tampered_cached_vocabulary_is_trained_again(tiny_config, tmp_path, tamper):
+  tiny_config.data.cache_dir = str(tmp_path)
+  first = load_retrieval_data(tiny_config)
+  with open(first.vocab_file, "r+") as f:
+    lines = f.readlines()
+    f.seek(0)
+    f.truncate()
+    if tamper == "truncate":  # the case: 101 of 200 tokens trained silently
+      f.writelines(lines[:101])
+  second = load_retrieval_data(tiny_config)
+  assert second.vocab == first.vocab  # the same vocabulary: its training is deterministic
+  np.testing.assert_array_equal(second.train.ids, first.train.ids)
+
+
+def test_sigint_during_evaluation_stops_cleanly_and_the_rerun_finishes(finished_run, tmp_path,
+                                                                       monkeypatch):
+  config, full_dir, full_results = finished_run
+  workdir = _copy_of(full_dir, tmp_path)
+  os.remove(os.path.join(workdir, "results.json"))
+  add = Evaluator.add
+
+  def add_after_ctrl_c(self, name, params):
+    monkeypatch.setattr(Evaluator, "add", add)
+    os.kill(os.getpid(), signal.SIGINT)
+    return add(self, name, params)
+
+  monkeypatch.setattr(Evaluator, "add", add_after_ctrl_c)
+  with pytest.raises(interrupts.Interrupted, match="SIGINT: stopped during") as stopped:
+    train.run(config, workdir)
+  assert stopped.value.exit_code == 130
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+  assert train.run(config, workdir) == full_results
+
+
+def test_evaluate_refuses_bad_steps_and_workdirs_without_writing(finished_run, tmp_path):
+  config, workdir, _ = finished_run
+  with pytest.raises(InputError, match=r"--step=999: .*stage1/checkpoints has no checkpoint of "
+                                       r"that step \(it has \[2, 4\]\)"):
+    evaluate_run(config, workdir, ["stage1"], 999)
+  with pytest.raises(InputError, match=r"--step=-1 must be a checkpoint step"):
+    evaluate_run(config, workdir, ["stage1"], -1)
+  typo = tmp_path / "no_such_run"
+  with pytest.raises(InputError, match=r"--workdir=.*no_such_run does not exist"):
+    evaluate_run(config, str(typo), ["stage1"])
+  assert not typo.exists()
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(InputError, match=r"no stage1 checkpoints in .*empty/stage1/checkpoints"):
+    evaluate_run(config, str(tmp_path / "empty"), ["stage1"])
+  assert os.listdir(tmp_path / "empty") == []

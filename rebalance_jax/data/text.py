@@ -4,11 +4,11 @@ Follows the reference (METHOD.md §5): lower-case, punctuation stripped, cut to 
 `[CLS] x` with no final `[SEP]` unless `append_sep` is set.
 """
 
+import collections
 import re
 from collections.abc import Sequence
 
 import numpy as np
-import tokenizers
 import transformers
 
 from rebalance_jax.errors import InputError
@@ -16,6 +16,7 @@ from rebalance_jax import files
 
 _PUNCTUATION = re.compile(r"[^\w\s']|_")
 _SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+_WORD = re.compile(r"\w+|[^\w\s]")  # BERT's pre-tokenization: words and single punctuation marks
 
 
 def clean_caption(caption: str, max_words: int) -> str:
@@ -24,14 +25,50 @@ def clean_caption(caption: str, max_words: int) -> str:
   return " ".join(words[:max_words])
 
 
+def wordpiece_vocab(captions: Sequence[str], vocab_size: int) -> list[str]:
+  """A BERT WordPiece vocabulary learned from `captions` as the `tokenizers` WordPiece trainer
+  learns it (BPE merges over the words' characters, continuation pieces prefixed '##'), but
+  deterministic: a tie in pair frequency goes to the pair whose text sorts first (`tokenizers`
+  breaks ties by hash order, so two trainings on the same captions differ).
+
+  Returns the special tokens, the alphabet, then one piece per merge, up to `vocab_size` tokens.
+  """
+  counts = collections.Counter(word for c in captions for word in _WORD.findall(c.lower()))
+  words = {tuple([w[0]] + [f"##{ch}" for ch in w[1:]]): n for w, n in sorted(counts.items())}
+  vocab = _SPECIAL_TOKENS + sorted({piece for pieces in words for piece in pieces})
+  known = set(vocab)
+  while len(vocab) < vocab_size:
+    pairs = collections.Counter()
+    for pieces, n in words.items():
+      for pair in zip(pieces, pieces[1:]):
+        pairs[pair] += n
+    if not pairs:
+      break  # every word is one piece
+    first, second = min(pairs, key=lambda pair: (-pairs[pair], pair))
+    merged = first + second[2:]
+    words = {_merge(pieces, first, second, merged): n for pieces, n in words.items()}
+    if merged not in known:
+      vocab.append(merged)
+      known.add(merged)
+  return vocab
+
+
+def _merge(pieces: tuple[str, ...], first: str, second: str, merged: str) -> tuple[str, ...]:
+  out, i = [], 0
+  while i < len(pieces):
+    if i + 1 < len(pieces) and pieces[i] == first and pieces[i + 1] == second:
+      out.append(merged)
+      i += 2
+    else:
+      out.append(pieces[i])
+      i += 1
+  return tuple(out)
+
+
 def train_wordpiece_vocab(captions: Sequence[str], vocab_file: str, vocab_size: int) -> str:
-  """Trains a WordPiece vocabulary on `captions` and writes it (atomically, with its content hash
-  beside it) as a BERT vocab.txt."""
-  trainer = tokenizers.BertWordPieceTokenizer(lowercase=True)
-  trainer.train_from_iterator(captions, vocab_size=vocab_size, special_tokens=_SPECIAL_TOKENS,
-                              min_frequency=1, show_progress=False)
-  vocab = sorted(trainer.get_vocab().items(), key=lambda kv: kv[1])
-  text = "".join(token + "\n" for token, _ in vocab)
+  """Writes `wordpiece_vocab(captions, vocab_size)` as a BERT vocab.txt (atomically, with its
+  content hash beside it)."""
+  text = "".join(token + "\n" for token in wordpiece_vocab(captions, vocab_size))
   files.write_checked(vocab_file, lambda f: f.write(text.encode()))
   return vocab_file
 

@@ -11,6 +11,9 @@ Rules:
 - Ranking order (`top_k_indices`, NDCG): descending score; equal scores by ascending gallery index.
 - NDCG: excluded gallery items are removed from both the ranking and the ideal ranking; a query
   whose ideal DCG is 0 (no relevant gallery item) contributes NDCG 0 to the mean.
+- The query itself in single-modal retrieval (`self_rule`): "zeroed" ([ref]) keeps it in the gallery
+  with score 0 and relevance 0, so it can take a top-K slot with no gain; "removed" (the fix)
+  excludes it. Mixed retrieval: "faithful" ranks the query itself, "calibrated" excludes it.
 - NDCG queries are processed in blocks of `block` rows, so no (Q, G) temporary exceeds (block, G).
 """
 
@@ -25,6 +28,7 @@ NDCG_KS = (10, 20, 50)
 CAPTIONS_PER_IMAGE = 5
 QUERY_BLOCK = 512
 MIXED_MODES = ("calibrated", "faithful")
+SELF_RULES = ("zeroed", "removed")
 
 # (block rows) -> (scores (b, G), relevance (b, G), excluded (b, G) bool or None)
 BlockRows = Callable[[slice], tuple[np.ndarray, np.ndarray, np.ndarray | None]]
@@ -54,6 +58,11 @@ def _check_first_captions(first_caption: np.ndarray, text_to_image: np.ndarray) 
                      f"{owners[image]}")
 
 
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+  if value not in choices:
+    raise ValueError(f"{name} is {value!r}; expected one of {choices}")
+
+
 # ---------------------------------------------------------------- cross-modal recall
 
 def recall_at_k(i2t_scores: np.ndarray, t2i_scores: np.ndarray, text_to_image: np.ndarray,
@@ -63,7 +72,8 @@ def recall_at_k(i2t_scores: np.ndarray, t2i_scores: np.ndarray, text_to_image: n
   i2t_scores: (N_i, N_c); t2i_scores: (N_c, N_i). An image hits at K if any of its captions ranks in
   its top K, a caption if its image does; ranks follow the optimistic tie rule (module docstring).
   With ITM re-ranked matrices a positive outside the candidates (scored `fill`) ranks after every
-  candidate whose logit exceeds the fill.
+  candidate whose logit exceeds the fill, and ties with every other non-candidate: R@K is then
+  meaningful only for K ≤ k, beyond which the tie rule makes it a hit.
   """
   n_images, n_captions = i2t_scores.shape
   if t2i_scores.shape != (n_captions, n_images):
@@ -161,76 +171,95 @@ def _self_mask(gallery_positions: np.ndarray, n_gallery: int) -> np.ndarray:
   return gallery_positions[:, None] == np.arange(n_gallery)
 
 
+def _apply_self_rule(scores: np.ndarray, relevance: np.ndarray, is_self: np.ndarray,
+                     self_rule: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+  """A block's (scores, relevance, excluded) with `self_rule` applied at `is_self` (b, G)."""
+  if self_rule == "removed":
+    return scores, relevance, is_self
+  return np.where(is_self, 0, scores), np.where(is_self, 0, relevance), None
+
+
 # ---------------------------------------------------------------- single-modal and mixed protocols
 
 def i2i_ndcg(image_emb: np.ndarray, rel: np.ndarray, first_caption: np.ndarray,
-             ks: Sequence[int] = NDCG_KS, block: int = QUERY_BLOCK) -> dict[str, float]:
-  """{"i2i_ndcg@K"}: every image queries all other images by cosine; gallery image j has relevance
-  rel[first_caption[i], j] for query image i."""
+             ks: Sequence[int] = NDCG_KS, self_rule: str = "zeroed",
+             block: int = QUERY_BLOCK) -> dict[str, float]:
+  """{"i2i_ndcg@K"}: every image i queries all images by cosine, itself under `self_rule` (module
+  docstring); gallery image j has relevance rel[first_caption[i], j]."""
+  _check_choice("self_rule", self_rule, SELF_RULES)
   n_images = len(image_emb)
 
   def block_rows(rows):
-    return (image_emb[rows] @ image_emb.T, rel[first_caption[rows]],
-            _self_mask(np.arange(n_images)[rows], n_images))
+    return _apply_self_rule(image_emb[rows] @ image_emb.T, rel[first_caption[rows]],
+                            _self_mask(np.arange(n_images)[rows], n_images), self_rule)
   return _named("i2i", ks, _per_query_ndcg(block_rows, n_images, ks, block))
 
 
 def t2t_ndcg(text_emb: np.ndarray, rel: np.ndarray, first_caption: np.ndarray,
-             text_to_image: np.ndarray, ks: Sequence[int] = NDCG_KS,
+             text_to_image: np.ndarray, ks: Sequence[int] = NDCG_KS, self_rule: str = "zeroed",
              block: int = QUERY_BLOCK) -> dict[str, float]:
-  """{"t2t_ndcg@K"}: the first caption of every image i queries all other captions by cosine;
-  gallery caption c has relevance rel[c, i]."""
+  """{"t2t_ndcg@K"}: the first caption of every image i queries all captions by cosine, itself under
+  `self_rule` (module docstring); gallery caption c has relevance rel[c, i]."""
+  _check_choice("self_rule", self_rule, SELF_RULES)
   _check_first_captions(first_caption, text_to_image)
 
   def block_rows(rows):
     queries = first_caption[rows]
-    return text_emb[queries] @ text_emb.T, rel[:, rows].T, _self_mask(queries, len(text_emb))
+    return _apply_self_rule(text_emb[queries] @ text_emb.T, rel[:, rows].T,
+                            _self_mask(queries, len(text_emb)), self_rule)
   return _named("t2t", ks, _per_query_ndcg(block_rows, len(first_caption), ks, block))
 
 
 def mixed_ndcg(image_emb: np.ndarray, text_emb: np.ndarray, rel: np.ndarray,
                first_caption: np.ndarray, text_to_image: np.ndarray,
                ks: Sequence[int] = NDCG_KS, mode: str = "calibrated",
-               i2t_scores: np.ndarray | None = None,
+               i2t_scores: np.ndarray | None = None, t2i_scores: np.ndarray | None = None,
                block: int = QUERY_BLOCK) -> dict[str, float]:
   """Mixed retrieval NDCG: {"mixed_img_ndcg@K", "mixed_txt_ndcg@K", "mixed_ndcg@K" (all queries)}.
 
-  Queries: every image i and the first caption q of every image i. Each ranks one joint gallery of
-  the N_i images (positions 0..N_i-1) and the N_c captions (positions N_i + c), itself excluded.
-  Relevance, the same for both queries of image i: gallery image j -> rel[first_caption[i], j],
-  gallery caption c -> rel[c, i].
+  Queries: every image i and its first caption q = first_caption[i]; each ranks one joint gallery of
+  the N_i images and the N_c captions.
 
-  mode="calibrated" (METHOD.md's fix): every gallery item is scored by the cosine of the normalized
-  embeddings (image-image, image-text, text-text).
-  mode="faithful" (the reference's behaviour, flawed): same-modality items are scored by the raw
-  cosine and cross-modality items by `i2t_scores` (N_i, N_c) — in the reference the ITM logits of
-  each image's top-k captions, −100 elsewhere — mixed into one ranking although the scales differ.
-  Moreover, text query q scores the images with the column i2t_scores[:, q] (how each image's
-  re-ranking scored caption q) where the row t2i_scores[q, :] was meant: the reference indexes the
-  wrong, transposed matrix, so its text-to-image matrix is never read and is not taken here.
+  mode="calibrated" (METHOD.md's fix): the gallery is the images (positions 0..N_i-1), then the
+  captions (N_i + c), all scored by the cosine of the normalized embeddings, the query itself
+  excluded. Relevance for both queries of image i: image j -> rel[q, j], caption c -> rel[c, i].
+
+  mode="faithful" (the reference, index by index, flaws included): the query itself is ranked, and
+  cosines share one ranking with the re-ranked matrices i2t_scores (N_i, N_c) and t2i_scores
+  (N_c, N_i) (`itm_rerank_scores`: ITM logits of the ITC top-k, -100 elsewhere).
+  - image query i: the images by cosine, relevance rel[q, j]; then the captions scored
+    i2t_scores[i, c], relevance rel[c, i];
+  - text query q: the captions by cosine against q, relevance rel[c, i]; then the images, image a
+    scored t2i_scores[first_caption[a], i] with relevance rel[first_caption[a], i]: the reference
+    reads both transposed (`scores_t2i.T[:, ::5]`), so image a is scored by how a's first caption
+    scored image i.
   """
-  if mode not in MIXED_MODES:
-    raise ValueError(f"mode is {mode!r}; expected one of {MIXED_MODES}")
+  _check_choice("mode", mode, MIXED_MODES)
   n_images, n_captions = len(image_emb), len(text_emb)
-  if mode == "faithful" and (i2t_scores is None or i2t_scores.shape != (n_images, n_captions)):
-    raise ValueError(f"mode 'faithful' needs i2t_scores of shape {(n_images, n_captions)}")
+  if mode == "faithful":
+    for name, scores, shape in (("i2t_scores", i2t_scores, (n_images, n_captions)),
+                                ("t2i_scores", t2i_scores, (n_captions, n_images))):
+      if scores is None or scores.shape != shape:
+        raise ValueError(f"mode 'faithful' needs {name} of shape {shape}")
   _check_first_captions(first_caption, text_to_image)
   n_gallery = n_images + n_captions
 
-  def relevance(rows):
+  def relevance(rows):  # images, then captions
     return np.concatenate([rel[first_caption[rows]], rel[:, rows].T], axis=1)
 
   def image_rows(rows):
     queries = image_emb[rows]
-    to_texts = queries @ text_emb.T if mode == "calibrated" else i2t_scores[rows]
-    return (np.concatenate([queries @ image_emb.T, to_texts], axis=1), relevance(rows),
-            _self_mask(np.arange(n_images)[rows], n_gallery))
+    to_texts = i2t_scores[rows] if mode == "faithful" else queries @ text_emb.T
+    is_self = None if mode == "faithful" else _self_mask(np.arange(n_images)[rows], n_gallery)
+    return np.concatenate([queries @ image_emb.T, to_texts], axis=1), relevance(rows), is_self
 
   def text_rows(rows):
     captions = first_caption[rows]
     queries = text_emb[captions]
-    to_images = queries @ image_emb.T if mode == "calibrated" else i2t_scores[:, captions].T
-    return (np.concatenate([to_images, queries @ text_emb.T], axis=1), relevance(rows),
+    if mode == "faithful":  # captions; then image a: t2i, rel at (first_caption[a], i)
+      return (np.concatenate([queries @ text_emb.T, t2i_scores[first_caption, rows].T], axis=1),
+              np.concatenate([rel[:, rows].T, rel[first_caption, rows].T], axis=1), None)
+    return (np.concatenate([queries @ image_emb.T, queries @ text_emb.T], axis=1), relevance(rows),
             _self_mask(n_images + captions, n_gallery))
 
   image_queries = _per_query_ndcg(image_rows, n_images, ks, block)

@@ -35,32 +35,49 @@ def results_table(rows: dict[str, dict]) -> str:
   return "\n".join(lines)
 
 
-def plot_results(rows: dict[str, dict], curves: dict[str, dict], path) -> None:
-  """Recall@K curves (i2t, t2i) and NDCG@K bars per protocol, one colour per model."""
+def results_figure(rows: dict[str, dict], curves: dict[str, dict]) -> plt.Figure:
+  """Recall@K curves (`retrieval.recall_curves`) and NDCG@K bars per protocol, one colour per model.
+
+  A model's ITC cosine curve spans every K (solid); its ITM re-ranked curve (dashed) stops at the
+  candidate count max_k, past which the re-ranked recall is an artifact of the tie rule.
+  """
   fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-  for name, curve in curves.items():
+  for index, (name, curve) in enumerate(curves.items()):
+    lines = [(curve["itc"], "-", f"{name}: ITC cosine")]
+    if "itm" in curve:
+      lines.append((curve["itm"], "--", f"{name}: ITM re-ranked (K ≤ {curve['itm']['max_k']})"))
     for ax, direction in zip(axes[:2], ("i2t", "t2i")):
-      ax.plot(np.arange(1, len(curve[direction]) + 1), curve[direction], label=name)
+      for recall, style, label in lines:
+        ax.plot(curve["ks"][:len(recall[direction])], recall[direction], style, color=f"C{index}",
+                label=label)
   for ax, direction in zip(axes[:2], ("i2t", "t2i")):
     ax.set(title=f"{direction} recall@K", xlabel="K", ylabel="recall (%)", ylim=(0, 100))
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
   width = 0.8 / max(len(rows), 1)
   positions = np.arange(len(NDCG_COLUMNS))
   for i, (name, metrics) in enumerate(rows.items()):
     axes[2].bar(positions + i * width, [metrics.get(c, 0.0) for c in NDCG_COLUMNS], width,
-                label=name)
+                color=f"C{i}", label=name)
   axes[2].set_xticks(positions + width * (len(rows) - 1) / 2,
                      [_header(c) for c in NDCG_COLUMNS], rotation=60, ha="right", fontsize=8)
   axes[2].set(title="NDCG@K (ROUGE-L relevance)", ylabel="NDCG × 100")
   axes[2].legend()
   fig.tight_layout()
+  return fig
+
+
+def plot_results(rows: dict[str, dict], curves: dict[str, dict], path) -> None:
+  """Writes `results_figure` as a PNG to `path` (a file name or a binary file)."""
+  fig = results_figure(rows, curves)
   fig.savefig(path, dpi=100, format="png")
   plt.close(fig)
 
 
 def write_results(directory: str, rows: dict[str, dict], curves: dict[str, dict]) -> str:
-  """Writes results.json, results.md and results.png to `directory`; returns the table."""
+  """Writes results.json ({"metrics": rows, "recall_curves": curves}, a model's curves as
+  `retrieval.recall_curves` returns them), results.md and results.png to `directory`; returns the
+  table."""
   table = results_table(rows)
   atomic_write_text(os.path.join(directory, "results.json"),
                     json.dumps({"metrics": rows, "recall_curves": curves}, indent=1))

@@ -3,8 +3,9 @@
 Embeddings (and, for ITM re-ranking, token states) are extracted sharded over every device and
 process; scores and metrics are computed on the host with the pure functions of `ranking`:
 cross-modal recall with ITC cosine scores and, when the student has a fusion encoder, the
-reference's ITM re-ranking of the ITC top-k; single-modal (i2i, t2t) and mixed NDCG with ROUGE-L
-relevance, the mixed protocol in both its `faithful` and `calibrated` modes.
+reference's ITM re-ranking of the ITC top-k; single-modal (i2i, t2t) NDCG with the query itself
+zeroed (the reference) and removed (the fix), and mixed NDCG in its `faithful` and `calibrated`
+modes, all with ROUGE-L relevance.
 """
 
 import dataclasses
@@ -17,6 +18,7 @@ from jax.sharding import Mesh
 from rebalance_jax import sharding
 from rebalance_jax.data import augment
 from rebalance_jax.data.datasets import EvalSplit
+from rebalance_jax.errors import InputError
 from rebalance_jax.evaluators import ranking, rouge
 from rebalance_jax.models.student import Student
 
@@ -91,15 +93,40 @@ def split_relevance(split: EvalSplit, cache_dir: str | None) -> np.ndarray:
   return rouge.relevance_matrix(list(split.captions), split.references(), cache_dir)
 
 
+def recall_curves(itc_i2t: np.ndarray, text_to_image: np.ndarray,
+                  reranked: tuple[np.ndarray, np.ndarray] | None = None, itm_k: int = 0,
+                  ks: tuple[int, ...] = CURVE_KS) -> dict:
+  """Recall@K curves in percent: {"ks": ks, "itc": {"i2t": [...], "t2i": [...]}} from the ITC
+  cosines at every K in `ks`; with `reranked` = (i2t, t2i), the re-ranked matrices of the ITC
+  top-`itm_k`, also "itm": {"i2t", "t2i", "max_k": itm_k} at the Ks up to max_k only: beyond it the
+  positives outside the candidates tie at the fill, and the optimistic tie rule would count them as
+  hits."""
+  def curve(i2t, t2i, curve_ks):
+    recall = ranking.recall_at_k(i2t, t2i, text_to_image, ks=curve_ks)
+    return {d: [recall[f"{d}_r{k}"] for k in curve_ks] for d in ("i2t", "t2i")}
+  curves = {"ks": list(ks), "itc": curve(itc_i2t, itc_i2t.T, ks)}
+  if reranked is not None:
+    curves["itm"] = {**curve(*reranked, [k for k in ks if k <= itm_k]), "max_k": itm_k}
+  return curves
+
+
 def evaluate(model: Student, params, split: EvalSplit, relevance: np.ndarray, *, itm_k: int,
-             batch_size: int, mesh: Mesh) -> tuple[dict[str, float], dict[str, list[float]]]:
+             batch_size: int, mesh: Mesh,
+             single_modal_self: str = "zeroed") -> tuple[dict[str, float], dict]:
   """Every protocol on `split`.
 
-  Returns (metrics, recall curves). Unprefixed recall keys use the reference's scores (ITM
+  Returns (metrics, `recall_curves`). Unprefixed recall keys use the reference's scores (ITM
   re-ranking when the student has an ITM head and itm_k > 0, else ITC cosine); "itc/..." and
-  "itm/..." keep both. NDCG keys: i2i_ndcg@K, t2t_ndcg@K, mixed_ndcg@K (calibrated, with its
-  image/text-query parts), mixed_faithful_ndcg@K (the reference's mixing).
+  "itm/..." keep both. NDCG keys:
+  - i2i_ndcg@K, t2t_ndcg@K (the headline): the query itself under `single_modal_self`, "zeroed"
+    (the reference) or "removed" (the fix), recorded as metrics["single_modal_self"];
+    i2i_zeroed_ndcg@K, i2i_removed_ndcg@K and their t2t counterparts hold both;
+  - mixed_ndcg@K: calibrated (the fix), with its image/text-query parts mixed_img_ndcg@K and
+    mixed_txt_ndcg@K; mixed_faithful_ndcg@K (and parts): the reference's arithmetic.
   """
+  if single_modal_self not in ranking.SELF_RULES:
+    raise InputError(f"single_modal_self is {single_modal_self!r}; expected one of "
+                     f"{ranking.SELF_RULES}")
   ranking.check_captions_per_image(split.text_to_image, len(split.images))
   rerank = not model.config.dual_encoder and itm_k > 0
   encoded = encode_split(model, params, split, batch_size, mesh, keep_tokens=rerank)
@@ -114,14 +141,16 @@ def evaluate(model: Student, params, split: EvalSplit, relevance: np.ndarray, *,
   metrics["score_mode"] = "itm" if rerank else "itc"
 
   first = split.image_to_texts[:, 0]
-  metrics.update(ranking.i2i_ndcg(encoded.image_emb, relevance, first))
-  metrics.update(ranking.t2t_ndcg(encoded.text_emb, relevance, first, t2i_index))
+  for rule in ranking.SELF_RULES:
+    single = {**ranking.i2i_ndcg(encoded.image_emb, relevance, first, self_rule=rule),
+              **ranking.t2t_ndcg(encoded.text_emb, relevance, first, t2i_index, self_rule=rule)}
+    metrics.update({k.replace("_ndcg", f"_{rule}_ndcg"): v for k, v in single.items()})
+    if rule == single_modal_self:
+      metrics.update(single)
+  metrics["single_modal_self"] = single_modal_self
   metrics.update(ranking.mixed_ndcg(encoded.image_emb, encoded.text_emb, relevance, first,
                                     t2i_index, mode="calibrated"))
   faithful = ranking.mixed_ndcg(encoded.image_emb, encoded.text_emb, relevance, first, t2i_index,
-                                mode="faithful", i2t_scores=i2t)
+                                mode="faithful", i2t_scores=i2t, t2i_scores=t2i)
   metrics.update({k.replace("mixed", "mixed_faithful", 1): v for k, v in faithful.items()})
-
-  curve = ranking.recall_at_k(i2t, t2i, t2i_index, ks=CURVE_KS)
-  curves = {d: [curve[f"{d}_r{k}"] for k in CURVE_KS] for d in ("i2t", "t2i")}
-  return metrics, curves
+  return metrics, recall_curves(itc_i2t, t2i_index, (i2t, t2i) if rerank else None, itm_k)

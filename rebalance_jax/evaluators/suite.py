@@ -43,7 +43,8 @@ class Evaluator:
     for suffix, split in self._splits.items():
       metrics, curves = retrieval.evaluate(
           self._model, params, split, self._relevance_of(suffix), itm_k=self._config.eval.itm_k,
-          batch_size=self._config.eval.batch_size, mesh=self._mesh)
+          batch_size=self._config.eval.batch_size, mesh=self._mesh,
+          single_modal_self=self._config.eval.single_modal_self)
       self.rows[name + suffix] = metrics
       self.curves[name + suffix] = curves
 

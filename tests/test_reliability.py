@@ -1,0 +1,254 @@
+"""Reliability after a failure, below the level of a whole run: checkpoints that are damaged or
+would hold NaNs, content-checked files, the workdir lock, torn metric logs, signals, and one-line
+errors of the entry points."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import REPO
+from rebalance_jax import checkpointing, cli, files, interrupts, reporting, sharding, trainer
+from rebalance_jax.checkpointing import Checkpointer, ConfigMismatchError, DamagedCheckpointError
+from rebalance_jax.data import text
+from rebalance_jax.errors import InputError
+
+RULES = sharding.ParamRules(((r".*", "fsdp"),), min_size=1)
+
+
+def _state(seed: int):
+  params = {"w": jax.random.normal(jax.random.key(seed), (16, 8)),
+            "b": jnp.full((8,), seed, jnp.float32)}
+  return trainer.create_state(params, optax.adam(1e-3), sharding.make_mesh(fsdp=2), RULES)
+
+
+def _target(state):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+def _assert_same(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture
+def two_checkpoints(tmp_path):
+  """Steps 1 and 2 of a small sharded state, written and closed."""
+  directory = str(tmp_path / "checkpoints")
+  states = {1: _state(1), 2: _state(2)}
+  saver = Checkpointer(directory, {"x": 1}, keep=3)
+  for step, state in states.items():
+    saver.save(step, state)
+  saver.wait()
+  saver.close()
+  return directory, states
+
+
+def _largest_data_file(step_dir):
+  return max(glob.glob(f"{step_dir}/state/**/d/*", recursive=True), key=os.path.getsize)
+
+
+def _damage(step_dir: str, how: str) -> None:
+  if how == "garbled bytes":  # same size: Orbax itself restores it silently
+    path = _largest_data_file(step_dir)
+    with open(path, "r+b") as f:
+      f.seek(os.path.getsize(path) // 2)
+      f.write(b"\xde\xad\xbe\xef")
+  elif how == "truncated file":
+    path = _largest_data_file(step_dir)
+    os.truncate(path, os.path.getsize(path) // 3)
+  elif how == "empty manifest.ocdbt":
+    for path in glob.glob(f"{step_dir}/state/**/manifest.ocdbt", recursive=True):
+      open(path, "w").close()
+  elif how == "missing _METADATA":
+    os.remove(f"{step_dir}/state/_METADATA")
+  elif how == "garbled fingerprint":
+    with open(f"{step_dir}/config/metadata", "w") as f:
+      f.write("{not json")
+  elif how == "empty step folder":
+    subprocess.run(["rm", "-rf", step_dir], check=True)
+    os.mkdir(step_dir)
+
+
+@pytest.mark.parametrize("how", ["garbled bytes", "truncated file", "empty manifest.ocdbt",
+                                 "missing _METADATA", "garbled fingerprint", "empty step folder"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(two_checkpoints, how, caplog):
+  directory, states = two_checkpoints
+  _damage(os.path.join(directory, "2"), how)
+  loader = Checkpointer(directory, {"x": 1}, keep=3)
+  step, state = loader.restore_newest(_target(states[1]))
+  assert step == 1
+  _assert_same(state, states[1])
+  warnings = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+  assert len(warnings) == 1 and f"{directory}/2 is damaged" in warnings[0]
+  assert "using step 1 instead" in warnings[0]
+  assert loader.all_steps() == [1]  # moved aside, not deleted:
+  assert os.path.isdir(os.path.join(directory + checkpointing.DAMAGED_SUFFIX, "2"))
+  loader.save(2, states[2])  # the step can be written again
+  loader.wait()
+  _assert_same(loader.restore(2, _target(states[2])), states[2])
+  loader.close()
+
+
+def test_every_checkpoint_damaged_is_an_error_that_moves_nothing(two_checkpoints):
+  directory, states = two_checkpoints
+  for step in (1, 2):
+    _damage(os.path.join(directory, str(step)), "garbled fingerprint")
+  loader = Checkpointer(directory, {"x": 1}, keep=3)
+  with pytest.raises(DamagedCheckpointError, match=r"every checkpoint in .* is damaged \(step 2: "
+                                                   r"JSONDecodeError.*; step 1: JSONDecodeError"):
+    loader.restore_newest(_target(states[1]))
+  assert loader.all_steps() == [1, 2]
+  loader.close()
+
+
+def test_another_configs_checkpoint_is_refused_not_skipped(two_checkpoints):
+  directory, states = two_checkpoints
+  loader = Checkpointer(directory, {"x": 2}, keep=3)
+  with pytest.raises(ConfigMismatchError, match=r"checkpoint .*/2 was written by another config "
+                                                r"\(x: checkpoint 1 vs config 2\)"):
+    loader.restore_newest(_target(states[1]))
+  with pytest.raises(ConfigMismatchError):
+    loader.check_config()
+  loader.close()
+
+
+def test_a_non_finite_state_is_never_saved(tmp_path):
+  saver = Checkpointer(str(tmp_path), {"x": 1}, keep=2)
+  state = _state(1)
+  state["params"]["b"] = state["params"]["b"].at[3].set(jnp.nan)
+  with pytest.raises(checkpointing.NonFiniteStateError, match="step 5"):
+    saver.save(5, state)
+  saver.wait()
+  assert saver.all_steps() == []
+  saver.close()
+
+
+def _quadratic_stage(tmp_path, lr_schedule, steps):
+  def loss_fn(params, batch, frozen, rng):
+    del batch, frozen, rng
+    loss = jnp.sum(params["w"] ** 2)
+    return loss, {"loss/total": loss}
+
+  checkpointer = Checkpointer(str(tmp_path / "ckpt"), {"x": 1}, keep=5)
+  stage = trainer.Stage(
+      name="quadratic", loss_fn=loss_fn, tx=optax.sgd(lr_schedule), schedule=lr_schedule,
+      total_steps=steps, batch_size=8, batch_size_field="config.quadratic.batch_size",
+      make_batch=lambda idx: {"x": idx.astype(np.float32)}, checkpointer=checkpointer,
+      writer=reporting.MetricWriter(str(tmp_path / "logs")), checkpoint_every=1, log_every=1,
+      seed=0, param_rules=RULES)
+  return stage
+
+
+def test_parameters_that_turn_nan_are_not_saved_and_the_last_good_step_is_named(tmp_path):
+  # A finite loss at every step (it is computed before the update), but the update at step 3
+  # uses a NaN learning rate: the loss check alone would save the NaN state as step 3.
+  schedule = lambda count: jnp.where(count < 2, 0.1, jnp.nan)
+  stage = _quadratic_stage(tmp_path, schedule, steps=5)
+  with pytest.raises(trainer.NonFiniteLossError,
+                     match=r"quadratic: non-finite parameters or optimizer state after step 3, not "
+                           r"saved\. The last checkpoint \(2\) is intact"):
+    trainer.run_stage(stage, {"w": jnp.ones((4,))}, None, sharding.make_mesh(), 64)
+  assert stage.checkpointer.all_steps() == [1, 2]
+  stage.checkpointer.close()
+  stage.writer.close()
+
+
+def test_nan_at_the_first_save_says_no_checkpoint_was_written(tmp_path):
+  stage = _quadratic_stage(tmp_path, lambda count: jnp.nan, steps=2)
+  with pytest.raises(trainer.NonFiniteLossError, match="No checkpoint of this phase was written"):
+    trainer.run_stage(stage, {"w": jnp.ones((4,))}, None, sharding.make_mesh(), 64)
+  stage.checkpointer.close()
+  stage.writer.close()
+
+
+def test_a_torn_last_metrics_line_is_dropped_and_others_are_errors(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')
+  writer = reporting.MetricWriter(str(tmp_path))
+  writer.start(2)
+  writer.write(3, {"loss": 0.3})
+  writer.close()
+  assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+  path.write_text('{"step": 1}\ngarbage\n{"step": 2}\n')
+  with pytest.raises(InputError, match=r"metrics\.jsonl:2 is not a metrics record"):
+    reporting.MetricWriter(str(tmp_path)).start(2)
+
+
+def test_atomic_writes_follow_the_umask(tmp_path):
+  files.atomic_write_text(str(tmp_path / "a.txt"), "x")
+  mask = os.umask(0)
+  os.umask(mask)
+  assert os.stat(tmp_path / "a.txt").st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_checked_files_notice_any_change(tmp_path):
+  path = str(tmp_path / "f.bin")
+  files.write_checked(path, lambda f: f.write(b"abcdef"))
+  assert files.is_intact(path)
+  with open(path, "r+b") as f:
+    f.write(b"x")
+  assert not files.is_intact(path)
+  os.remove(path + files.DIGEST_SUFFIX)
+  assert not files.is_intact(path)
+
+
+def test_the_workdir_lock_refuses_a_second_holder_and_dies_with_its_holder(tmp_path):
+  with files.WorkdirLock(str(tmp_path), "training run"):
+    with pytest.raises(InputError, match=r"is in use by another training run \(.*\"pid\": "
+                                         rf"{os.getpid()}"):
+      files.WorkdirLock(str(tmp_path), "training run").__enter__()
+  with files.WorkdirLock(str(tmp_path), "training run"):  # released on exit
+    pass
+  # A holder killed with -9 leaves the file but not the lock.
+  holder = subprocess.Popen([sys.executable, "-c", (
+      "import sys, time; sys.path.insert(0, sys.argv[1]); from rebalance_jax import files; "
+      "lock = files.WorkdirLock(sys.argv[2], 'x').__enter__(); print('held', flush=True); "
+      "time.sleep(60)"), REPO, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+  assert holder.stdout.readline().strip() == "held"
+  with pytest.raises(InputError, match="in use"):
+    files.WorkdirLock(str(tmp_path), "training run").__enter__()
+  holder.kill()
+  holder.wait()
+  with files.WorkdirLock(str(tmp_path), "training run"):
+    pass
+
+
+def test_signals_become_a_stop_request_and_exit_codes(monkeypatch):
+  with interrupts.catching():
+    assert interrupts.requested() is None
+    os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt
+    with pytest.raises(interrupts.Interrupted, match="SIGINT: stopped during evaluation") as e:
+      interrupts.check("evaluation")
+    assert e.value.exit_code == 130
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+  monkeypatch.setattr(cli.distributed, "start", lambda argv: None)
+  for error, code in [(interrupts.Interrupted(signal.SIGTERM, "stopped"), 143),
+                      (interrupts.Interrupted(signal.SIGINT, "stopped"), 130),
+                      (KeyboardInterrupt(), 130), (InputError("bad"), "rebalance_jax.x: error: bad")]:
+    def work(error=error):
+      raise error
+    with pytest.raises(SystemExit) as stopped:
+      cli.run_guarded("rebalance_jax.x", ["x"], work)
+    assert stopped.value.code == code
+
+
+@pytest.mark.parametrize("content, match", [
+    ("", r"lacks the special tokens \['\[PAD\]'"),
+    ("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\ndog\ndog\n", "empty or repeated lines"),
+    (b"\xff\xfe[PAD]", "is unreadable"),
+])
+def test_a_bad_vocabulary_file_is_named(tmp_path, content, match):
+  path = tmp_path / "vocab.txt"
+  path.write_bytes(content if isinstance(content, bytes) else content.encode())
+  with pytest.raises(InputError, match=rf"tokenizer vocabulary {path}.*{match}"):
+    text.load_tokenizer(str(path))

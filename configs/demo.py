@@ -45,6 +45,7 @@ def get_config(arg: str = ""):
     c.checkpoint.every_steps = 2
     c.log_every = 2
     c.eval.batch_size = 16
+    c.eval.every_steps = 2
   elif arg:
     raise ValueError(f"configs/demo.py: unknown variant {arg!r} (known: 'tiny')")
   return c

@@ -17,6 +17,7 @@ import os
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as preservation
 from absl import logging
 from jax.experimental import multihost_utils
 
@@ -83,18 +84,35 @@ def _first_line(error: BaseException) -> str:
 
 
 class Checkpointer:
-  """A CheckpointManager for one training stage's directory (`read_only`: never writes there)."""
+  """A CheckpointManager for one training stage's directory.
 
-  def __init__(self, directory: str, fingerprint: dict, keep: int, read_only: bool = False):
+  Keeps the newest `keep` checkpoints and, with `best_metric`, also the checkpoint whose saved
+  metrics have the highest `best_metric` (ties: the earliest step), by Orbax's preservation
+  policies. `read_only`: never writes there.
+  """
+
+  def __init__(self, directory: str, fingerprint: dict, keep: int, read_only: bool = False,
+               best_metric: str | None = None):
     self.directory = os.path.abspath(os.path.expanduser(directory))
     self.fingerprint = json.loads(json.dumps(fingerprint))  # normalize tuples -> lists
+    self.best_metric = best_metric
+    policies = [preservation.LatestN(n=keep)]
+    if best_metric is not None:
+      policies.append(preservation.BestN(get_metric_fn=self._rank, n=1,
+                                         keep_checkpoints_without_metrics=False))
     self._manager = ocp.CheckpointManager(
         self.directory,
         # Orbax's own read_only mode warns on every use; a manager that is never asked to save
         # writes nothing either.
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
-                                             create=not read_only))
+        options=ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=True, create=not read_only,
+            preservation_policy=preservation.AnyPreservationPolicy(policies),
+            best_fn=self._rank if best_metric else None, best_mode="max"))  # best_fn: save metrics
     self._read_only = read_only
+
+  def _rank(self, metrics: dict) -> tuple[float, int]:
+    """Sort key of a checkpoint's metrics, highest best: the metric, then the earlier step."""
+    return metrics[self.best_metric], -metrics["step"]
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -102,24 +120,38 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
-  def save(self, step: int, state) -> None:
-    """Starts an asynchronous save; raises NonFiniteStateError (saving nothing) for a state with
-    a NaN or Inf."""
+  def metrics(self, step: int) -> dict | None:
+    """The metrics saved with `step` (None for a checkpoint saved without)."""
+    return self._manager.metrics(step)
+
+  def best_step(self) -> int | None:
+    """The kept step with the best `best_metric` (None if none was saved with metrics)."""
+    scored = [s for s in self.all_steps() if (self.metrics(s) or {}).get(self.best_metric)
+              is not None]
+    return max(scored, key=lambda s: self._rank(self.metrics(s))) if scored else None
+
+  def save(self, step: int, state, metrics: dict[str, float] | None = None) -> None:
+    """Starts an asynchronous save of `state` (and `metrics`, which rank it for `best_metric`);
+    raises NonFiniteStateError (saving nothing) for a state with a NaN or Inf."""
     if self._read_only:
       raise ValueError(f"{self.directory} was opened read-only")
     checksums, finite = state_digest(state)
     if not finite:
       raise NonFiniteStateError(f"the state at step {step} has non-finite values")
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(self.fingerprint),
-        checksums=ocp.args.JsonSave(checksums)))
+    self._manager.save(step, metrics=None if metrics is None else {**metrics, "step": step},
+                       args=ocp.args.Composite(
+                           state=ocp.args.PyTreeSave(state),
+                           config=ocp.args.JsonSave(self.fingerprint),
+                           checksums=ocp.args.JsonSave(checksums)))
 
   def _saved_fingerprint(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(
         config=ocp.args.JsonRestore()))["config"]
 
-  def restore(self, step: int, abstract_state):
-    """Restores `step` onto the shardings of `abstract_state` (a tree of ShapeDtypeStructs).
+  def restore(self, step: int, abstract_state, partial: bool = False):
+    """Restores `step` onto the shardings of `abstract_state` (a tree of ShapeDtypeStructs);
+    `partial`: `abstract_state` names a subset of the saved state (e.g. {"params": ...}), and only
+    that is read.
 
     Raises ConfigMismatchError for another config's checkpoint and DamagedCheckpointError for one
     that cannot be read or whose values differ from what was saved.
@@ -131,11 +163,15 @@ class Checkpointer:
     self.check_fingerprint(saved, step)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), checksums=ocp.args.JsonRestore()))
+          state=ocp.args.PyTreeRestore(
+              item=abstract_state,
+              restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+              partial_restore=partial),
+          checksums=ocp.args.JsonRestore()))
     except Exception as e:  # noqa: BLE001
       raise self._damaged(step, _first_line(e)) from e
     checksums, _ = state_digest(restored["state"])
-    if checksums != restored["checksums"]:
+    if any(restored["checksums"].get(k) != v for k, v in checksums.items()):
       bad = sorted(k for k in checksums if checksums[k] != restored["checksums"].get(k))
       raise self._damaged(step, f"values differ from the saved checksums, e.g. {bad[0]}")
     return restored["state"]
@@ -144,7 +180,7 @@ class Checkpointer:
     return DamagedCheckpointError(f"checkpoint {self.directory}/{step} is damaged ({reason})",
                                   reason)
 
-  def restore_newest(self, abstract_state, set_aside: bool = True):
+  def restore_newest(self, abstract_state, set_aside: bool = True, partial: bool = False):
     """(step, state) of the newest intact checkpoint, or None when there is none.
 
     A damaged newer checkpoint is reported in one line and, with `set_aside`, moved to
@@ -154,7 +190,7 @@ class Checkpointer:
     damaged = []
     for step in reversed(self.all_steps()):
       try:
-        state = self.restore(step, abstract_state)
+        state = self.restore(step, abstract_state, partial)
       except DamagedCheckpointError as e:
         damaged.append((step, e.reason))
         continue

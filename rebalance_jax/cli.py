@@ -17,17 +17,20 @@ from rebalance_jax.errors import InputError
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing, with an unknown `--config.<field>` reported as a flag error naming it."""
+  """absl's parsing (`app.run`'s flags_parser), with an unknown `--config.<field>` reported as a
+  flag error naming it; every parsing error is one line and exit status 1."""
   try:
     return flags.FLAGS(argv)
+  except flags.Error as e:
+    message = str(e).splitlines()[0]
   except (AttributeError, KeyError) as e:  # ml_collections: no such field in a locked config
     field = str(e).strip("\"'")
     named = [a.split("=")[0] for a in argv[1:]
-             if re.match(rf"--config\.(.+\.)?{re.escape(field)}(=|$)", a.split("=")[0] + "=")]
-    flag = named[0] if named else f"--config...{field}"
-    sys.stderr.write(f"FATAL Flags parsing error: {flag}: the config has no field {field!r} "
-                     "(the fields are listed in rebalance_jax/config_base.py)\n")
-    sys.exit(1)
+             if re.match(rf"--config\.(.+\.)?{re.escape(field)}=", a.split("=")[0] + "=")]
+    message = (f"{named[0] if named else '--config'}: the config has no field {field!r} (the "
+               "fields are listed in rebalance_jax/config_base.py)")
+  sys.stderr.write(f"FATAL Flags parsing error: {message}\n")
+  sys.exit(1)
 
 
 def run_guarded(prog: str, argv: list[str], work: Callable[[], object]) -> None:

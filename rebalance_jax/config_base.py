@@ -113,8 +113,13 @@ def base_config() -> ml_collections.ConfigDict:
   # subsets: also evaluate on the first n test images (COCO-1K: (1000,)).
   # single_modal_self: the query itself in the headline i2i/t2t NDCG, [ref] "zeroed" (score and
   # relevance 0, still ranked); fixed: "removed". Both are always reported as i2i_<rule>_ndcg@K.
+  # Model selection: each stage is evaluated on `select_on` every `every_steps` steps (0: once per
+  # epoch) and at its end, and its checkpoint with the best `select_metric` is the stage's model
+  # (reported on test; stage 2 starts from stage 1's). "val" (the fix); [ref] "test" (selects on
+  # the reported split: optimistic); "last": the final checkpoint, no evaluation while training.
   c.eval = ml_collections.ConfigDict(dict(batch_size=256, itm_k=16, subsets=(),
-                                          single_modal_self="zeroed"))
+                                          single_modal_self="zeroed", select_on="val",
+                                          select_metric="r_mean", every_steps=0))
   return c
 
 

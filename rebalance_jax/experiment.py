@@ -15,7 +15,6 @@ from rebalance_jax.errors import InputError
 from rebalance_jax.evaluators import ranking
 from rebalance_jax.models.student import Student, StudentConfig
 from rebalance_jax.models.towers import TextConfig, VitConfig
-from rebalance_jax.optim import make_optimizer
 
 STAGES = ("stage1", "stage2")
 _CHOICES = {
@@ -26,6 +25,7 @@ _CHOICES = {
     "teachers.mode": ("precomputed", "online"),
     "model.dual_relation": ("image", "text", "both"),
     "eval.single_modal_self": ranking.SELF_RULES,
+    "eval.select_on": ("val", "test", "last"),
 }
 # The config fields each phase's outputs depend on (a later phase on the earlier ones too). A
 # checkpoint written under other values of these fields is refused.
@@ -78,6 +78,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise InputError(f"config.{field}={_get(config, field)} must lie in [{low}, {high})")
   if not (math.isfinite(config.optim.weight_decay) and config.optim.weight_decay >= 0):
     raise InputError(f"config.optim.weight_decay={config.optim.weight_decay} must be >= 0")
+  if config.eval.every_steps < 0:
+    raise InputError(f"config.eval.every_steps={config.eval.every_steps} must be >= 0 (0: once "
+                     "per epoch)")
   if not 0 <= config.data.augment_shift < config.data.image_size:
     raise InputError(f"config.data.augment_shift={config.data.augment_shift} must lie in "
                      f"[0, config.data.image_size={config.data.image_size})")
@@ -188,11 +191,57 @@ CHECKPOINT_DIRS = {
 
 def checkpointer(config: ml_collections.ConfigDict, workdir: str, phase: str, vocab: dict,
                  keep: int | None = None, read_only: bool = False) -> checkpointing.Checkpointer:
-  """The Checkpointer of `phase` (a CHECKPOINT_DIRS key) in `workdir`."""
+  """The Checkpointer of `phase` (a CHECKPOINT_DIRS key) in `workdir`; a student stage's also
+  keeps its best checkpoint by config.eval.select_metric, unless select_on='last'."""
   fingerprint_phase, directory = CHECKPOINT_DIRS[phase]
+  selects = phase in STAGES and config.eval.select_on != "last"
   return checkpointing.Checkpointer(
       os.path.join(workdir, directory), fingerprint(config, fingerprint_phase, vocab),
-      config.checkpoint.keep if keep is None else keep, read_only=read_only)
+      config.checkpoint.keep if keep is None else keep, read_only=read_only,
+      best_metric=config.eval.select_metric if selects else None)
+
+
+def eval_every_steps(config: ml_collections.ConfigDict, stage: str, num_pairs: int) -> int:
+  """How often a stage evaluates for model selection: config.eval.every_steps, or (0) once per
+  epoch of its training pairs."""
+  return config.eval.every_steps or max(num_pairs // config[stage].batch_size, 1)
+
+
+def select_checkpoint(config: ml_collections.ConfigDict, reader: checkpointing.Checkpointer,
+                      params_like, mesh, step: int | None = None, final_state=None):
+  """(step, params, record) of a stage's checkpoint: `step` if given, else the one that
+  config.eval.select_on selects (`last`: the newest intact; `val`/`test`: the best
+  config.eval.select_metric on that split). Only the parameters are read, unless they are those
+  of `final_state` (the state the stage just finished with). `record` says how it was chosen."""
+  e = config.eval
+  target = {"params": trainer.abstract_params(params_like, mesh, param_rules(config))}
+  if step is not None:
+    how = "chosen with --step"
+  elif e.select_on == "last":
+    how = "last"
+    if final_state is None:
+      newest = reader.restore_newest(target, set_aside=False, partial=True)
+      if newest is None:
+        raise InputError(f"no checkpoint in {reader.directory}")
+      return newest[0], newest[1]["params"], {"checkpoint_step": newest[0], "selected_by": how}
+    step = int(final_state["step"])
+  else:
+    step = reader.best_step()
+    if step is None:
+      raise InputError(f"{reader.directory} has no checkpoint evaluated on {e.select_on} (was it "
+                       "trained with config.eval.select_on='last'?)")
+    value = reader.metrics(step)[e.select_metric]
+    how = f"best {e.select_on} {e.select_metric} ({value:.2f})"
+    if e.select_on == "test":
+      how += ", optimistic: selected on the test split"
+  if step not in reader.all_steps():
+    raise InputError(f"--step={step}: {reader.directory} has no checkpoint of that step (it has "
+                     f"{reader.all_steps()})")
+  if final_state is not None and step == int(final_state["step"]):
+    params = final_state["params"]
+  else:
+    params = reader.restore(step, target, partial=True)["params"]
+  return step, params, {"checkpoint_step": step, "selected_by": how}
 
 
 def check_checkpoint_configs(config: ml_collections.ConfigDict, workdir: str, vocab: dict) -> None:
@@ -207,26 +256,13 @@ def check_checkpoint_configs(config: ml_collections.ConfigDict, workdir: str, vo
 
 
 def load_stage_params(config: ml_collections.ConfigDict, workdir: str, stage: str, params_like,
-                      num_examples: int, mesh, vocab: dict, step: int | None = None):
-  """A stage's student parameters at `step` (default: its newest intact checkpoint); reads only."""
+                      mesh, vocab: dict, step: int | None = None):
+  """(step, params, record) of a stage's selected checkpoint (`select_checkpoint`), read-only."""
   directory = os.path.join(workdir, CHECKPOINT_DIRS[stage][1])
   if not os.path.isdir(directory):
     raise InputError(f"no {stage} checkpoints in {directory}: is --workdir the run's workdir?")
   reader = checkpointer(config, workdir, stage, vocab, read_only=True)
   try:
-    tx, _ = make_optimizer(config.optim, params_like,
-                           trainer.steps_for(config[stage], num_examples))
-    target = trainer.abstract_state(params_like, tx, mesh, param_rules(config))
-    if step is None:
-      newest = reader.restore_newest(target, set_aside=False)
-      if newest is None:
-        raise InputError(f"no {stage} checkpoint in {directory}")
-      step, state = newest
-    elif step not in reader.all_steps():
-      raise InputError(f"--step={step}: {directory} has no checkpoint of that step (it has "
-                       f"{reader.all_steps()})")
-    else:
-      state = reader.restore(step, target)
-    return state["params"], step
+    return select_checkpoint(config, reader, params_like, mesh, step)
   finally:
     reader.close()

@@ -19,6 +19,7 @@ import threading
 import jax
 
 _requested: list[int] = []  # signal numbers received while catching
+_deferring: list[bool] = []  # non-empty while `deferred()` is open
 
 
 class Interrupted(Exception):
@@ -58,9 +59,21 @@ def requested() -> int | None:
   return _requested[0] if _requested else None
 
 
+@contextlib.contextmanager
+def deferred():
+  """`check` does not raise while open: for work whose result the caller saves before stopping
+  (an evaluation whose metrics go into the checkpoint)."""
+  _deferring.append(True)
+  try:
+    yield
+  finally:
+    _deferring.pop()
+
+
 def check(where: str) -> None:
-  """Raises Interrupted if a stop was requested; `where` names the abandoned phase."""
+  """Raises Interrupted if a stop was requested (outside `deferred`); `where` names the abandoned
+  phase."""
   signum = requested()
-  if signum is not None:
+  if signum is not None and not _deferring:
     raise Interrupted(signum, f"{signal.Signals(signum).name}: stopped during {where}; finished "
                               "phases and checkpoints are saved, re-run the same command to resume")

@@ -52,8 +52,11 @@ def _student_loss(params, batch, frozen, rng, *, config, stage, model, teacher_m
 
 
 def train_student_stage(stage: str, config, workdir, data: RetrievalData, model: Student,
-                        init_params, mesh, teachers: dict, features, until_step=None):
-  """Builds and runs one student stage; returns its final train state."""
+                        init_params, mesh, teachers: dict, features, selection_eval,
+                        until_step=None):
+  """Builds and runs one student stage, evaluating with `selection_eval(params)` for model
+  selection unless config.eval.select_on='last'. Returns (step, params, record) of the selected
+  checkpoint (`experiment.select_checkpoint`), or None when stopped at `until_step` first."""
   c = config[stage]
   total_steps = trainer.steps_for(c, data.train.num_pairs)
   tx, schedule = make_optimizer(config.optim, init_params, total_steps)
@@ -69,6 +72,11 @@ def train_student_stage(stage: str, config, workdir, data: RetrievalData, model:
   loss_fn = functools.partial(
       _student_loss, config=config, stage=stage, model=model, mesh=mesh,
       teacher_models=teachers["models"])
+  periodic_eval = None
+  if config.eval.select_on != "last":
+    periodic_eval = trainer.PeriodicEval(
+        config.eval.select_on, experiment.eval_every_steps(config, stage, data.train.num_pairs),
+        selection_eval)
   run_config = trainer.Stage(
       name=stage, loss_fn=loss_fn, tx=tx, schedule=schedule, total_steps=total_steps,
       batch_size=c.batch_size, batch_size_field=f"config.{stage}.batch_size",
@@ -76,10 +84,15 @@ def train_student_stage(stage: str, config, workdir, data: RetrievalData, model:
       checkpointer=experiment.checkpointer(config, workdir, stage, data.vocab),
       writer=reporting.MetricWriter(os.path.join(workdir, stage, "logs")),
       checkpoint_every=config.checkpoint.every_steps, log_every=config.log_every,
-      seed=trainer.stage_seed(config.seed, stage), param_rules=experiment.param_rules(config))
+      seed=trainer.stage_seed(config.seed, stage), param_rules=experiment.param_rules(config),
+      periodic_eval=periodic_eval)
   try:
-    return trainer.run_stage(run_config, init_params, teachers["params"] if online else None,
-                             mesh, data.train.num_pairs, until_step)
+    state = trainer.run_stage(run_config, init_params, teachers["params"] if online else None,
+                              mesh, data.train.num_pairs, until_step)
+    if int(state["step"]) < total_steps:
+      return None
+    return experiment.select_checkpoint(config, run_config.checkpointer, init_params, mesh,
+                                        final_state=state)
   finally:
     run_config.writer.close()
     run_config.checkpointer.close()
@@ -128,17 +141,24 @@ def _run_phases(config, workdir, mesh, until):
   model = experiment.student_model(config, data.vocab_size)
   fresh = init_student(model, jax.random.key(config.seed))
   evaluator = Evaluator(config, model, data.test, mesh, workdir)
+  selection_split = data.val if config.eval.select_on == "val" else data.test
   params = fresh
   for stage in experiment.STAGES:
     until_step = until[1] if until and until[0] == stage else None
     init = fresh if stage == "stage1" else stage2_init(params, fresh)
-    state = train_student_stage(stage, config, workdir, data, model, init, mesh, teachers,
-                                features if stage == "stage2" else None, until_step)
-    if until_step is not None:
+    selected = train_student_stage(
+        stage, config, workdir, data, model, init, mesh, teachers,
+        features if stage == "stage2" else None,
+        functools.partial(evaluator.selection_metrics, split=selection_split), until_step)
+    if selected is None:
       break
     interrupts.check(f"{stage} (its final checkpoint is saved)")
-    params = state["params"]
-    evaluator.add(stage, params)
+    step, params, record = selected
+    logging.info("%s: the model is step %d (%s)", stage, step, record["selected_by"])
+    if evaluator.is_recorded(stage, record):
+      logging.info("%s: step %d was evaluated before; results.json has it", stage, step)
+      continue
+    evaluator.add(stage, params, record)
     evaluator.write()
     # Every process computed the metrics; logging them everywhere shows that the processes agree.
     logging.info("process %d: %s rsum %.4f", jax.process_index(), stage,

@@ -99,12 +99,27 @@ def abstract_state(params, tx: optax.GradientTransformation, mesh: Mesh,
                       shapes, rules.state_shardings(shapes, mesh))
 
 
+def abstract_params(params, mesh: Mesh, rules: sharding.ParamRules):
+  """Shapes, dtypes and shardings of the parameters alone: the target of a params-only restore."""
+  return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), params,
+                      rules.param_shardings(params, mesh))
+
+
 def create_state(params, tx: optax.GradientTransformation, mesh: Mesh,
                  rules: sharding.ParamRules):
   """The initial train state, built under jit directly in its sharded layout."""
   target = abstract_state(params, tx, mesh, rules)
   init = functools.partial(_initial_state, tx=tx)
   return jax.jit(init, out_shardings=jax.tree.map(lambda s: s.sharding, target))(params)
+
+
+@dataclasses.dataclass
+class PeriodicEval:
+  """Evaluation during training: `evaluate(params) -> metrics` every `every_steps` steps and at the
+  last step; the metrics are logged as `<name>/<key>` and saved with that step's checkpoint."""
+  name: str
+  every_steps: int
+  evaluate: Callable
 
 
 @dataclasses.dataclass
@@ -124,6 +139,7 @@ class Stage:
   log_every: int
   seed: int
   param_rules: sharding.ParamRules
+  periodic_eval: PeriodicEval | None = None
 
 
 def run_stage(stage: Stage, init_params, frozen, mesh: Mesh, num_examples: int,
@@ -161,17 +177,34 @@ def run_stage(stage: Stage, init_params, frozen, mesh: Mesh, num_examples: int,
     pending.append(metrics)
     step += 1
     stop = _stop_requested(step)
-    checkpoint = step % stage.checkpoint_every == 0 or step == end or stop is not None
+    evaluation = stage.periodic_eval if stage.periodic_eval and (
+        step % stage.periodic_eval.every_steps == 0 or step == stage.total_steps) else None
+    checkpoint = (step % stage.checkpoint_every == 0 or step == end or stop is not None or
+                  evaluation is not None)
     if step % stage.log_every == 0 or checkpoint:
-      _log(stage, step, pending, progress)
+      means = _checked_means(stage, step, pending)
       pending = []
-    if checkpoint:
-      _save(stage, step, state)
+      eval_metrics = {}
+      if evaluation is not None:
+        with interrupts.deferred():  # a stop request waits until the metrics are saved
+          eval_metrics = _numbers(evaluation.evaluate(state["params"]))
+        means.update({f"{evaluation.name}/{k}": v for k, v in eval_metrics.items()})
+        if reporting.is_main_process():
+          logging.info("%s %d: %s %s", stage.name, step, evaluation.name, " ".join(
+              f"{k}={eval_metrics[k]:.4g}" for k in ("r_mean", "rsum") if k in eval_metrics))
+      means.update(progress.report(step, means, stage.batch_size))
+      stage.writer.write(step, means)
+      if checkpoint:
+        _save(stage, step, state, eval_metrics or None)
     if stop is not None:
       stage.checkpointer.wait()
       raise Preempted(stop, stage.name, step)
   stage.checkpointer.wait()
   return state
+
+
+def _numbers(metrics: dict) -> dict[str, float]:
+  return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, np.number))}
 
 
 def _non_finite(stage: Stage, what: str) -> NonFiniteLossError:
@@ -183,16 +216,16 @@ def _non_finite(stage: Stage, what: str) -> NonFiniteLossError:
                             "the data.")
 
 
-def _save(stage: Stage, step: int, state) -> None:
+def _save(stage: Stage, step: int, state, metrics: dict | None) -> None:
   try:
-    stage.checkpointer.save(step, state)
+    stage.checkpointer.save(step, state, metrics)
   except checkpointing.NonFiniteStateError:
     raise _non_finite(stage, f"non-finite parameters or optimizer state after step {step}, not "
                              "saved") from None
 
 
-def _log(stage: Stage, step: int, pending: list, progress: reporting.Progress) -> None:
-  """Checks every pending step's loss is finite, then writes their mean and a progress line."""
+def _checked_means(stage: Stage, step: int, pending: list) -> dict[str, float]:
+  """The mean of every pending step's metrics, after checking their losses are finite."""
   fetched = jax.device_get(pending)
   first = step - len(fetched) + 1
   for offset, metrics in enumerate(fetched):
@@ -202,5 +235,4 @@ def _log(stage: Stage, step: int, pending: list, progress: reporting.Progress) -
       raise _non_finite(stage, f"non-finite loss or gradient at step {first + offset}: {bad}")
   means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
   means["lr"] = float(stage.schedule(step - 1))
-  means.update(progress.report(step, means, stage.batch_size))
-  stage.writer.write(step, means)
+  return means

@@ -56,12 +56,18 @@ def _largest_data_file(step_dir):
   return max(glob.glob(f"{step_dir}/state/**/d/*", recursive=True), key=os.path.getsize)
 
 
-def _damage(step_dir: str, how: str) -> None:
-  if how == "garbled bytes":  # same size: Orbax itself restores it silently
-    path = _largest_data_file(step_dir)
-    with open(path, "r+b") as f:
-      f.seek(os.path.getsize(path) // 2)
-      f.write(b"\xde\xad\xbe\xef")
+def _damage(step_dir: str, how: str, state=None) -> None:
+  if how == "garbled bytes":  # same size, values changed: Orbax itself restores it silently
+    raw = np.asarray(state["params"]["w"]).tobytes()[:16]  # stored uncompressed
+    hits = 0
+    for path in glob.glob(f"{step_dir}/state/**/d/*", recursive=True):
+      with open(path, "r+b") as f:
+        offset = f.read().find(raw)
+        if offset >= 0:
+          f.seek(offset)
+          f.write(b"\xde\xad\xbe\xef")
+          hits += 1
+    assert hits
   elif how == "truncated file":
     path = _largest_data_file(step_dir)
     os.truncate(path, os.path.getsize(path) // 3)
@@ -82,7 +88,7 @@ def _damage(step_dir: str, how: str) -> None:
                                  "missing _METADATA", "garbled fingerprint", "empty step folder"])
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(two_checkpoints, how, caplog):
   directory, states = two_checkpoints
-  _damage(os.path.join(directory, "2"), how)
+  _damage(os.path.join(directory, "2"), how, states[2])
   loader = Checkpointer(directory, {"x": 1}, keep=3)
   step, state = loader.restore_newest(_target(states[1]))
   assert step == 1

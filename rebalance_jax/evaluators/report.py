@@ -24,6 +24,14 @@ def _header(column: str) -> str:
   return column.replace("_r", " R@")
 
 
+def _model_cell(name: str, metrics: dict) -> str:
+  """'<name> (<score mode>)', then the evaluated checkpoint and how it was selected."""
+  cell = f"{name} ({metrics.get('score_mode', 'itc')})"
+  if "checkpoint_step" in metrics:
+    cell += f", step {metrics['checkpoint_step']}: {metrics['selected_by']}"
+  return cell
+
+
 def results_table(rows: dict[str, dict]) -> str:
   """Markdown: one row per model; i2t/t2i R@1/5/10, rsum, then NDCG@10/20/50 of each protocol."""
   columns = RECALL_COLUMNS + [c for c in NDCG_COLUMNS if any(c in m for m in rows.values())]
@@ -31,7 +39,7 @@ def results_table(rows: dict[str, dict]) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for name, metrics in rows.items():
     cells = [f"{metrics[c]:.2f}" if c in metrics else "" for c in columns]
-    lines.append("| " + " | ".join([f"{name} ({metrics.get('score_mode', 'itc')})"] + cells) + " |")
+    lines.append("| " + " | ".join([_model_cell(name, metrics)] + cells) + " |")
   return "\n".join(lines)
 
 

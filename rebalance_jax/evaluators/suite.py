@@ -1,6 +1,7 @@
 """The evaluation suite of an experiment: every protocol on the test split and its configured
 sub-splits (e.g. COCO-1K), accumulated over models into one results table and plot."""
 
+import hashlib
 import json
 import os
 import time
@@ -21,8 +22,10 @@ from rebalance_jax.models.student import Student, init_student
 class Evaluator:
   """Evaluates parameters with `retrieval.evaluate`; rows are named '<model>' or '<model> (<n>)'.
 
-  `directory` holds results.{json,md,png}; rows already there are kept and merged with the new
-  ones (a rerun that evaluates one stage never drops another's row).
+  `directory` holds results.{json,md,png}. Rows already there are kept and merged with the new
+  ones (a rerun that evaluates one stage never drops another's row). Each row records which
+  checkpoint it evaluated, how that checkpoint was selected, and a fingerprint of config.eval, so a
+  rerun of a finished run does not evaluate it again (`is_recorded`).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, model: Student, test: EvalSplit,
@@ -30,22 +33,46 @@ class Evaluator:
     self._config, self._model, self._mesh = config, model, mesh
     self._directory = directory
     self._splits = {"": test, **{f" ({n})": test.first(n) for n in config.eval.subsets}}
-    self._relevance: dict[str, np.ndarray] = {}
+    self._relevance: dict[int, np.ndarray] = {}
+    self._fingerprint = hashlib.sha256(
+        json.dumps(config.eval.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
     self.rows, self.curves = _saved_results(os.path.join(directory, "results.json"))
 
-  def _relevance_of(self, suffix: str) -> np.ndarray:
-    if suffix not in self._relevance:
+  def _relevance_of(self, split: EvalSplit) -> np.ndarray:
+    if id(split) not in self._relevance:
       cache_dir = os.path.join(os.path.expanduser(self._config.data.cache_dir), "relevance")
-      self._relevance[suffix] = retrieval.split_relevance(self._splits[suffix], cache_dir)
-    return self._relevance[suffix]
+      self._relevance[id(split)] = retrieval.split_relevance(split, cache_dir)
+    return self._relevance[id(split)]
 
-  def add(self, name: str, params) -> None:
+  def _evaluate(self, params, split: EvalSplit):
+    e = self._config.eval
+    return retrieval.evaluate(self._model, params, split, self._relevance_of(split),
+                              itm_k=e.itm_k, batch_size=e.batch_size, mesh=self._mesh,
+                              single_modal_self=e.single_modal_self)
+
+  def selection_metrics(self, params, split: EvalSplit) -> dict:
+    """Every protocol's metrics of `params` on `split` (model selection during training)."""
+    metrics, _ = self._evaluate(params, split)
+    metric = self._config.eval.select_metric
+    if not isinstance(metrics.get(metric), float):
+      known = sorted(k for k, v in metrics.items() if isinstance(v, float))
+      raise InputError(f"config.eval.select_metric={metric!r} is not a metric; known: {known}")
+    return metrics
+
+  def is_recorded(self, name: str, record: dict) -> bool:
+    """Whether every row of `name` holds this checkpoint's evaluation under this config.eval."""
+    expected = {**record, "eval_fingerprint": self._fingerprint}
+    return all(name + suffix in self.rows and
+               all(self.rows[name + suffix].get(k) == v for k, v in expected.items())
+               for suffix in self._splits)
+
+  def add(self, name: str, params, record: dict | None = None) -> None:
+    """Evaluates `params` on the test split and its subsets; `record` (e.g. the checkpoint step
+    and how it was selected) is stored in each row."""
     for suffix, split in self._splits.items():
-      metrics, curves = retrieval.evaluate(
-          self._model, params, split, self._relevance_of(suffix), itm_k=self._config.eval.itm_k,
-          batch_size=self._config.eval.batch_size, mesh=self._mesh,
-          single_modal_self=self._config.eval.single_modal_self)
-      self.rows[name + suffix] = metrics
+      metrics, curves = self._evaluate(params, split)
+      self.rows[name + suffix] = {**metrics, **(record or {}),
+                                  "eval_fingerprint": self._fingerprint}
       self.curves[name + suffix] = curves
 
   def write(self) -> None:
@@ -96,9 +123,9 @@ def evaluate_run(config, workdir: str, stages, step: int | None = None) -> dict:
     evaluator = Evaluator(config, model, data.test, mesh, output)
     names = []
     for stage in stages:
-      params, loaded_step = experiment.load_stage_params(
-          config, workdir, stage, params_like, data.train.num_pairs, mesh, data.vocab, step)
+      loaded_step, params, record = experiment.load_stage_params(
+          config, workdir, stage, params_like, mesh, data.vocab, step)
       names.append(f"{stage}@{loaded_step}")
-      evaluator.add(names[-1], params)
+      evaluator.add(names[-1], params, record)
     evaluator.write()
   return {name: evaluator.rows[name] for name in names}

@@ -30,10 +30,12 @@ _CHOICES = {
 # The config fields each phase's outputs depend on (a later phase on the earlier ones too). A
 # checkpoint written under other values of these fields is refused.
 _DATA = ("seed", "data", "tokenizer")
+# Model selection decides which checkpoints a stage keeps and what their saved metrics mean.
+_SELECTION = ("eval.select_on", "eval.select_metric", "eval.every_steps")
 FINGERPRINT_FIELDS = {
     "teachers": _DATA + ("teachers",),
-    "stage1": _DATA + ("model", "optim", "loss.itm_negatives", "stage1"),
-    "stage2": _DATA + ("model", "optim", "loss", "stage1", "stage2", "teachers"),
+    "stage1": _DATA + ("model", "optim", "loss.itm_negatives", "stage1") + _SELECTION,
+    "stage2": _DATA + ("model", "optim", "loss", "stage1", "stage2", "teachers") + _SELECTION,
 }
 # Where the data lies does not change what it is.
 _LOCATION_FIELDS = ("data.cache_dir", "data.image_root")

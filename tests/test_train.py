@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import REPO
-from rebalance_jax import experiment, files, interrupts, teacher_job, train, trainer
+from rebalance_jax import checkpointing, experiment, files, interrupts, teacher_job, train, trainer
 from rebalance_jax.checkpointing import ConfigMismatchError
 from rebalance_jax.data.datasets import PairSplit, load_retrieval_data
 from rebalance_jax.errors import InputError
@@ -61,11 +61,16 @@ def test_two_stage_run_writes_results_metrics_and_features(finished_run):
   assert saved["metrics"] == results
   curves = saved["recall_curves"]["stage2"]
   assert len(curves["itc"]["i2t"]) == 50 and curves["ks"] == list(range(1, 51))
-  assert curves["itc"]["i2t"][-1] == 100.0  # 16 test images: every image within K=50
+  for direction in ("i2t", "t2i"):  # the curves are the recalls of the table
+    assert np.all(np.diff(curves["itc"][direction]) >= 0)
+    assert curves["itc"][direction][9] == results["stage2"][f"itc/{direction}_r10"]
+    assert curves["itm"][direction][0] == results["stage2"][f"itm/{direction}_r1"]
+  assert curves["itc"]["t2i"][15] == 100.0  # 16 test images: every caption's image within K=16
   assert curves["itm"]["max_k"] == config.eval.itm_k == len(curves["itm"]["t2i"])
   with open(os.path.join(workdir, "results.md")) as f:
     table = f.read()
-  assert "| stage1 (itm) |" in table and "| stage2 (itm) |" in table and "t2t N@10" in table
+  assert "| stage1 (itm), step " in table and "| stage2 (itm), step " in table
+  assert "t2t N@10" in table
   assert os.path.getsize(os.path.join(workdir, "results.png")) > 10_000
 
   with open(os.path.join(workdir, "stage2", "logs", "metrics.jsonl")) as f:
@@ -223,16 +228,66 @@ def test_dual_encoder_with_online_teachers(tiny_config, tmp_path):
   assert "loss/itm" not in last and np.isfinite(last["loss/kd"]) and last["loss/kd"] > 0
 
 
-def test_evaluate_run_on_a_finished_run(finished_run):
+def test_evaluate_run_on_a_finished_run(finished_run, monkeypatch):
   config, workdir, results = finished_run
+  restores = []
+  restore = checkpointing.Checkpointer.restore
+
+  def spy(self, step, target, partial=False):
+    restores.append((set(target), partial))
+    return restore(self, step, target, partial)
+
+  monkeypatch.setattr(checkpointing.Checkpointer, "restore", spy)
   rows = evaluate_run(config, workdir, ["stage1", "stage2"])
-  assert set(rows) == {"stage1@4", "stage2@4"}
-  for stage in ("stage1", "stage2"):  # the same checkpoints give the same numbers as training's
-    numbers = lambda m: {k: v for k, v in m.items() if k != "score_mode"}
-    assert numbers(rows[f"{stage}@4"]) == pytest.approx(numbers(results[stage]))
+  steps = {stage: results[stage]["checkpoint_step"] for stage in ("stage1", "stage2")}
+  assert set(rows) == {f"{stage}@{step}" for stage, step in steps.items()}
+  assert restores == [({"params"}, True)] * 2  # the parameters alone: no optimizer state
+  numbers = lambda m: {k: v for k, v in m.items() if isinstance(v, float)}
+  for stage, step in steps.items():  # the same checkpoints give the same numbers as training's
+    assert numbers(rows[f"{stage}@{step}"]) == pytest.approx(numbers(results[stage]))
+    assert rows[f"{stage}@{step}"]["selected_by"] == results[stage]["selected_by"]
   assert os.path.exists(os.path.join(workdir, "eval", "results.png"))
   with pytest.raises(InputError, match=r"--stages: unknown \['stage3'\]"):
     evaluate_run(config, workdir, ["stage3"])
+
+
+def test_each_stage_reports_the_checkpoint_it_selected_on_val(finished_run):
+  config, workdir, results = finished_run
+  for stage in ("stage1", "stage2"):
+    reader = experiment.checkpointer(config, workdir, stage, load_retrieval_data(config).vocab,
+                                     read_only=True)
+    scores = {s: reader.metrics(s)["r_mean"] for s in reader.all_steps()}
+    reader.close()
+    assert sorted(scores) == [2, 4]  # evaluated on val at every_steps=2 and the last step
+    best = min(scores, key=lambda s: (-scores[s], s))  # ties: the earlier step
+    assert results[stage]["checkpoint_step"] == best
+    assert results[stage]["selected_by"] == f"best val r_mean ({scores[best]:.2f})"
+  with open(os.path.join(workdir, "results.md")) as f:
+    assert f"| stage2 (itm), step {results['stage2']['checkpoint_step']}: best val r_mean" in f.read()
+  with open(os.path.join(workdir, "stage1", "logs", "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  assert [r["step"] for r in records] == [2, 4] and "val/r_mean" in records[0]
+
+
+def test_a_rerun_of_a_finished_run_evaluates_nothing(finished_run, tmp_path, monkeypatch):
+  config, full_dir, full_results = finished_run
+  workdir = _copy_of(full_dir, tmp_path)
+
+  def fail(*args, **kwargs):
+    raise AssertionError("evaluated again")
+
+  monkeypatch.setattr(Evaluator, "add", fail)
+  monkeypatch.setattr(Evaluator, "selection_metrics", fail)
+  assert train.run(config, workdir) == full_results
+
+
+def test_changing_the_selection_of_a_trained_run_is_refused(finished_run):
+  config, workdir, _ = finished_run
+  other = config.copy_and_resolve_references()
+  other.eval.select_on = "last"
+  with pytest.raises(ConfigMismatchError, match=r"eval\.select_on: checkpoint 'val' vs config "
+                                                r"'last'"):
+    evaluate_run(other, workdir, ["stage1"])
 
 
 def test_evaluate_cli_help():
@@ -388,10 +443,10 @@ def test_sigint_during_evaluation_stops_cleanly_and_the_rerun_finishes(finished_
   os.remove(os.path.join(workdir, "results.json"))
   add = Evaluator.add
 
-  def add_after_ctrl_c(self, name, params):
+  def add_after_ctrl_c(self, *args):
     monkeypatch.setattr(Evaluator, "add", add)
     os.kill(os.getpid(), signal.SIGINT)
-    return add(self, name, params)
+    return add(self, *args)
 
   monkeypatch.setattr(Evaluator, "add", add_after_ctrl_c)
   with pytest.raises(interrupts.Interrupted, match="SIGINT: stopped during") as stopped:

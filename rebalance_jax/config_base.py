@@ -147,5 +147,7 @@ def reference_config(name: str, lr: float, max_tokens: int):
   c.checkpoint.every_steps = 1000
   c.log_every = 100
   c.eval.itm_k = 256 if name == "coco" else 128
+  # [ref] selects each epoch's best r_mean on the test split: --config.eval.select_on=test
+  # reproduces that (optimistic); the default selects on the validation split.
   c.eval.subsets = (1000,) if name == "coco" else ()
   return c

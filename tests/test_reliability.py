@@ -52,10 +52,6 @@ def two_checkpoints(tmp_path):
   return directory, states
 
 
-def _largest_data_file(step_dir):
-  return max(glob.glob(f"{step_dir}/state/**/d/*", recursive=True), key=os.path.getsize)
-
-
 def _damage(step_dir: str, how: str, state=None) -> None:
   if how == "garbled bytes":  # same size, values changed: Orbax itself restores it silently
     raw = np.asarray(state["params"]["w"]).tobytes()[:16]  # stored uncompressed
@@ -68,9 +64,9 @@ def _damage(step_dir: str, how: str, state=None) -> None:
           f.write(b"\xde\xad\xbe\xef")
           hits += 1
     assert hits
-  elif how == "truncated file":
-    path = _largest_data_file(step_dir)
-    os.truncate(path, os.path.getsize(path) // 3)
+  elif how == "truncated file":  # every copy: Orbax reads either the merged or the per-process one
+    for path in glob.glob(f"{step_dir}/state/**/d/*", recursive=True):
+      os.truncate(path, os.path.getsize(path) // 3)
   elif how == "empty manifest.ocdbt":
     for path in glob.glob(f"{step_dir}/state/**/manifest.ocdbt", recursive=True):
       open(path, "w").close()
@@ -258,3 +254,22 @@ def test_a_bad_vocabulary_file_is_named(tmp_path, content, match):
   path.write_bytes(content if isinstance(content, bytes) else content.encode())
   with pytest.raises(InputError, match=rf"tokenizer vocabulary {path}.*{match}"):
     text.load_tokenizer(str(path))
+
+
+def test_the_best_checkpoint_is_kept_besides_the_newest(tmp_path):
+  saver = Checkpointer(str(tmp_path), {"x": 1}, keep=2, best_metric="r_mean")
+  state = _state(1)
+  for step, score in [(1, 1.0), (2, 3.0), (3, 2.0), (4, 3.0), (5, 0.5)]:
+    saver.save(step, state, {"r_mean": score, "rsum": 6 * score})
+    saver.wait()
+  saver.save(6, state)  # a periodic checkpoint without metrics
+  saver.wait()
+  assert saver.all_steps() == [2, 5, 6]  # the newest two, and the best (the tie: the earlier)
+  assert saver.best_step() == 2 and saver.metrics(2) == {"r_mean": 3.0, "rsum": 18.0, "step": 2}
+  saver.close()
+  reopened = Checkpointer(str(tmp_path), {"x": 1}, keep=2, best_metric="r_mean", read_only=True)
+  assert reopened.best_step() == 2
+  params = reopened.restore(2, {"params": _target(state)["params"]}, partial=True)
+  assert set(params) == {"params"}
+  _assert_same(params["params"], state["params"])
+  reopened.close()

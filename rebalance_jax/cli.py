@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from absl import flags, logging
 
-from rebalance_jax import distributed, interrupts, trainer
+from rebalance_jax import compilation_cache, distributed, interrupts, trainer
 from rebalance_jax.errors import InputError
 
 
@@ -34,8 +34,10 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def run_guarded(prog: str, argv: list[str], work: Callable[[], object]) -> None:
-  """Starts the process (distributed.start), runs `work` and exits as the module docstring says."""
+  """Starts the process (distributed.start, the compilation cache), runs `work` and exits as the
+  module docstring says."""
   distributed.start(argv)
+  compilation_cache.enable_from_flags()
   try:
     work()
   except interrupts.Interrupted as e:

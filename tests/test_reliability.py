@@ -14,9 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from conftest import REPO
-from rebalance_jax import checkpointing, cli, files, interrupts, reporting, sharding, trainer
+from rebalance_jax import (checkpointing, cli, compilation_cache, files, interrupts, reporting,
+                           sharding, trainer)
 from rebalance_jax.checkpointing import Checkpointer, ConfigMismatchError, DamagedCheckpointError
 from rebalance_jax.data import text
 from rebalance_jax.errors import InputError
@@ -273,3 +275,18 @@ def test_the_best_checkpoint_is_kept_besides_the_newest(tmp_path):
   assert set(params) == {"params"}
   _assert_same(params["params"], state["params"])
   reopened.close()
+
+
+@pytest.mark.parametrize("looped", [True, False])
+def test_the_cache_guard_spots_collectives_inside_loops(looped):
+  """The executables XLA:CPU cannot load from the persistent cache (compilation_cache.py)."""
+  mesh = sharding.make_mesh()
+  ring = [(i, (i + 1) % 8) for i in range(8)]
+
+  def local(x):
+    step = lambda _, y: jax.lax.ppermute(y, "data", ring)
+    return jax.lax.fori_loop(0, 3, step, x) if looped else step(0, x)
+
+  fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P("data"), out_specs=P("data")))
+  executable = fn.lower(jnp.ones((8, 4))).compile().runtime_executable()
+  assert compilation_cache.collective_in_nested_computation(executable) == looped

@@ -15,9 +15,13 @@ from rebalance_jax.files import atomic_write_text
 
 
 def quiet_library_logs() -> None:
-  """Hides Orbax's per-save INFO lines (it logs through absl); warnings and errors still show."""
+  """Hides Orbax's per-save INFO lines (it logs through absl) and its warning on every periodic
+  checkpoint saved without selection metrics; other warnings and errors still show."""
   def keep(record):
-    return record.levelno >= python_logging.WARNING or "/orbax/" not in record.pathname
+    if "/orbax/" not in record.pathname:
+      return True
+    return (record.levelno >= python_logging.WARNING and
+            not str(record.msg).startswith("Requested `tracked_metric`"))
   python_logging.getLogger("absl").addFilter(keep)
 
 

@@ -80,6 +80,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise InputError(f"config.{field}={_get(config, field)} must lie in [{low}, {high})")
   if not (math.isfinite(config.optim.weight_decay) and config.optim.weight_decay >= 0):
     raise InputError(f"config.optim.weight_decay={config.optim.weight_decay} must be >= 0")
+  if 0 < config.eval.itm_k < max(ranking.RECALL_KS):  # past k, positives tie at the fill: hits
+    raise InputError(f"config.eval.itm_k={config.eval.itm_k} must be 0 (no re-ranking) or at least "
+                     f"{max(ranking.RECALL_KS)}, the largest recall K")
   if config.eval.every_steps < 0:
     raise InputError(f"config.eval.every_steps={config.eval.every_steps} must be >= 0 (0: once "
                      "per epoch)")

@@ -149,6 +149,8 @@ def test_non_finite_loss_stops_the_run(tiny_config, tmp_path):
     ("optim.lr", -0.05, r"config\.optim\.lr=-0\.05 must be a positive finite number"),
     ("model.temp_init", 0.0, r"config\.model\.temp_init=0\.0 must be a positive"),
     ("checkpoint.keep", 0, r"config\.checkpoint\.keep=0 must be positive"),
+    ("eval.itm_k", 5, r"config\.eval\.itm_k=5 must be 0 \(no re-ranking\) or at least 10"),
+    ("eval.select_on", "best", r"config\.eval\.select_on='best' is not one of"),
     ("data.augment_shift", -2, r"config\.data\.augment_shift=-2 must lie in \[0, "),
     ("teachers.batch_size", 12, r"config\.teachers\.batch_size=12 must be a positive multiple "
                                 r"of the device count \(8 devices"),

@@ -194,6 +194,15 @@ def test_different_configs_use_different_cache_directories(tmp_path):
   assert len(list(tmp_path.iterdir())) == 2
 
 
+def _record_generated_splits(monkeypatch) -> list[str]:
+  """The names of the splits generated from now on (the cache missed), in order."""
+  generated = []
+  real_generate = synthetic.generate_split
+  monkeypatch.setattr(synthetic, "generate_split", lambda cfg, split: generated.append(split) or
+                      real_generate(cfg, split))
+  return generated
+
+
 @pytest.mark.parametrize("file_name, tamper", [("train.npz", "truncate"), ("val.json", "truncate"),
                                                ("train.npz", "flip"), ("test.json", "flip")])
 def test_a_tampered_cache_file_is_regenerated(tmp_path, monkeypatch, file_name, tamper):
@@ -205,10 +214,7 @@ def test_a_tampered_cache_file_is_regenerated(tmp_path, monkeypatch, file_name, 
   else:  # same size, one byte changed: still a loadable file, but not the one written
     content[len(content) // 2] ^= 0xFF
   path.write_bytes(bytes(content))
-  generated = []
-  real_generate = synthetic.generate_split
-  monkeypatch.setattr(synthetic, "generate_split", lambda cfg, split: generated.append(split) or
-                      real_generate(cfg, split))
+  generated = _record_generated_splits(monkeypatch)
   second = synthetic.load_or_generate(SMALL, str(tmp_path))
   assert generated == [file_name.split(".")[0]]
   split = file_name.split(".")[0]
@@ -220,10 +226,7 @@ def test_a_tampered_cache_file_is_regenerated(tmp_path, monkeypatch, file_name, 
 def test_split_with_a_missing_file_is_regenerated(tmp_path, monkeypatch):
   first = synthetic.load_or_generate(SMALL, str(tmp_path))
   (tmp_path / synthetic.cache_key(SMALL) / "test.npz").unlink()
-  generated = []
-  real_generate = synthetic.generate_split
-  monkeypatch.setattr(synthetic, "generate_split", lambda cfg, split: generated.append(split) or
-                      real_generate(cfg, split))
+  generated = _record_generated_splits(monkeypatch)
   second = synthetic.load_or_generate(SMALL, str(tmp_path))
   assert generated == ["test"]
   np.testing.assert_array_equal(second["test"]["images"], first["test"]["images"])

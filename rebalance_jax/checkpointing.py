@@ -16,6 +16,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as preservation
 from absl import logging
@@ -78,6 +79,22 @@ def state_digest(state) -> tuple[dict[str, int], bool]:
   return dict(zip(paths, (int(c) for c in jax.tree.leaves(checksums)))), bool(finite)
 
 
+def _attempt(read):
+  """(read(), None), or (None, the exception) for any error of Orbax, TensorStore, JSON or the
+  filesystem: they all mean the same here."""
+  try:
+    return read(), None
+  except Exception as e:  # noqa: BLE001
+    return None, e
+
+
+def _everywhere(flag: bool) -> bool:
+  """Whether `flag` holds on every process (each must call this at the same point)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.all(multihost_utils.process_allgather(np.array(flag))))
+
+
 def _first_line(error: BaseException) -> str:
   text = str(error).strip().splitlines()
   return f"{type(error).__name__}: {text[0][:160] if text else ''}"
@@ -124,11 +141,16 @@ class Checkpointer:
     """The metrics saved with `step` (None for a checkpoint saved without)."""
     return self._manager.metrics(step)
 
-  def best_step(self) -> int | None:
-    """The kept step with the best `best_metric` (None if none was saved with metrics)."""
+  def ranked_steps(self) -> list[int]:
+    """The kept steps saved with `best_metric`, best first (ties: the earlier step)."""
     scored = [s for s in self.all_steps() if (self.metrics(s) or {}).get(self.best_metric)
               is not None]
-    return max(scored, key=lambda s: self._rank(self.metrics(s))) if scored else None
+    return sorted(scored, key=lambda s: self._rank(self.metrics(s)), reverse=True)
+
+  def best_step(self) -> int | None:
+    """The kept step with the best `best_metric` (None if none was saved with metrics)."""
+    ranked = self.ranked_steps()
+    return ranked[0] if ranked else None
 
   def save(self, step: int, state, metrics: dict[str, float] | None = None) -> None:
     """Starts an asynchronous save of `state` (and `metrics`, which rank it for `best_metric`);
@@ -156,20 +178,19 @@ class Checkpointer:
     Raises ConfigMismatchError for another config's checkpoint and DamagedCheckpointError for one
     that cannot be read or whose values differ from what was saved.
     """
-    try:
-      saved = self._saved_fingerprint(step)
-    except Exception as e:  # noqa: BLE001 -- Orbax, TensorStore and JSON errors alike
-      raise self._damaged(step, _first_line(e)) from e
+    saved, error = _attempt(lambda: self._saved_fingerprint(step))
+    if not _everywhere(error is None):
+      raise self._damaged(step, _first_line(error) if error else "unreadable on another process")
     self.check_fingerprint(saved, step)
-    try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.PyTreeRestore(
-              item=abstract_state,
-              restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
-              partial_restore=partial),
-          checksums=ocp.args.JsonRestore()))
-    except Exception as e:  # noqa: BLE001
-      raise self._damaged(step, _first_line(e)) from e
+    restored, error = _attempt(lambda: self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item=abstract_state,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+            partial_restore=partial),
+        checksums=ocp.args.JsonRestore())))
+    # Every process takes the same path into the collective checksum below.
+    if not _everywhere(error is None):
+      raise self._damaged(step, _first_line(error) if error else "unreadable on another process")
     checksums, _ = state_digest(restored["state"])
     if any(restored["checksums"].get(k) != v for k, v in checksums.items()):
       bad = sorted(k for k in checksums if checksums[k] != restored["checksums"].get(k))
@@ -210,14 +231,17 @@ class Checkpointer:
 
   def _set_aside(self, step: int) -> str:
     target = os.path.join(self.directory + DAMAGED_SUFFIX, str(step))
+    error = None
     if reporting.is_main_process():
-      os.makedirs(os.path.dirname(target), exist_ok=True)
       suffix = 1
       while os.path.exists(target):  # damaged twice: keep both
         target = os.path.join(self.directory + DAMAGED_SUFFIX, f"{step}-{suffix}")
         suffix += 1
-      os.rename(os.path.join(self.directory, str(step)), target)
-    multihost_utils.sync_global_devices(f"set aside {self.directory}/{step}")
+      _, error = _attempt(lambda: (os.makedirs(os.path.dirname(target), exist_ok=True),
+                                   os.rename(os.path.join(self.directory, str(step)), target)))
+    if not _everywhere(error is None):
+      raise DamagedCheckpointError(f"checkpoint {self.directory}/{step} is damaged and could not "
+                                   f"be moved to {target} ({error}); move it away by hand")
     return f"moved to {target}"
 
   def check_config(self) -> None:

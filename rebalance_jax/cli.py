@@ -23,12 +23,14 @@ def parse_flags(argv: list[str]) -> list[str]:
     return flags.FLAGS(argv)
   except flags.Error as e:
     message = str(e).splitlines()[0]
-  except (AttributeError, KeyError) as e:  # ml_collections: no such field in a locked config
-    field = str(e).strip("\"'")
-    named = [a.split("=")[0] for a in argv[1:]
-             if re.match(rf"--config\.(.+\.)?{re.escape(field)}=", a.split("=")[0] + "=")]
-    message = (f"{named[0] if named else '--config'}: the config has no field {field!r} (the "
-               "fields are listed in rebalance_jax/config_base.py)")
+  except (AttributeError, KeyError, TypeError) as e:  # ml_collections: not a field of the config
+    text = str(e).strip("\"'")
+    given = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    named = [f for f in given if f[len("--config."):] in text or
+             re.search(rf"\.{re.escape(text)}(\.|$)", f)] or [" or ".join(given) or "--config"]
+    what = (f"the config has no field {text!r}" if text.isidentifier() else
+            f"not a field of the config ({text})")
+    message = f"{named[0]}: {what} (the fields are listed in rebalance_jax/config_base.py)"
   sys.stderr.write(f"FATAL Flags parsing error: {message}\n")
   sys.exit(1)
 

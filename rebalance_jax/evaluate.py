@@ -2,7 +2,8 @@
 
   python -m rebalance_jax.evaluate --config=configs/demo.py --workdir=runs/demo
 
-Evaluates the latest checkpoint of each stage found in the workdir (or --stages, --step), and
+Evaluates the checkpoint each stage selected (config.eval.select_on: by default the best on the
+validation split; or --stages, --step), restoring only its parameters, and
 writes <workdir>/eval/results.json, results.md (a paper-shaped table) and results.png (recall@K
 curves and NDCG bars). The config must be the one the run was trained with.
 """
@@ -19,8 +20,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.")
 _STAGES = flags.DEFINE_list("stages", list(experiment.STAGES), "Stages to evaluate.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: each stage's newest intact "
-                             "checkpoint).", lower_bound=0)
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the one each stage selected "
+                             "by config.eval.select_on).", lower_bound=0)
 
 
 def main(argv):

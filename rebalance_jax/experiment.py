@@ -12,7 +12,7 @@ from jax.experimental import multihost_utils
 
 from rebalance_jax import checkpointing, files, objective, reporting, sharding, trainer
 from rebalance_jax.errors import InputError
-from rebalance_jax.evaluators import ranking
+from rebalance_jax.evaluators import ranking, retrieval
 from rebalance_jax.models.student import Student, StudentConfig
 from rebalance_jax.models.towers import TextConfig, VitConfig
 
@@ -80,6 +80,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise InputError(f"config.{field}={_get(config, field)} must lie in [{low}, {high})")
   if not (math.isfinite(config.optim.weight_decay) and config.optim.weight_decay >= 0):
     raise InputError(f"config.optim.weight_decay={config.optim.weight_decay} must be >= 0")
+  if config.eval.select_metric not in retrieval.metric_names():
+    raise InputError(f"config.eval.select_metric={config.eval.select_metric!r} is not a metric; "
+                     f"known: {sorted(retrieval.metric_names())}")
   if 0 < config.eval.itm_k < max(ranking.RECALL_KS):  # past k, positives tie at the fill: hits
     raise InputError(f"config.eval.itm_k={config.eval.itm_k} must be 0 (no re-ranking) or at least "
                      f"{max(ranking.RECALL_KS)}, the largest recall K")
@@ -176,7 +179,7 @@ def workdir_lock(workdir: str, what: str):
     if reporting.is_main_process():
       try:
         lock = stack.enter_context(files.WorkdirLock(workdir, what))
-      except InputError as e:
+      except (InputError, OSError) as e:  # in use; or e.g. a read-only workdir
         refusal = str(e)
       else:
         if lock.warning:
@@ -216,37 +219,55 @@ def select_checkpoint(config: ml_collections.ConfigDict, reader: checkpointing.C
                       params_like, mesh, step: int | None = None, final_state=None):
   """(step, params, record) of a stage's checkpoint: `step` if given, else the one that
   config.eval.select_on selects (`last`: the newest intact; `val`/`test`: the best
-  config.eval.select_metric on that split). Only the parameters are read, unless they are those
-  of `final_state` (the state the stage just finished with). `record` says how it was chosen."""
+  config.eval.select_metric on that split, or the next best if it is damaged). Only the
+  parameters are read, unless they are those of `final_state` (the state the stage just finished
+  with). `record` says which checkpoint and how it was chosen."""
   e = config.eval
   target = {"params": trainer.abstract_params(params_like, mesh, param_rules(config))}
   if step is not None:
-    how = "chosen with --step"
+    if step not in reader.all_steps():
+      raise InputError(f"--step={step}: {reader.directory} has no checkpoint of that step (it "
+                       f"has {reader.all_steps()})")
+    candidates = [step]
+  elif e.select_on == "last" and final_state is None:
+    newest = reader.restore_newest(target, set_aside=False, partial=True)
+    if newest is None:
+      raise InputError(f"no checkpoint in {reader.directory}")
+    return newest[0], newest[1]["params"], {"checkpoint_step": newest[0], "selected_by": "last"}
   elif e.select_on == "last":
-    how = "last"
-    if final_state is None:
-      newest = reader.restore_newest(target, set_aside=False, partial=True)
-      if newest is None:
-        raise InputError(f"no checkpoint in {reader.directory}")
-      return newest[0], newest[1]["params"], {"checkpoint_step": newest[0], "selected_by": how}
-    step = int(final_state["step"])
+    candidates = [int(final_state["step"])]
   else:
-    step = reader.best_step()
-    if step is None:
+    candidates = reader.ranked_steps()
+    if not candidates:
       raise InputError(f"{reader.directory} has no checkpoint evaluated on {e.select_on} (was it "
                        "trained with config.eval.select_on='last'?)")
-    value = reader.metrics(step)[e.select_metric]
-    how = f"best {e.select_on} {e.select_metric} ({value:.2f})"
-    if e.select_on == "test":
-      how += ", optimistic: selected on the test split"
-  if step not in reader.all_steps():
-    raise InputError(f"--step={step}: {reader.directory} has no checkpoint of that step (it has "
-                     f"{reader.all_steps()})")
-  if final_state is not None and step == int(final_state["step"]):
-    params = final_state["params"]
-  else:
-    params = reader.restore(step, target, partial=True)["params"]
-  return step, params, {"checkpoint_step": step, "selected_by": how}
+  damaged = []
+  for candidate in candidates:
+    if final_state is not None and candidate == int(final_state["step"]):
+      params = final_state["params"]
+    else:
+      try:
+        params = reader.restore(candidate, target, partial=True)["params"]
+      except checkpointing.DamagedCheckpointError as error:
+        if candidate == candidates[-1]:
+          raise
+        logging.warning("%s; taking the next best checkpoint", error)
+        damaged.append(candidate)
+        continue
+    return candidate, params, {"checkpoint_step": candidate,
+                               "selected_by": _selected_by(config, reader, step, candidate, damaged)}
+
+
+def _selected_by(config, reader, step, chosen, damaged) -> str:
+  e = config.eval
+  if step is not None:
+    return "chosen with --step"
+  if e.select_on == "last":
+    return "last"
+  how = f"best {e.select_on} {e.select_metric} ({reader.metrics(chosen)[e.select_metric]:.2f})"
+  if damaged:
+    how += f", after the damaged step {', '.join(map(str, damaged))}"
+  return how + (", optimistic: selected on the test split" if e.select_on == "test" else "")
 
 
 def check_checkpoint_configs(config: ml_collections.ConfigDict, workdir: str, vocab: dict) -> None:
@@ -260,12 +281,17 @@ def check_checkpoint_configs(config: ml_collections.ConfigDict, workdir: str, vo
         reader.close()
 
 
-def load_stage_params(config: ml_collections.ConfigDict, workdir: str, stage: str, params_like,
-                      mesh, vocab: dict, step: int | None = None):
-  """(step, params, record) of a stage's selected checkpoint (`select_checkpoint`), read-only."""
+def check_stage_checkpoints(workdir: str, stage: str) -> None:
+  """Raises InputError unless `workdir` holds `stage`'s checkpoint directory."""
   directory = os.path.join(workdir, CHECKPOINT_DIRS[stage][1])
   if not os.path.isdir(directory):
     raise InputError(f"no {stage} checkpoints in {directory}: is --workdir the run's workdir?")
+
+
+def load_stage_params(config: ml_collections.ConfigDict, workdir: str, stage: str, params_like,
+                      mesh, vocab: dict, step: int | None = None):
+  """(step, params, record) of a stage's selected checkpoint (`select_checkpoint`), read-only."""
+  check_stage_checkpoints(workdir, stage)
   reader = checkpointer(config, workdir, stage, vocab, read_only=True)
   try:
     return select_checkpoint(config, reader, params_like, mesh, step)

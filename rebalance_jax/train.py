@@ -105,7 +105,8 @@ def stage2_init(stage1_params, fresh_params):
 
 def run(config: ml_collections.ConfigDict, workdir: str, until: tuple[str, int] | None = None):
   """Runs every phase; `until=(stage, step)` stops once `stage` reaches `step` (as a preemption
-  would). Returns {model name: test metrics} of the stages evaluated in the workdir so far.
+  would). Returns {model name: test metrics} of the stages evaluated in the workdir so far under
+  this config.eval.
 
   Everything that can be checked is checked before any work: the config, the workdir, batch sizes
   against devices and data, and every phase's checkpoints against the config. The workdir is
@@ -163,7 +164,7 @@ def _run_phases(config, workdir, mesh, until):
     # Every process computed the metrics; logging them everywhere shows that the processes agree.
     logging.info("process %d: %s rsum %.4f", jax.process_index(), stage,
                  evaluator.rows[stage]["rsum"])
-  return evaluator.rows
+  return evaluator.current_rows()
 
 
 def main(argv):

@@ -210,8 +210,8 @@ def _numbers(metrics: dict) -> dict[str, float]:
 def _non_finite(stage: Stage, what: str) -> NonFiniteLossError:
   stage.checkpointer.wait()
   latest = stage.checkpointer.latest_step()  # every saved state passed the finiteness check
-  intact = (f"The last checkpoint ({latest}) is intact" if latest is not None else
-            "No checkpoint of this phase was written")
+  intact = (f"The last checkpoint saved ({latest}) holds finite values" if latest is not None
+            else "No checkpoint of this phase was written")
   return NonFiniteLossError(f"{stage.name}: {what}. {intact}; lower the learning rate or check "
                             "the data.")
 

@@ -159,7 +159,7 @@ def test_parameters_that_turn_nan_are_not_saved_and_the_last_good_step_is_named(
   stage = _quadratic_stage(tmp_path, schedule, steps=5)
   with pytest.raises(trainer.NonFiniteLossError,
                      match=r"quadratic: non-finite parameters or optimizer state after step 3, not "
-                           r"saved\. The last checkpoint \(2\) is intact"):
+                           r"saved\. The last checkpoint saved \(2\) holds finite values"):
     trainer.run_stage(stage, {"w": jnp.ones((4,))}, None, sharding.make_mesh(), 64)
   assert stage.checkpointer.all_steps() == [1, 2]
   stage.checkpointer.close()

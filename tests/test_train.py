@@ -18,6 +18,7 @@ from rebalance_jax import checkpointing, experiment, files, interrupts, teacher_
 from rebalance_jax.checkpointing import ConfigMismatchError
 from rebalance_jax.data.datasets import PairSplit, load_retrieval_data
 from rebalance_jax.errors import InputError
+from rebalance_jax.evaluators import retrieval
 from rebalance_jax.evaluators.suite import Evaluator, evaluate_run
 
 
@@ -151,6 +152,7 @@ def test_non_finite_loss_stops_the_run(tiny_config, tmp_path):
     ("checkpoint.keep", 0, r"config\.checkpoint\.keep=0 must be positive"),
     ("eval.itm_k", 5, r"config\.eval\.itm_k=5 must be 0 \(no re-ranking\) or at least 10"),
     ("eval.select_on", "best", r"config\.eval\.select_on='best' is not one of"),
+    ("eval.select_metric", "rsumm", r"config\.eval\.select_metric='rsumm' is not a metric"),
     ("data.augment_shift", -2, r"config\.data\.augment_shift=-2 must lie in \[0, "),
     ("teachers.batch_size", 12, r"config\.teachers\.batch_size=12 must be a positive multiple "
                                 r"of the device count \(8 devices"),
@@ -255,6 +257,9 @@ def test_evaluate_run_on_a_finished_run(finished_run, monkeypatch):
 
 def test_each_stage_reports_the_checkpoint_it_selected_on_val(finished_run):
   config, workdir, results = finished_run
+  # What config.eval.select_metric may name is exactly what the evaluation reports.
+  assert {k for k, v in results["stage2"].items() if isinstance(v, float)} == (
+      retrieval.metric_names())
   for stage in ("stage1", "stage2"):
     reader = experiment.checkpointer(config, workdir, stage, load_retrieval_data(config).vocab,
                                      read_only=True)

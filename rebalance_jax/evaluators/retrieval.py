@@ -110,6 +110,17 @@ def recall_curves(itc_i2t: np.ndarray, text_to_image: np.ndarray,
   return curves
 
 
+def metric_names() -> set[str]:
+  """Every numeric key `evaluate` can return (the "itm/" ones only with ITM re-ranking)."""
+  recall = [f"{d}_r{k}" for d in ("i2t", "t2i") for k in ranking.RECALL_KS] + ["rsum", "r_mean"]
+  single = [f"{p}{rule}_ndcg@{k}" for p in ("i2i", "t2t") for k in ranking.NDCG_KS
+            for rule in ("", *(f"_{r}" for r in ranking.SELF_RULES))]
+  mixed = [f"mixed{mode}{part}_ndcg@{k}" for mode in ("", "_faithful") for part in ("", "_img", "_txt")
+           for k in ranking.NDCG_KS]
+  return {f"{prefix}{name}" for prefix in ("", "itc/", "itm/") for name in recall} | {
+      *single, *mixed}
+
+
 def evaluate(model: Student, params, split: EvalSplit, relevance: np.ndarray, *, itm_k: int,
              batch_size: int, mesh: Mesh,
              single_modal_self: str = "zeroed") -> tuple[dict[str, float], dict]:

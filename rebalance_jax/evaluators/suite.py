@@ -54,9 +54,9 @@ class Evaluator:
     """Every protocol's metrics of `params` on `split` (model selection during training)."""
     metrics, _ = self._evaluate(params, split)
     metric = self._config.eval.select_metric
-    if not isinstance(metrics.get(metric), float):
-      known = sorted(k for k, v in metrics.items() if isinstance(v, float))
-      raise InputError(f"config.eval.select_metric={metric!r} is not a metric; known: {known}")
+    if metric not in metrics:  # an "itm/" metric of a student without ITM re-ranking
+      raise InputError(f"config.eval.select_metric={metric!r}: this student does not report it "
+                       "(no ITM re-ranking)")
     return metrics
 
   def is_recorded(self, name: str, record: dict) -> bool:
@@ -68,12 +68,21 @@ class Evaluator:
 
   def add(self, name: str, params, record: dict | None = None) -> None:
     """Evaluates `params` on the test split and its subsets; `record` (e.g. the checkpoint step
-    and how it was selected) is stored in each row."""
+    and how it was selected) is stored in each row. Rows of sub-splits no longer configured are
+    dropped with it."""
+    for stale in [k for k in self.rows if k.startswith(f"{name} (") and
+                  k[len(name):] not in self._splits]:
+      del self.rows[stale]
+      self.curves.pop(stale, None)
     for suffix, split in self._splits.items():
       metrics, curves = self._evaluate(params, split)
       self.rows[name + suffix] = {**metrics, **(record or {}),
                                   "eval_fingerprint": self._fingerprint}
       self.curves[name + suffix] = curves
+
+  def current_rows(self) -> dict[str, dict]:
+    """The rows evaluated under this config.eval (results.json may hold older ones too)."""
+    return {k: v for k, v in self.rows.items() if v.get("eval_fingerprint") == self._fingerprint}
 
   def write(self) -> None:
     """Logs the table; process 0 writes results.{json,md,png}."""
@@ -111,10 +120,8 @@ def evaluate_run(config, workdir: str, stages, step: int | None = None) -> dict:
     raise InputError(f"--step={step} must be a checkpoint step (>= 0)")
   mesh = experiment.make_mesh(config)
   experiment.check_batch_sizes(config, mesh)
-  for stage in stages:
-    directory = os.path.join(workdir, experiment.CHECKPOINT_DIRS[stage][1])
-    if not os.path.isdir(directory):
-      raise InputError(f"no {stage} checkpoints in {directory}: is --workdir the run's workdir?")
+  for stage in stages:  # before anything is loaded or written
+    experiment.check_stage_checkpoints(workdir, stage)
   output = os.path.join(workdir, "eval")
   with interrupts.catching(), experiment.workdir_lock(output, "evaluation"):
     data = load_retrieval_data(config)

@@ -20,6 +20,7 @@ from rebalance_jax.data.datasets import PairSplit, load_retrieval_data
 from rebalance_jax.errors import InputError
 from rebalance_jax.evaluators import retrieval
 from rebalance_jax.evaluators.suite import Evaluator, evaluate_run
+from rebalance_jax.models.student import init_student
 
 
 def saved_state(workdir, stage):
@@ -478,3 +479,20 @@ def test_evaluate_refuses_bad_steps_and_workdirs_without_writing(finished_run, t
   with pytest.raises(InputError, match=r"no stage1 checkpoints in .*empty/stage1/checkpoints"):
     evaluate_run(config, str(tmp_path / "empty"), ["stage1"])
   assert os.listdir(tmp_path / "empty") == []
+
+
+def test_a_damaged_best_checkpoint_gives_way_to_the_next_best(finished_run, tmp_path):
+  config, full_dir, results = finished_run
+  workdir = _copy_of(full_dir, tmp_path)
+  best = results["stage1"]["checkpoint_step"]
+  with open(os.path.join(workdir, "stage1", "checkpoints", str(best), "config", "metadata"),
+            "w") as f:
+    f.write("{garbled")
+  data = load_retrieval_data(config)
+  model = experiment.student_model(config, data.vocab_size)
+  like = init_student(model, jax.random.key(config.seed))
+  step, _, record = experiment.load_stage_params(config, workdir, "stage1", like,
+                                                 experiment.make_mesh(config), data.vocab)
+  assert step != best and step in (2, 4)
+  assert record["selected_by"].startswith("best val r_mean (")
+  assert record["selected_by"].endswith(f"after the damaged step {best}")

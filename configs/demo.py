@@ -20,10 +20,8 @@ def get_config(arg: str = ""):
   c = common.base_config()
   c.optim.lr = 5e-4  # the tiny towers start from scratch, unlike [ref]'s pre-trained ones
   c.optim.weight_decay = 0.01
-  for stage in ("stage1", "stage2"):
-    c[stage].batch_size = 64
-    c[stage].num_epochs = 0
-    c[stage].num_steps = 1000
+  for stage in c.stages.values():
+    stage.update(batch_size=64, num_epochs=0, num_steps=1000)
   c.checkpoint.every_steps = 200
   c.log_every = 50
 
@@ -34,14 +32,14 @@ def get_config(arg: str = ""):
     c.tokenizer.vocab_size = 200
     c.model.image = common.vit(16, 4, 32, 1, 2, 64)
     c.model.text = common.text(16, 32, 1, 2, 64)
+    c.model.fusion = common.fusion(1, 2, 64)
     c.model.embed_dim = 16
     c.teachers.image = common.vit(16, 4, 24, 1, 2, 48)
     c.teachers.text = common.text(16, 40, 1, 2, 80)
     c.teachers.num_steps = 4
     c.teachers.batch_size = 16
-    for stage in ("stage1", "stage2"):
-      c[stage].batch_size = 16
-      c[stage].num_steps = 4
+    for stage in c.stages.values():
+      stage.update(batch_size=16, num_steps=4)
     c.checkpoint.every_steps = 2
     c.log_every = 2
     c.eval.batch_size = 16

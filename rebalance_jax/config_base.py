@@ -9,28 +9,59 @@ Field reference (all overridable with --config.<path>=value):
   teachers.*            frozen teacher towers, their pre-training and feature mode.
   loss.*                §4 options: λ mode, τ2 mode, distance, ITM negative pool.
   optim.*               AdamW (§5): lr, betas, eps, weight decay, exclusions, lr multipliers.
-  stage1.*, stage2.*    epochs (or num_steps), global batch size, loss weights of each stage.
+  stages.<name>.*       each stage: init_from, fresh_params, epochs (or num_steps), global batch
+                        size, loss weights.
   mesh.*, sharding.*    device mesh (fsdp axis size) and regex rules placing parameters on it.
   checkpoint.*, log_every, eval.*
 """
 
+import dataclasses
+
 import ml_collections
+
+from rebalance_jax.models import towers
+from rebalance_jax.models.student import DISTILLATION_PARAMS
 
 STAGE1_WEIGHTS = {"itc": 1.0, "itm": 2.0}
 STAGE2_WEIGHTS = {"itc": 1.0, "itm": 2.0, "iic": 1.0, "ttc": 2.0, "kd": 2.0, "kdi": 1.0,
                   "kdt": 1.0}
 
 
-def vit(image_size, patch_size, width, depth, num_heads, mlp_dim, dropout=0.0):
-  return ml_collections.ConfigDict(dict(image_size=image_size, patch_size=patch_size, width=width,
-                                        depth=depth, num_heads=num_heads, mlp_dim=mlp_dim,
-                                        dropout=dropout))
+def tower(kind: str, init: str = "", **fields) -> ml_collections.ConfigDict:
+  """A tower section: its registered `kind` (models/towers), converted weights to start from
+  (`init`, '' for random), and every field of that kind's config dataclass (`fields` over its
+  defaults, so each can be overridden on the command line). A text tower's vocab_size always
+  comes from the tokenizer."""
+  defaults = {f.name: f.default for f in dataclasses.fields(towers.get(kind).config_class)
+              if f.name != "vocab_size"}
+  unknown = set(fields) - set(defaults)
+  if unknown:
+    raise ValueError(f"{sorted(unknown)} are not fields of a {kind!r} tower")
+  return ml_collections.ConfigDict(dict(kind=kind, init=init, **{**defaults, **fields}))
 
 
-def text(max_tokens, width, depth, num_heads, mlp_dim, dropout=0.0):
-  # vocab_size always comes from the tokenizer.
-  return ml_collections.ConfigDict(dict(max_tokens=max_tokens, width=width, depth=depth,
-                                        num_heads=num_heads, mlp_dim=mlp_dim, dropout=dropout))
+def vit(image_size, patch_size, width, depth, num_heads, mlp_dim, dropout=0.0, **fields):
+  return tower("vit", image_size=image_size, patch_size=patch_size, width=width, depth=depth,
+               num_heads=num_heads, mlp_dim=mlp_dim, dropout=dropout, **fields)
+
+
+def text(max_tokens, width, depth, num_heads, mlp_dim, dropout=0.0, **fields):
+  return tower("text", max_tokens=max_tokens, width=width, depth=depth, num_heads=num_heads,
+               mlp_dim=mlp_dim, dropout=dropout, **fields)
+
+
+def fusion(depth, num_heads, mlp_dim, dropout=0.0):
+  return ml_collections.ConfigDict(dict(depth=depth, num_heads=num_heads, mlp_dim=mlp_dim,
+                                        dropout=dropout, dtype="float32", remat=False))
+
+
+def stage(init_from, loss_weights, fresh_params=(), num_epochs=10, num_steps=0, batch_size=36):
+  """A stage: trained from `init_from` (another stage's selected checkpoint; '' : from scratch),
+  with the top-level parameter subtrees `fresh_params` initialized fresh."""
+  return ml_collections.ConfigDict(dict(
+      init_from=init_from, fresh_params=tuple(fresh_params), num_epochs=num_epochs,
+      num_steps=num_steps, batch_size=batch_size,
+      loss_weights=ml_collections.ConfigDict(loss_weights)))
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -57,7 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.image = vit(32, 8, 64, 2, 4, 128)
   c.model.text = text(24, 64, 2, 4, 128)
-  c.model.fusion_depth = 1
+  c.model.fusion = fusion(1, 4, 128)  # its width is the text tower's
   c.model.embed_dim = 64
   c.model.dual_encoder = False
   c.model.dual_relation = "image"  # dual encoder: student relation from "image", "text" or "both"
@@ -69,6 +100,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.teachers.mode = "precomputed"  # "precomputed" (feature files, as [ref]) or "online"
   c.teachers.image = vit(32, 4, 64, 2, 4, 128)
   c.teachers.text = text(24, 80, 2, 4, 160)
+  c.teachers.vocab_file = ""  # the text teacher's tokenizer ('': the student's)
+  # A teacher without `init` weights is pre-trained on the dataset's scene attributes (synthetic
+  # data only), for num_steps at batch_size and lr.
   c.teachers.num_steps = 400
   c.teachers.batch_size = 64
   c.teachers.lr = 1e-3
@@ -97,10 +131,11 @@ def base_config() -> ml_collections.ConfigDict:
   # (("proj|itm_head|^temp|^lam", 2.0),)
   c.optim.lr_multipliers = ()
 
-  for stage, weights in (("stage1", STAGE1_WEIGHTS), ("stage2", STAGE2_WEIGHTS)):
-    c[stage] = ml_collections.ConfigDict(dict(
-        num_epochs=10, num_steps=0, batch_size=36,
-        loss_weights=ml_collections.ConfigDict(weights)))
+  # The stages, run in init_from order; stage 2 starts from stage 1's selected checkpoint with
+  # the distillation parameters (U_v, U_t, λ, τ2) fresh (METHOD.md §5).
+  c.stages = ml_collections.ConfigDict(dict(
+      stage1=stage("", STAGE1_WEIGHTS),
+      stage2=stage("stage1", STAGE2_WEIGHTS, fresh_params=DISTILLATION_PARAMS)))
 
   c.mesh = ml_collections.ConfigDict(dict(fsdp=1))  # >1: a ('data', 'fsdp') mesh
   c.sharding = ml_collections.ConfigDict(dict(
@@ -135,15 +170,13 @@ def reference_config(name: str, lr: float, max_tokens: int):
   # BERT-base layers 0-5 for text and 6-11 (with cross-attention) for fusion.
   c.model.image = vit(384, 16, 768, 12, 12, 3072, dropout=0.0)
   c.model.text = text(max_tokens, 768, 6, 12, 3072, dropout=0.1)
-  c.model.fusion_depth = 6
+  c.model.fusion = fusion(6, 12, 3072, dropout=0.1)
   c.model.embed_dim = 256
   c.teachers.image = vit(384, 16, 1024, 24, 16, 4096)  # 1024-d image teacher
   c.teachers.text = text(max_tokens, 768, 12, 12, 3072)  # 768-d text teacher
   c.optim.lr = lr
-  for stage in ("stage1", "stage2"):
-    c[stage].num_epochs = 10
-    c[stage].num_steps = 0
-    c[stage].batch_size = 36
+  for stage_config in c.stages.values():
+    stage_config.update(num_epochs=10, num_steps=0, batch_size=36)
   c.checkpoint.every_steps = 1000
   c.log_every = 100
   c.eval.itm_k = 256 if name == "coco" else 128

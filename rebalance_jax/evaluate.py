@@ -11,7 +11,7 @@ curves and NDCG bars). The config must be the one the run was trained with.
 from absl import app, flags
 from ml_collections import config_flags
 
-from rebalance_jax import cli, experiment
+from rebalance_jax import cli
 from rebalance_jax.evaluators.suite import evaluate_run
 
 
@@ -19,7 +19,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "The run's config file (with the same --config.<field> overrides).",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.")
-_STAGES = flags.DEFINE_list("stages", list(experiment.STAGES), "Stages to evaluate.")
+_STAGES = flags.DEFINE_list("stages", None, "Stages to evaluate (default: every stage of the "
+                            "config).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the one each stage selected "
                              "by config.eval.select_on).", lower_bound=0)
 

@@ -76,6 +76,11 @@ def file_digest(path: str) -> str:
 def write_checked(path: str, write: Callable[[IO[bytes]], None]) -> str:
   """`atomic_write`, then the file's digest beside it; returns the digest."""
   atomic_write(path, write)
+  return write_digest(path)
+
+
+def write_digest(path: str) -> str:
+  """Records the digest of the complete file `path` beside it (what `is_intact` checks)."""
   digest = file_digest(path)
   atomic_write_text(path + DIGEST_SUFFIX, digest + "\n")
   return digest

@@ -1,8 +1,9 @@
 """The training objective of one stage: student forward pass + weighted loss terms (§4.4).
 
-`stage_loss` is a pure function of (params, batch, teacher features, rng); the trainer
+`stage_loss` is a pure function of (params, batch, teacher features, rng); `batch_loss` wraps it
+with the on-device preprocessing of a host batch and the teacher features, as the trainer
 differentiates it. Loss terms are computed only when their weight is present in the stage's
-`loss_weights`, so stage 1 needs no teacher features.
+objective, so a stage without distillation terms needs no teacher features.
 """
 
 import functools
@@ -10,53 +11,75 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from rebalance_jax import chunked_losses, losses
-from rebalance_jax.errors import InputError
+from rebalance_jax.data import augment
+from rebalance_jax.models import towers
 from rebalance_jax.models.student import Student
-
-TEACHER_TERMS = ("iic", "ttc", "kd", "kdi", "kdt")
-ALL_TERMS = ("itc", "itm") + TEACHER_TERMS
+from rebalance_jax.spec import ObjectiveSpec
 
 
-def effective_scalars(raw: Mapping[str, jax.Array], loss: ml_collections.ConfigDict):
+def effective_scalars(raw: Mapping[str, jax.Array], objective: ObjectiveSpec):
   """τ, τ2 and λ as the losses use them, from the raw parameters and the loss options."""
   return {
       "temp": raw["temp"],
-      "temp2": losses.relation_temperature(raw["temp2"], loss.tau2_mode, tuple(loss.tau2_range),
-                                           loss.tau2_fixed),
-      "lam": losses.fusion_weight(raw["lam"], loss.lambda_mode),
+      "temp2": losses.relation_temperature(raw["temp2"], objective.tau2_mode,
+                                           tuple(objective.tau2_range), objective.tau2_fixed),
+      "lam": losses.fusion_weight(raw["lam"], objective.lambda_mode),
   }
 
 
+def batch_loss(params, batch, frozen, rng, *, model: Student, objective: ObjectiveSpec,
+               augment_shift: int, online_teachers: dict | None, mesh):
+  """`stage_loss` of a host batch (uint8 "image", "ids", "mask", "image_id", and the
+  precomputed "teacher_image"/"teacher_text" rows when the objective distills): augments and
+  preprocesses the images on the device; `online_teachers` ({"image", "text"} FrozenTeachers,
+  their parameters in `frozen`) compute the teacher features in the step instead."""
+  augment_rng, loss_rng = jax.random.split(rng)
+  uint8_images = augment.random_shift(augment_rng, batch["image"], augment_shift)
+  teacher_features = None
+  if objective.uses_teachers and online_teachers is not None:
+    text_inputs = ((batch["teacher_ids"], batch["teacher_mask"]) if "teacher_ids" in batch
+                   else (batch["ids"], batch["mask"]))
+    teacher_features = (online_teachers["image"].features(frozen["image"], uint8_images),
+                        online_teachers["text"].features(frozen["text"], *text_inputs))
+  elif objective.uses_teachers:
+    teacher_features = (batch["teacher_image"], batch["teacher_text"])
+  groups = mesh.devices.size if objective.itm_negatives == "device" else 1
+  images = towers.preprocess_images(model.config.image.config, uint8_images)
+  return stage_loss(params, {**batch, "image": images}, teacher_features, loss_rng, model=model,
+                    objective=objective, num_negative_groups=groups, mesh=mesh)
+
+
 def stage_loss(params, batch: Mapping[str, jax.Array], teacher_features, rng: jax.Array, *,
-               model: Student, loss_config: ml_collections.ConfigDict,
-               weights: Mapping[str, float], dual_relation: str, num_negative_groups: int,
-               mesh=None, train: bool = True):
+               model: Student, objective: ObjectiveSpec, num_negative_groups: int, mesh=None,
+               train: bool = True):
   """Weighted sum of the stage's loss terms over the global batch.
 
   Args:
     params: student parameters.
     batch: "image" (float, preprocessed), "ids", "mask", "image_id".
-    teacher_features: (g^v, g^t) raw teacher features for the batch rows, or None in stage 1.
+    teacher_features: (g^v, g^t) raw teacher features for the batch rows, or None without
+      distillation terms.
     rng: per-step key (dropout and ITM negative sampling).
-    weights: loss weight of each term to compute.
+    objective: the weight of each term to compute, and the loss options.
     num_negative_groups: ITM negatives are drawn within this many contiguous batch groups.
-    mesh: the device mesh; needed when loss_config.chunked selects the ring-chunked losses.
+    mesh: the device mesh; needed when objective.chunked selects the ring-chunked losses.
 
   Returns:
     (total loss, metrics: each term, the total and the effective scalars).
   """
+  weights = objective.weights
   dropout_rng, negatives_rng = jax.random.split(rng)
   apply = functools.partial(model.apply, {"params": params}, rngs={"dropout": dropout_rng})
   ids = batch["image_id"]
-  image_tokens, v = apply(batch["image"], train, method=Student.encode_image)
-  text_hidden, t = apply(batch["ids"], batch["mask"], train, method=Student.encode_text)
-  scalars = effective_scalars(apply(method=Student.scalars), loss_config)
+  image, v = apply(batch["image"], train, method=Student.encode_image)
+  text, t = apply(batch["ids"], batch["mask"], train, method=Student.encode_text)
+  image_tokens, text_hidden = image.tokens, text.tokens
+  scalars = effective_scalars(apply(method=Student.scalars), objective)
   temp = scalars["temp"]
 
-  global_losses = _global_batch_losses(loss_config, mesh)
+  global_losses = _global_batch_losses(objective, mesh)
   terms = {"itc": global_losses.itc_loss(v, t, ids, temp)}
   fused = None
   if "itm" in weights or (not model.config.dual_encoder and "kd" in weights):
@@ -67,21 +90,22 @@ def stage_loss(params, batch: Mapping[str, jax.Array], teacher_features, rng: ja
     all_text = jnp.concatenate([text_hidden, text_hidden, take(text_hidden, neg_text)])
     all_mask = jnp.concatenate([batch["mask"], batch["mask"], take(batch["mask"], neg_text)])
     all_images = jnp.concatenate([image_tokens, take(image_tokens, neg_image), image_tokens])
-    fused_all = apply(all_text, all_mask, all_images, train, method=Student.fuse)
+    all_image_mask = jnp.concatenate([image.mask, take(image.mask, neg_image), image.mask])
+    fused_all = apply(all_text, all_mask, all_images, all_image_mask, train, method=Student.fuse)
     itm_logits = apply(fused_all, method=Student.itm_logits)
     b = v.shape[0]
     fused = fused_all[:b]
     terms["itm"] = losses.itm_loss(itm_logits[:b], itm_logits[b:])
 
-  if any(term in weights for term in TEACHER_TERMS):
+  if objective.uses_teachers:
     image_teacher, text_teacher = teacher_features
     projected_image, projected_text = apply(image_teacher, text_teacher,
                                             method=Student.project_teachers)
     terms["iic"] = global_losses.representation_distillation(v, projected_image, ids, temp)
     terms["ttc"] = global_losses.representation_distillation(t, projected_text, ids, temp)
     terms.update(global_losses.structure_distillation(
-        _student_relation_features(fused, v, t, dual_relation), image_teacher, text_teacher,
-        scalars["lam"], scalars["temp2"], distance=loss_config.distance))
+        _student_relation_features(fused, v, t, objective.dual_relation), image_teacher,
+        text_teacher, scalars["lam"], scalars["temp2"], distance=objective.distance))
 
   total = sum(weights[name] * terms[name] for name in weights)
   metrics = {f"loss/{name}": value for name, value in terms.items()}
@@ -109,13 +133,13 @@ class _ChunkedLosses:
     self.structure_distillation = bind(chunked_losses.structure_distillation)
 
 
-def _global_batch_losses(loss_config: ml_collections.ConfigDict, mesh):
+def _global_batch_losses(objective: ObjectiveSpec, mesh):
   """`losses` (global view under GSPMD), or the ring-chunked equivalents."""
-  if not loss_config.chunked:
+  if not objective.chunked:
     return losses
   if mesh is None:
     raise ValueError("config.loss.chunked=True needs the device mesh")
-  return _ChunkedLosses(mesh, loss_config.chunk_tile or None)
+  return _ChunkedLosses(mesh, objective.chunk_tile or None)
 
 
 def _student_relation_features(fused, v, t, dual_relation: str):
@@ -123,11 +147,3 @@ def _student_relation_features(fused, v, t, dual_relation: str):
   if fused is not None:
     return [fused]
   return {"image": [v], "text": [t], "both": [v, t]}[dual_relation]
-
-
-def validate_weights(weights: Mapping[str, float], dual_encoder: bool, field: str) -> None:
-  unknown = set(weights) - set(ALL_TERMS)
-  if unknown:
-    raise InputError(f"{field}: unknown loss terms {sorted(unknown)}; known: {ALL_TERMS}")
-  if dual_encoder and "itm" in weights:
-    raise InputError(f"{field} has an 'itm' weight but model.dual_encoder=True has no ITM head")

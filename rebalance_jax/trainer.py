@@ -2,8 +2,8 @@
 resumable Orbax checkpoints, metrics and progress.
 
 The train state is `{"step", "params", "opt_state"}`. The step's randomness is
-`fold_in(rng, step)` and the data position is a function of the step, so resuming from a
-checkpoint needs nothing else. Frozen inputs (teacher parameters or features) are a separate,
+`fold_in(rng, step)` and the batch is a function of the step (`pipeline.TrainBatches`), so
+resuming from a checkpoint needs nothing else. Frozen inputs (teacher parameters or features) are a separate,
 non-differentiated argument and never part of the state.
 """
 
@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from rebalance_jax import checkpointing, interrupts, reporting, sharding
-from rebalance_jax.errors import InputError
+from rebalance_jax.data import pipeline
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -49,25 +49,6 @@ def _stop_requested(step: int) -> int | None:
 def stage_seed(seed: int, stage: str) -> int:
   """A seed of its own for each stage (data order, initialization, step keys) from config.seed."""
   return int(np.random.SeedSequence([seed, zlib.crc32(stage.encode())]).generate_state(1)[0] >> 1)
-
-
-def train_batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> np.ndarray:
-  """Example indices of the global batch at `step`: a fresh seeded permutation per epoch, the
-  last partial batch dropped."""
-  steps_per_epoch = num_examples // batch_size
-  epoch, position = divmod(step, steps_per_epoch)
-  order = np.random.default_rng([seed, epoch]).permutation(num_examples)
-  return order[position * batch_size:(position + 1) * batch_size]
-
-
-def steps_for(stage_config, num_examples: int) -> int:
-  """config.<stage>.num_steps if set, else num_epochs full epochs of the global batch."""
-  if num_examples < stage_config.batch_size:
-    raise InputError(f"batch size {stage_config.batch_size} exceeds the {num_examples} training "
-                     "examples")
-  if stage_config.num_steps > 0:
-    return stage_config.num_steps
-  return stage_config.num_epochs * (num_examples // stage_config.batch_size)
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation) -> Callable:
@@ -132,7 +113,7 @@ class Stage:
   total_steps: int
   batch_size: int
   batch_size_field: str         # the config field it comes from, for error messages
-  make_batch: Callable          # example indices -> host batch of those rows
+  batches: pipeline.TrainBatches  # step -> this process's host batch
   checkpointer: checkpointing.Checkpointer
   writer: reporting.MetricWriter
   checkpoint_every: int
@@ -142,8 +123,7 @@ class Stage:
   periodic_eval: PeriodicEval | None = None
 
 
-def run_stage(stage: Stage, init_params, frozen, mesh: Mesh, num_examples: int,
-              until_step: int | None = None):
+def run_stage(stage: Stage, init_params, frozen, mesh: Mesh, until_step: int | None = None):
   """Trains `stage` from its newest intact checkpoint (or `init_params`) to `until_step` (default:
   the end), checkpointing periodically and at the end. Returns the final train state."""
   sharding.check_batch_size(stage.batch_size, mesh, stage.batch_size_field)
@@ -169,10 +149,9 @@ def run_stage(stage: Stage, init_params, frozen, mesh: Mesh, num_examples: int,
   stage.writer.start(step)
   progress = reporting.Progress(stage.name, stage.total_steps, step)
   pending = []  # per-step metrics on device, fetched at each log point
+  batches = stage.batches.iterate(step, end)
   while step < end:
-    indices = train_batch_indices(num_examples, stage.batch_size, step, stage.seed)
-    local_rows = indices[sharding.process_slice(stage.batch_size)]
-    batch = sharding.to_global(stage.make_batch(local_rows), mesh)
+    batch = sharding.to_global(next(batches), mesh)
     state, metrics = train_step(state, batch, frozen, rng)
     pending.append(metrics)
     step += 1

@@ -1,11 +1,7 @@
-"""On-device image preprocessing: uint8 -> float in [0, 1], plus training augmentation."""
+"""On-device training augmentation of uint8 images (before the tower's preprocessing)."""
 
 import jax
 import jax.numpy as jnp
-
-
-def to_float(images: jax.Array) -> jax.Array:
-  return images.astype(jnp.float32) / 255.0
 
 
 def random_shift(rng: jax.Array, images: jax.Array, max_shift: int) -> jax.Array:

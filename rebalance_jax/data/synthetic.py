@@ -16,7 +16,6 @@ stream, so image i of a split does not depend on how many images the split has.
 import dataclasses
 import hashlib
 import json
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -70,7 +69,7 @@ _BACKGROUND_RANGE = (50, 140)
 _OCCLUDER_GREY = 128.0
 _NOISE_SIGMA = 50.0
 _RADIUS_PER_CELL = {"small": 0.28, "large": 0.45}
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: arrays as memory-mappable .npy files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,27 +344,38 @@ def cache_key(cfg: SyntheticConfig) -> str:
   return hashlib.sha256(fields.encode()).hexdigest()[:16]
 
 
-def _save_split(data: dict, arrays_path: Path, captions_path: Path) -> None:
-  files.write_checked(str(captions_path),
+_ARRAYS = ("images", "attributes", "degraded")
+
+
+def _array_path(directory: Path, split: str, key: str) -> Path:
+  return directory / f"{split}.{key}.npy"
+
+
+def _save_split(data: dict, directory: Path, split: str) -> None:
+  files.write_checked(str(directory / f"{split}.json"),
                       lambda f: f.write(json.dumps(data["captions"]).encode()))
-  arrays = {key: data[key] for key in ("images", "attributes", "degraded")}
-  files.write_checked(str(arrays_path), lambda f: np.savez(f, **arrays))
+  for key in _ARRAYS:
+    files.write_checked(str(_array_path(directory, split, key)),
+                        lambda f, a=data[key]: np.save(f, a, allow_pickle=False))
 
 
-def _load_split(cfg: SyntheticConfig, split: str, arrays_path: Path, captions_path: Path) -> dict:
-  """Reads a cached split; raises ValueError naming the file if it is unreadable or inconsistent."""
+def _load_split(cfg: SyntheticConfig, directory: Path, split: str) -> dict:
+  """Reads a cached split, its arrays memory-mapped (read on access, never whole); raises
+  ValueError naming the file if it is unreadable or inconsistent."""
   n, size = cfg.split_size(split), cfg.image_size
   expected = {"images": ((n, size, size, 3), np.uint8), "attributes": ((n, len(ATTRIBUTE_NAMES)), np.uint8),
               "degraded": ((n,), np.bool_)}
-  try:
-    with np.load(arrays_path, allow_pickle=False) as stored:
-      data = {key: stored[key] for key in expected}
-  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-    raise ValueError(f"corrupt cache file {arrays_path} ({e!r}); delete it to regenerate") from e
+  data = {}
   for key, (shape, dtype) in expected.items():
+    path = _array_path(directory, split, key)
+    try:
+      data[key] = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+      raise ValueError(f"corrupt cache file {path} ({e!r}); delete it to regenerate") from e
     if data[key].shape != shape or data[key].dtype != dtype:
-      raise ValueError(f"cache file {arrays_path}: {key} is {data[key].dtype}{data[key].shape}, "
+      raise ValueError(f"cache file {path}: {key} is {data[key].dtype}{data[key].shape}, "
                        f"expected {np.dtype(dtype)}{shape}; delete it to regenerate")
+  captions_path = directory / f"{split}.json"
   try:
     captions = json.loads(captions_path.read_text())
   except (OSError, ValueError) as e:
@@ -375,28 +385,26 @@ def _load_split(cfg: SyntheticConfig, split: str, arrays_path: Path, captions_pa
       for c in captions)):
     raise ValueError(f"cache file {captions_path} does not hold {n} x {cfg.captions_per_image} captions; "
                      "delete it to regenerate")
-  return {"images": data["images"], "captions": captions, "attributes": data["attributes"],
-          "degraded": data["degraded"]}
+  return {**data, "captions": captions}
 
 
 def load_or_generate(cfg: SyntheticConfig, cache_dir: str) -> dict[str, dict]:
-  """All splits, cached as cache_dir/<cache_key(cfg)>/<split>.{npz,json}.
+  """All splits, cached as cache_dir/<cache_key(cfg)>/<split>.{json,<array>.npy}, the arrays
+  memory-mapped.
 
-  A split is read from the cache when both of its files pass their content check (`files.is_intact`),
-  otherwise generated and written atomically with their content hashes (a run killed mid-write
-  leaves at most a stray temp file, never a partial cache file).
+  A split is read from the cache when all of its files pass their content check
+  (`files.is_intact`), otherwise generated and written atomically with their content hashes (a run
+  killed mid-write leaves at most a stray temp file, never a partial cache file).
   """
   directory = Path(cache_dir) / cache_key(cfg)
   directory.mkdir(parents=True, exist_ok=True)
   splits = {}
   for split in SPLITS:
-    arrays_path, captions_path = directory / f"{split}.npz", directory / f"{split}.json"
-    if files.is_intact(str(arrays_path)) and files.is_intact(str(captions_path)):
-      splits[split] = _load_split(cfg, split, arrays_path, captions_path)
-    else:
-      if arrays_path.exists() or captions_path.exists():
+    paths = [directory / f"{split}.json"] + [_array_path(directory, split, k) for k in _ARRAYS]
+    if not all(files.is_intact(str(p)) for p in paths):
+      if any(p.exists() for p in paths):
         logging.warning("cached %s split in %s fails its content check; generating it again",
                         split, directory)
-      splits[split] = generate_split(cfg, split)
-      _save_split(splits[split], arrays_path, captions_path)
+      _save_split(generate_split(cfg, split), directory, split)
+    splits[split] = _load_split(cfg, directory, split)
   return splits

@@ -1,84 +1,108 @@
-"""The paper's evaluation protocols (METHOD.md §7) for a student's parameters on a test split.
+"""The paper's evaluation protocols (METHOD.md §7) for any model with the predict contract.
 
-Embeddings (and, for ITM re-ranking, token states) are extracted sharded over every device and
-process; scores and metrics are computed on the host with the pure functions of `ranking`:
-cross-modal recall with ITC cosine scores and, when the student has a fusion encoder, the
-reference's ITM re-ranking of the ITC top-k; single-modal (i2i, t2t) NDCG with the query itself
-zeroed (the reference) and removed (the fix), and mixed NDCG in its `faithful` and `calibrated`
-modes, all with ROUGE-L relevance.
+Embeddings are extracted sharded over every device and process, and only they (N x D) come to the
+host, where scores and metrics are computed with the pure functions of `ranking`. Token states
+stay sharded on the devices: ITM re-ranking sends each query's ITC top-k candidate indices to the
+devices, which gather the states and score the pairs in blocks, each process supplying its share
+of each block. Protocols: cross-modal recall with ITC cosine scores and, for a model with a
+matching head, the reference's ITM re-ranking of the ITC top-k; single-modal (i2i, t2t) NDCG with
+the query itself zeroed (the reference) and removed (the fix); mixed NDCG in its `faithful` and
+`calibrated` modes; all with ROUGE-L relevance.
 """
 
 import dataclasses
-import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from rebalance_jax import sharding
-from rebalance_jax.data import augment
-from rebalance_jax.data.datasets import EvalSplit
+from rebalance_jax import interrupts, sharding
+from rebalance_jax.data import pipeline
+from rebalance_jax.data.sources import Split
 from rebalance_jax.errors import InputError
 from rebalance_jax.evaluators import ranking, rouge
-from rebalance_jax.models.student import Student
+from rebalance_jax.predict import Predictor
 
 CURVE_KS = tuple(range(1, 51))  # recall@K curves
 
 
 @dataclasses.dataclass(frozen=True)
 class Encoded:
-  image_emb: np.ndarray                 # (N_i, D) normalized
-  text_emb: np.ndarray                  # (N_c, D) normalized
-  image_tokens: np.ndarray | None = None  # (N_i, T, W), for the fusion encoder
-  text_hidden: np.ndarray | None = None   # (N_c, L, W)
+  """One modality of a split: host embeddings, and device states (rows padded to whole batches)."""
+  emb: np.ndarray                        # (N, D) normalized
+  states: dict[str, jax.Array] | None    # {"tokens", "mask"} sharded over rows, for matching
 
 
-def encode_split(model: Student, params, split: EvalSplit, batch_size: int, mesh: Mesh,
-                 keep_tokens: bool) -> Encoded:
-  """Embeddings of every test image and caption (plus token states if `keep_tokens`)."""
-  apply = functools.partial(model.apply, {"params": params})
-
-  def image_fn(image):
-    tokens, emb = apply(augment.to_float(image), method=Student.encode_image)
-    return {"emb": emb, "states": tokens} if keep_tokens else {"emb": emb}
-
-  def text_fn(ids, mask):
-    hidden, emb = apply(ids, mask, method=Student.encode_text)
-    return {"emb": emb, "states": hidden} if keep_tokens else {"emb": emb}
-
-  images = sharding.map_in_batches(jax.jit(image_fn), len(split.images),
-                                   lambda i: {"image": split.images[i]}, batch_size, mesh)
-  texts = sharding.map_in_batches(jax.jit(text_fn), len(split.ids),
-                                  lambda i: {"ids": split.ids[i], "mask": split.mask[i]},
-                                  batch_size, mesh)
-  return Encoded(images["emb"], texts["emb"], images.get("states"), texts.get("states"))
+def _concatenate_on_device(parts: list[jax.Array], mesh: Mesh) -> jax.Array:
+  return jax.jit(lambda *xs: jnp.concatenate(xs), out_shardings=sharding.batch_sharding(mesh))(
+      *parts)
 
 
-def itm_logits(model: Student, params, encoded: Encoded, split: EvalSplit, image_index: np.ndarray,
-               text_index: np.ndarray, batch_size: int, mesh: Mesh) -> np.ndarray:
-  """Positive ITM logit of each (image_index[p], text_index[p]) pair, sharded in batches."""
-  apply = functools.partial(model.apply, {"params": params})
+def encode(fn, params, num_rows: int, load_rows, batch_size: int, mesh: Mesh,
+           keep_states: bool) -> Encoded:
+  """`fn(params, *rows.values())` over rows 0..num_rows-1 in padded global batches: embeddings gathered to
+  the host, token states (if `keep_states`) kept on the devices."""
+  sharding.check_batch_size(batch_size, mesh, "config.eval.batch_size")
+  jitted = jax.jit(fn)
+  embeddings, states = [], []
+  for _, rows, _ in pipeline.padded_batches(num_rows, batch_size):
+    interrupts.check("an evaluation pass")
+    out = jitted(params, *sharding.to_global(load_rows(rows), mesh).values())
+    embeddings.append(multihost_utils.process_allgather(out["emb"], tiled=True))
+    if keep_states:
+      states.append({k: out[k] for k in ("tokens", "mask")})
+  kept = None
+  if keep_states:
+    kept = {k: _concatenate_on_device([s[k] for s in states], mesh) for k in ("tokens", "mask")}
+  return Encoded(np.concatenate(embeddings)[:num_rows], kept)
 
-  def pair_fn(image_tokens, text_hidden, mask):
-    fused = apply(text_hidden, mask, image_tokens, method=Student.fuse)
-    return apply(fused, method=Student.itm_logits)[:, 1]
 
-  def rows(p):
-    return {"image_tokens": encoded.image_tokens[image_index[p]],
-            "text_hidden": encoded.text_hidden[text_index[p]], "mask": split.mask[text_index[p]]}
+def encode_split(predictor: Predictor, params, split: Split, batch_size: int, mesh: Mesh,
+                 keep_states: bool) -> tuple[Encoded | None, Encoded | None]:
+  """(images, captions) of `split` through the predictor (None for a modality it lacks)."""
+  images = texts = None
+  if predictor.embed_images is not None:
+    images = encode(predictor.embed_images, params, split.num_images,
+                    pipeline.image_rows(split), batch_size, mesh, keep_states)
+  if predictor.embed_texts is not None:
+    texts = encode(predictor.embed_texts, params, split.num_captions,
+                   pipeline.caption_rows(split, predictor.encode_captions), batch_size, mesh,
+                   keep_states)
+  return images, texts
 
-  return sharding.map_in_batches(jax.jit(pair_fn), len(image_index), rows, batch_size, mesh)
+
+def itm_logits(predictor: Predictor, params, images: Encoded, texts: Encoded,
+               image_index: np.ndarray, text_index: np.ndarray, batch_size: int,
+               mesh: Mesh) -> np.ndarray:
+  """Matching logit of each (image_index[p], text_index[p]) pair: only the indices go to the
+  devices, which gather the pairs' states there."""
+  def score(params, image_states, text_states, pair_images, pair_texts):
+    take = lambda states, index: jax.tree.map(lambda x: x[index], states)
+    i, t = take(image_states, pair_images), take(text_states, pair_texts)
+    return predictor.match_logits(params, i["tokens"], i["mask"], t["tokens"], t["mask"])
+
+  jitted = jax.jit(score)
+  logits = []
+  for _, rows, _ in pipeline.padded_batches(len(image_index), batch_size):
+    interrupts.check("ITM re-ranking")
+    pairs = sharding.to_global({"image": image_index[rows].astype(np.int32),
+                                "text": text_index[rows].astype(np.int32)}, mesh)
+    out = jitted(params, images.states, texts.states, pairs["image"], pairs["text"])
+    logits.append(multihost_utils.process_allgather(out, tiled=True))
+  return np.concatenate(logits)[:len(image_index)]
 
 
-def itm_rerank(model: Student, params, encoded: Encoded, split: EvalSplit, itc_i2t: np.ndarray,
-               k: int, batch_size: int, mesh: Mesh) -> tuple[np.ndarray, np.ndarray]:
+def itm_rerank(predictor: Predictor, params, images: Encoded, texts: Encoded,
+               itc_i2t: np.ndarray, k: int, batch_size: int,
+               mesh: Mesh) -> tuple[np.ndarray, np.ndarray]:
   """The reference's scores: each query's ITC top-k re-scored by the ITM head, −100 elsewhere.
 
   Returns (i2t (N_i, N_c), t2i (N_c, N_i)).
   """
   num_images, num_texts = itc_i2t.shape
-  score = functools.partial(itm_logits, model, params, encoded, split, batch_size=batch_size,
-                            mesh=mesh)
+  score = lambda i, t: itm_logits(predictor, params, images, texts, i, t, batch_size, mesh)
   k_texts, k_images = min(k, num_texts), min(k, num_images)
   texts_of_image = ranking.top_k_indices(itc_i2t, k_texts)
   i2t = score(np.repeat(np.arange(num_images), k_texts), texts_of_image.ravel())
@@ -88,7 +112,7 @@ def itm_rerank(model: Student, params, encoded: Encoded, split: EvalSplit, itc_i
           ranking.itm_rerank_scores(itc_i2t.T, images_of_text, t2i.reshape(num_texts, k_images)))
 
 
-def split_relevance(split: EvalSplit, cache_dir: str | None) -> np.ndarray:
+def split_relevance(split: Split, cache_dir: str | None) -> np.ndarray:
   """ROUGE-L relevance (N_c, N_i) of every caption against every image's captions (cached)."""
   return rouge.relevance_matrix(list(split.captions), split.references(), cache_dir)
 
@@ -121,47 +145,55 @@ def metric_names() -> set[str]:
       *single, *mixed}
 
 
-def evaluate(model: Student, params, split: EvalSplit, relevance: np.ndarray, *, itm_k: int,
+def evaluate(predictor: Predictor, params, split: Split, relevance: np.ndarray, *, itm_k: int,
              batch_size: int, mesh: Mesh,
-             single_modal_self: str = "zeroed") -> tuple[dict[str, float], dict]:
-  """Every protocol on `split`.
+             single_modal_self: str = "zeroed") -> tuple[dict[str, float], dict | None]:
+  """Every protocol of `predictor` on `split`.
 
-  Returns (metrics, `recall_curves`). Unprefixed recall keys use the reference's scores (ITM
-  re-ranking when the student has an ITM head and itm_k > 0, else ITC cosine); "itc/..." and
-  "itm/..." keep both. NDCG keys:
+  Returns (metrics, `recall_curves`, or None without cross-modal retrieval). Unprefixed recall
+  keys use the reference's scores (ITM re-ranking when the predictor has a matching head and
+  itm_k > 0, else ITC cosine); "itc/..." and "itm/..." keep both. NDCG keys:
   - i2i_ndcg@K, t2t_ndcg@K (the headline): the query itself under `single_modal_self`, "zeroed"
     (the reference) or "removed" (the fix), recorded as metrics["single_modal_self"];
     i2i_zeroed_ndcg@K, i2i_removed_ndcg@K and their t2t counterparts hold both;
   - mixed_ndcg@K: calibrated (the fix), with its image/text-query parts mixed_img_ndcg@K and
     mixed_txt_ndcg@K; mixed_faithful_ndcg@K (and parts): the reference's arithmetic.
+  A predictor with one modality gets that modality's single-modal NDCG only.
   """
   if single_modal_self not in ranking.SELF_RULES:
     raise InputError(f"single_modal_self is {single_modal_self!r}; expected one of "
                      f"{ranking.SELF_RULES}")
-  ranking.check_captions_per_image(split.text_to_image, len(split.images))
-  rerank = not model.config.dual_encoder and itm_k > 0
-  encoded = encode_split(model, params, split, batch_size, mesh, keep_tokens=rerank)
-  itc_i2t = encoded.image_emb @ encoded.text_emb.T
-  t2i_index = split.text_to_image
-  metrics = {f"itc/{k}": v for k, v in ranking.recall_at_k(itc_i2t, itc_i2t.T, t2i_index).items()}
-  i2t, t2i = itc_i2t, itc_i2t.T
-  if rerank:
-    i2t, t2i = itm_rerank(model, params, encoded, split, itc_i2t, itm_k, batch_size, mesh)
-    metrics.update({f"itm/{k}": v for k, v in ranking.recall_at_k(i2t, t2i, t2i_index).items()})
-  metrics.update(ranking.recall_at_k(i2t, t2i, t2i_index))
-  metrics["score_mode"] = "itm" if rerank else "itc"
-
+  ranking.check_captions_per_image(split.caption_image, split.num_images)
+  rerank = predictor.cross_modal and predictor.match_logits is not None and itm_k > 0
+  images, texts = encode_split(predictor, params, split, batch_size, mesh, keep_states=rerank)
+  t2i_index = split.caption_image
   first = split.image_to_texts[:, 0]
+  metrics = {}
   for rule in ranking.SELF_RULES:
-    single = {**ranking.i2i_ndcg(encoded.image_emb, relevance, first, self_rule=rule),
-              **ranking.t2t_ndcg(encoded.text_emb, relevance, first, t2i_index, self_rule=rule)}
+    single = {}
+    if images is not None:
+      single.update(ranking.i2i_ndcg(images.emb, relevance, first, self_rule=rule))
+    if texts is not None:
+      single.update(ranking.t2t_ndcg(texts.emb, relevance, first, t2i_index, self_rule=rule))
     metrics.update({k.replace("_ndcg", f"_{rule}_ndcg"): v for k, v in single.items()})
     if rule == single_modal_self:
       metrics.update(single)
   metrics["single_modal_self"] = single_modal_self
-  metrics.update(ranking.mixed_ndcg(encoded.image_emb, encoded.text_emb, relevance, first,
-                                    t2i_index, mode="calibrated"))
-  faithful = ranking.mixed_ndcg(encoded.image_emb, encoded.text_emb, relevance, first, t2i_index,
+  if not predictor.cross_modal:
+    return metrics, None
+
+  itc_i2t = images.emb @ texts.emb.T
+  metrics.update({f"itc/{k}": v for k, v in ranking.recall_at_k(itc_i2t, itc_i2t.T,
+                                                                 t2i_index).items()})
+  i2t, t2i = itc_i2t, itc_i2t.T
+  if rerank:
+    i2t, t2i = itm_rerank(predictor, params, images, texts, itc_i2t, itm_k, batch_size, mesh)
+    metrics.update({f"itm/{k}": v for k, v in ranking.recall_at_k(i2t, t2i, t2i_index).items()})
+  metrics.update(ranking.recall_at_k(i2t, t2i, t2i_index))
+  metrics["score_mode"] = "itm" if rerank else "itc"
+  metrics.update(ranking.mixed_ndcg(images.emb, texts.emb, relevance, first, t2i_index,
+                                    mode="calibrated"))
+  faithful = ranking.mixed_ndcg(images.emb, texts.emb, relevance, first, t2i_index,
                                 mode="faithful", i2t_scores=i2t, t2i_scores=t2i)
   metrics.update({k.replace("mixed", "mixed_faithful", 1): v for k, v in faithful.items()})
   return metrics, recall_curves(itc_i2t, t2i_index, (i2t, t2i) if rerank else None, itm_k)

@@ -1,7 +1,6 @@
 """The evaluation suite of an experiment: every protocol on the test split and its configured
 sub-splits (e.g. COCO-1K), accumulated over models into one results table and plot."""
 
-import hashlib
 import json
 import os
 import time
@@ -12,11 +11,13 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from rebalance_jax import experiment, interrupts, reporting
-from rebalance_jax.data.datasets import EvalSplit, load_retrieval_data
+from rebalance_jax import experiment, interrupts, predict, reporting, spec
+from rebalance_jax.data.dataset import load_dataset
+from rebalance_jax.data.sources import Split
 from rebalance_jax.errors import InputError
 from rebalance_jax.evaluators import report, retrieval
-from rebalance_jax.models.student import Student, init_student
+from rebalance_jax.models.student import init_student
+from rebalance_jax.predict import Predictor
 
 
 class Evaluator:
@@ -28,32 +29,30 @@ class Evaluator:
   rerun of a finished run does not evaluate it again (`is_recorded`).
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, model: Student, test: EvalSplit,
-               mesh: Mesh, directory: str):
-    self._config, self._model, self._mesh = config, model, mesh
-    self._directory = directory
-    self._splits = {"": test, **{f" ({n})": test.first(n) for n in config.eval.subsets}}
+  def __init__(self, eval_spec: spec.EvalSpec, predictor: Predictor, test: Split, mesh: Mesh,
+               directory: str, relevance_cache: str | None):
+    self._spec, self._predictor, self._mesh = eval_spec, predictor, mesh
+    self._directory, self._relevance_cache = directory, relevance_cache
+    self._splits = {"": test, **{f" ({n})": test.first(n) for n in eval_spec.subsets}}
     self._relevance: dict[int, np.ndarray] = {}
-    self._fingerprint = hashlib.sha256(
-        json.dumps(config.eval.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    self._fingerprint = eval_spec.fingerprint
     self.rows, self.curves = _saved_results(os.path.join(directory, "results.json"))
 
-  def _relevance_of(self, split: EvalSplit) -> np.ndarray:
+  def _relevance_of(self, split: Split) -> np.ndarray:
     if id(split) not in self._relevance:
-      cache_dir = os.path.join(os.path.expanduser(self._config.data.cache_dir), "relevance")
-      self._relevance[id(split)] = retrieval.split_relevance(split, cache_dir)
+      self._relevance[id(split)] = retrieval.split_relevance(split, self._relevance_cache)
     return self._relevance[id(split)]
 
-  def _evaluate(self, params, split: EvalSplit):
-    e = self._config.eval
-    return retrieval.evaluate(self._model, params, split, self._relevance_of(split),
+  def _evaluate(self, params, split: Split):
+    e = self._spec
+    return retrieval.evaluate(self._predictor, params, split, self._relevance_of(split),
                               itm_k=e.itm_k, batch_size=e.batch_size, mesh=self._mesh,
                               single_modal_self=e.single_modal_self)
 
-  def selection_metrics(self, params, split: EvalSplit) -> dict:
+  def selection_metrics(self, params, split: Split) -> dict:
     """Every protocol's metrics of `params` on `split` (model selection during training)."""
     metrics, _ = self._evaluate(params, split)
-    metric = self._config.eval.select_metric
+    metric = self._spec.select_metric
     if metric not in metrics:  # an "itm/" metric of a student without ITM re-ranking
       raise InputError(f"config.eval.select_metric={metric!r}: this student does not report it "
                        "(no ITM re-ranking)")
@@ -78,7 +77,8 @@ class Evaluator:
       metrics, curves = self._evaluate(params, split)
       self.rows[name + suffix] = {**metrics, **(record or {}),
                                   "eval_fingerprint": self._fingerprint}
-      self.curves[name + suffix] = curves
+      if curves is not None:
+        self.curves[name + suffix] = curves
 
   def current_rows(self) -> dict[str, dict]:
     """The rows evaluated under this config.eval (results.json may hold older ones too)."""
@@ -108,31 +108,39 @@ def _saved_results(path: str) -> tuple[dict, dict]:
     return {}, {}
 
 
-def evaluate_run(config, workdir: str, stages, step: int | None = None) -> dict:
-  """Evaluates each stage's checkpoint into <workdir>/eval; returns {'<stage>@<step>': metrics}
-  of this call. Reads the run's checkpoints and writes nothing else."""
-  experiment.validate_config(config)
+def relevance_cache(exp: spec.Experiment) -> str:
+  return os.path.join(os.path.expanduser(exp.data.cache_dir), "relevance")
+
+
+def evaluate_run(config: ml_collections.ConfigDict, workdir: str, stages=None,
+                 step: int | None = None) -> dict:
+  """Evaluates each stage's checkpoint (default: every stage) into <workdir>/eval; returns
+  {'<stage>@<step>': metrics} of this call. Reads the run's checkpoints and writes nothing else."""
+  exp = spec.from_config(config)
+  stages = exp.stage_names if stages is None else stages
   workdir = experiment.check_workdir(workdir, must_exist=True)
-  unknown = set(stages) - set(experiment.STAGES)
+  unknown = set(stages) - set(exp.stage_names)
   if unknown:
-    raise InputError(f"--stages: unknown {sorted(unknown)}; known: {experiment.STAGES}")
+    raise InputError(f"--stages: unknown {sorted(unknown)}; known: {exp.stage_names}")
   if step is not None and step < 0:
     raise InputError(f"--step={step} must be a checkpoint step (>= 0)")
-  mesh = experiment.make_mesh(config)
-  experiment.check_batch_sizes(config, mesh)
+  mesh = experiment.make_mesh(exp)
+  experiment.check_batch_sizes(exp, mesh)
   for stage in stages:  # before anything is loaded or written
     experiment.check_stage_checkpoints(workdir, stage)
   output = os.path.join(workdir, "eval")
   with interrupts.catching(), experiment.workdir_lock(output, "evaluation"):
-    data = load_retrieval_data(config)
-    model = experiment.student_model(config, data.vocab_size)
-    params_like = init_student(model, jax.random.key(config.seed))
-    evaluator = Evaluator(config, model, data.test, mesh, output)
+    data = load_dataset(exp.data)
+    model = experiment.student_model(exp, data.vocab_size)
+    params_like = jax.eval_shape(lambda r: init_student(model, r), jax.random.key(exp.seed))
+    evaluator = Evaluator(exp.eval, predict.student_predictor(model, data.eval_encoder),
+                          data.test, mesh, output, relevance_cache(exp))
     names = []
     for stage in stages:
       loaded_step, params, record = experiment.load_stage_params(
-          config, workdir, stage, params_like, mesh, data.vocab, step)
+          exp, workdir, stage, params_like, mesh, data.vocab, step)
       names.append(f"{stage}@{loaded_step}")
       evaluator.add(names[-1], params, record)
     evaluator.write()
   return {name: evaluator.rows[name] for name in names}
+

@@ -1,13 +1,21 @@
-"""Transformer building blocks shared by the student and teacher towers."""
+"""Transformer building blocks shared by the towers and the fusion encoder.
+
+Every block computes in `dtype` (e.g. bfloat16) with float32 parameters; `block_class(cls, remat)`
+wraps a block in `nn.remat` so its activations are recomputed in the backward pass.
+"""
+
+from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 # Dense and conv kernels scale with their fan (ViT's choice): a fixed std of 0.02 (BERT's) suits
 # 768-wide towers but starves narrow ones trained from scratch of signal. Embedding tables and
 # position embeddings use 0.02; converted checkpoints replace all of these.
 default_kernel_init = nn.initializers.xavier_uniform()
 embedding_init = nn.initializers.truncated_normal(0.02)
+DTYPES = ("float32", "bfloat16")
 
 
 def attention_mask(key_mask: jax.Array) -> jax.Array:
@@ -15,22 +23,30 @@ def attention_mask(key_mask: jax.Array) -> jax.Array:
   return key_mask[:, None, None, :].astype(bool)
 
 
+def block_class(cls, remat: bool):
+  """`cls`, rematerialized when `remat` (its `train` argument, index 2 after self and x, static)."""
+  return nn.remat(cls, static_argnums=(2,)) if remat else cls
+
+
 class Mlp(nn.Module):
   """Dense -> GELU -> Dense."""
   hidden_dim: int
   dropout: float = 0.0
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
-    y = nn.Dense(self.hidden_dim, kernel_init=default_kernel_init, name="fc1")(x)
-    y = nn.gelu(y, approximate=False)
-    y = nn.Dense(x.shape[-1], kernel_init=default_kernel_init, name="fc2")(y)
+    dense = lambda n, name: nn.Dense(n, kernel_init=default_kernel_init, dtype=self.dtype,
+                                     name=name)
+    y = nn.gelu(dense(self.hidden_dim, "fc1")(x), approximate=False)
+    y = dense(x.shape[-1], "fc2")(y)
     return nn.Dropout(self.dropout)(y, deterministic=not train)
 
 
-def _attention(num_heads: int, dropout: float, name: str) -> nn.MultiHeadDotProductAttention:
+def _attention(num_heads: int, dropout: float, dtype, name: str) -> nn.MultiHeadDotProductAttention:
   return nn.MultiHeadDotProductAttention(
-      num_heads=num_heads, kernel_init=default_kernel_init, dropout_rate=dropout, name=name)
+      num_heads=num_heads, kernel_init=default_kernel_init, dropout_rate=dropout, dtype=dtype,
+      name=name)
 
 
 class PreNormBlock(nn.Module):
@@ -38,14 +54,16 @@ class PreNormBlock(nn.Module):
   num_heads: int
   mlp_dim: int
   dropout: float = 0.0
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
-    y = nn.LayerNorm(epsilon=1e-6, name="norm1")(x)
-    x = x + _attention(self.num_heads, self.dropout, "attention")(
+    norm = lambda name: nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name=name)
+    y = norm("norm1")(x)
+    x = x + _attention(self.num_heads, self.dropout, self.dtype, "attention")(
         y, y, deterministic=not train)
-    y = nn.LayerNorm(epsilon=1e-6, name="norm2")(x)
-    return x + Mlp(self.mlp_dim, self.dropout, name="mlp")(y, train)
+    y = norm("norm2")(x)
+    return x + Mlp(self.mlp_dim, self.dropout, self.dtype, name="mlp")(y, train)
 
 
 class PostNormBlock(nn.Module):
@@ -54,20 +72,20 @@ class PostNormBlock(nn.Module):
   mlp_dim: int
   dropout: float = 0.0
   cross_attention: bool = False
+  dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask, train: bool, context=None, context_mask=None):
+  def __call__(self, x, train: bool, mask=None, context=None, context_mask=None):
     def residual(y, name):
       y = nn.Dropout(self.dropout)(y, deterministic=not train)
-      return nn.LayerNorm(epsilon=1e-12, name=name)(x + y)
+      return nn.LayerNorm(epsilon=1e-12, dtype=self.dtype, name=name)(x + y)
 
-    x = residual(_attention(self.num_heads, self.dropout, "attention")(
-        x, x, mask=attention_mask(mask), deterministic=not train), "attention_norm")
+    attention = lambda name: _attention(self.num_heads, self.dropout, self.dtype, name)
+    x = residual(attention("attention")(x, x, mask=attention_mask(mask),
+                                        deterministic=not train), "attention_norm")
     if self.cross_attention:
-      x = residual(_attention(self.num_heads, self.dropout, "cross_attention")(
+      x = residual(attention("cross_attention")(
           x, context, mask=attention_mask(context_mask), deterministic=not train),
                    "cross_attention_norm")
-    y = Mlp(self.mlp_dim, 0.0, name="mlp")(x, train)
+    y = Mlp(self.mlp_dim, 0.0, self.dtype, name="mlp")(x, train)
     return residual(y, "mlp_norm")
-
-

@@ -1,8 +1,10 @@
 """The cross-modal student (METHOD.md §2) and its learnable scalars.
 
-One module holds every student parameter of both stages: towers, projection heads, fusion encoder
-and ITM head (unless dual-encoder), the teacher projections U_v, U_t used by stage 2, and the
-scalars τ, τ2, λ. Its methods are the pieces the objective calls; `__call__` only initializes.
+One module holds every student parameter of every stage: the image and text towers (any registered
+kinds), projection heads, fusion encoder and ITM head (unless dual-encoder), the teacher
+projections U_v, U_t the distillation terms use, and the scalars τ, τ2, λ. Its methods are the
+pieces the objective and the predict contract call; `__call__` only initializes. Towers and heads
+compute in their configured dtype; projections, scalars and everything after are float32.
 """
 
 import dataclasses
@@ -13,19 +15,21 @@ import jax
 import jax.numpy as jnp
 
 from rebalance_jax.losses import l2_normalize
+from rebalance_jax.models import towers
+from rebalance_jax.models.fusion import FusionConfig, FusionEncoder, ItmHead
 from rebalance_jax.models.layers import default_kernel_init
-from rebalance_jax.models.towers import (FusionEncoder, ItmHead, TextConfig, TextEncoder,
-                                         VisionTransformer, VitConfig, cls)
 
-# Parameter subtrees that stage 2 adds and initializes fresh (METHOD.md §5).
-STAGE2_NEW_PARAMS = ("teacher_image_proj", "teacher_text_proj", "lam", "temp2")
+# The parameter subtrees of the distillation terms (METHOD.md §5 initializes them fresh in stage 2).
+DISTILLATION_PARAMS = ("teacher_image_proj", "teacher_text_proj", "lam", "temp2")
+# The student's towers and where each one's `init` weights go in its parameter tree.
+TOWER_PARAMS = {"image": "image_encoder", "text": "text_encoder"}
 
 
 @dataclasses.dataclass(frozen=True)
 class StudentConfig:
-  image: VitConfig
-  text: TextConfig
-  fusion_depth: int = 1
+  image: towers.TowerSpec
+  text: towers.TowerSpec
+  fusion: FusionConfig = FusionConfig()
   embed_dim: int = 256
   dual_encoder: bool = False
   image_teacher_dim: int = 1024
@@ -46,14 +50,14 @@ class Student(nn.Module):
   def setup(self):
     c = self.config
     dense = lambda name: nn.Dense(c.embed_dim, kernel_init=default_kernel_init, name=name)
-    self.image_encoder = VisionTransformer(c.image)
-    self.text_encoder = TextEncoder(c.text)
+    self.image_encoder = c.image.build()
+    self.text_encoder = c.text.build()
     self.image_proj = dense("image_proj")
     self.text_proj = dense("text_proj")
     self.teacher_image_proj = dense("teacher_image_proj")
     self.teacher_text_proj = dense("teacher_text_proj")
     if not c.dual_encoder:
-      self.fusion_encoder = FusionEncoder(c.text, c.fusion_depth)
+      self.fusion_encoder = FusionEncoder(c.fusion)
       self.itm_head = ItmHead()
     # λ is stored so that the configured mode reads it as lam_init.
     lam = c.lam_init if c.lambda_mode == "raw" else math.log(c.lam_init / (1.0 - c.lam_init))
@@ -62,18 +66,18 @@ class Student(nn.Module):
     self.lam = self.param("lam", _constant(lam))
 
   def encode_image(self, images, train: bool = False):
-    """-> (image tokens (B, N, W), normalized embeddings v (B, embed_dim))."""
-    tokens = self.image_encoder(images, train)
-    return tokens, l2_normalize(self.image_proj(cls(tokens)))
+    """Preprocessed images -> (TowerOutput, normalized embeddings v (B, embed_dim))."""
+    out = self.image_encoder(images, train)
+    return out, l2_normalize(self.image_proj(out.pooled))
 
   def encode_text(self, ids, mask, train: bool = False):
-    """-> (hidden states (B, L, W), normalized embeddings t (B, embed_dim))."""
-    hidden = self.text_encoder(ids, mask, train)
-    return hidden, l2_normalize(self.text_proj(cls(hidden)))
+    """-> (TowerOutput, normalized embeddings t (B, embed_dim))."""
+    out = self.text_encoder(ids, mask, train)
+    return out, l2_normalize(self.text_proj(out.pooled))
 
-  def fuse(self, text_hidden, text_mask, image_tokens, train: bool = False):
+  def fuse(self, text_hidden, text_mask, image_tokens, image_mask, train: bool = False):
     """Fusion encoder [CLS] m for each (text, image) row pair."""
-    return cls(self.fusion_encoder(text_hidden, text_mask, image_tokens, train))
+    return self.fusion_encoder(text_hidden, text_mask, image_tokens, image_mask, train)[:, 0]
 
   def itm_logits(self, fused_cls):
     return self.itm_head(fused_cls)
@@ -89,21 +93,30 @@ class Student(nn.Module):
 
   def __call__(self, images, ids, mask, image_teacher_features, text_teacher_features):
     """Touches every parameter (for `init`); returns the pieces of one forward pass."""
-    image_tokens, v = self.encode_image(images)
-    text_hidden, t = self.encode_text(ids, mask)
+    image, v = self.encode_image(images)
+    text, t = self.encode_text(ids, mask)
     out = {"v": v, "t": t, "teachers": self.project_teachers(image_teacher_features,
                                                            text_teacher_features),
            "scalars": self.scalars()}
     if not self.config.dual_encoder:
-      out["itm"] = self.itm_logits(self.fuse(text_hidden, mask, image_tokens))
+      out["itm"] = self.itm_logits(self.fuse(text.tokens, mask, image.tokens, image.mask))
     return out
 
 
 def init_student(model: Student, rng: jax.Array, batch_size: int = 2):
-  """Initial parameters of `model` from dummy inputs shaped by its config."""
+  """Random initial parameters of `model` from dummy inputs shaped by its config."""
   c = model.config
-  images = jnp.zeros((batch_size, c.image.image_size, c.image.image_size, 3), jnp.float32)
-  ids = jnp.zeros((batch_size, c.text.max_tokens), jnp.int32)
-  return model.init(rng, images, ids, jnp.ones_like(ids),
-                    jnp.zeros((batch_size, c.image_teacher_dim)),
+  (images,) = towers.dummy_inputs(c.image, batch_size)
+  ids, mask = towers.dummy_inputs(c.text, batch_size)
+  return model.init(rng, images, ids, mask, jnp.zeros((batch_size, c.image_teacher_dim)),
                     jnp.zeros((batch_size, c.text_teacher_dim)))["params"]
+
+
+def with_tower_weights(model: Student, params, field_prefix: str = "config.model"):
+  """`params` with each tower whose spec has `init` replaced by its converted weights."""
+  params = dict(params)
+  for modality, subtree in TOWER_PARAMS.items():
+    spec = getattr(model.config, modality)
+    if spec.init:
+      params[subtree] = towers.load_init(spec, params[subtree], f"{field_prefix}.{modality}")
+  return params

@@ -1,42 +1,26 @@
-"""Modal-independent teachers (METHOD.md §3): an image-only and a text-only tower.
-
-Each is pre-trained on its own modality only (in the spine, to predict the embedded dataset's scene
-attributes, the analogue of ImageNet pre-training), then frozen. Its feature is the tower's final
-[CLS] state; the attribute head is used only in pre-training.
-"""
+"""A modal-independent teacher network (METHOD.md §3): one registered tower, and optionally a head
+over the dataset's scene attributes used only to pre-train it (the synthetic data's analogue of
+ImageNet / language pre-training). Its feature is the tower's pooled output."""
 
 import flax.linen as nn
 
+from rebalance_jax.models import towers
 from rebalance_jax.models.layers import default_kernel_init
-from rebalance_jax.models.towers import TextConfig, TextEncoder, VisionTransformer, VitConfig, cls
 
 
-class ImageTeacher(nn.Module):
-  config: VitConfig
-  num_attributes: int
+class Teacher(nn.Module):
+  tower: towers.TowerSpec
+  num_attributes: int = 0  # > 0: the attribute head of pre-training
 
   def setup(self):
-    self.encoder = VisionTransformer(self.config)
-    self.head = nn.Dense(self.num_attributes, kernel_init=default_kernel_init)
+    self.encoder = self.tower.build()
+    if self.num_attributes:
+      self.head = nn.Dense(self.num_attributes, kernel_init=default_kernel_init)
 
-  def features(self, image):
-    return cls(self.encoder(image))
+  def features(self, *inputs):
+    """Preprocessed images, or (ids, mask) -> (B, feature dim)."""
+    return self.encoder(*inputs).pooled
 
-  def __call__(self, image):
+  def __call__(self, *inputs):
     """-> attribute logits."""
-    return self.head(self.features(image))
-
-
-class TextTeacher(nn.Module):
-  config: TextConfig
-  num_attributes: int
-
-  def setup(self):
-    self.encoder = TextEncoder(self.config)
-    self.head = nn.Dense(self.num_attributes, kernel_init=default_kernel_init)
-
-  def features(self, ids, mask):
-    return cls(self.encoder(ids, mask))
-
-  def __call__(self, ids, mask):
-    return self.head(self.features(ids, mask))
+    return self.head(self.features(*inputs))

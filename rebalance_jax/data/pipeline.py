@@ -1,0 +1,95 @@
+"""The input pipeline: sampling, reading records, tokenizing and batching, with grain.
+
+Training order is a pure function of the step: the global batch at step s is a slice of a seeded
+permutation of epoch s // steps_per_epoch (`train_batch_indices`), and each process reads only its
+own contiguous rows of it. A resumed run therefore sees exactly the batches the uninterrupted run
+would have, and 1 process sees the same global batches as 2, with no iterator state to save.
+grain runs the per-step batch assembly in reader threads with prefetch.
+
+Evaluation reads a split in global batches padded to the batch size (`padded_batches`); the
+padding rows repeat the last row and are marked invalid.
+"""
+
+from collections.abc import Callable, Iterator
+
+import grain
+import numpy as np
+
+from rebalance_jax import sharding
+from rebalance_jax.data.dataset import Dataset
+from rebalance_jax.data.sources import Split
+
+# Batches assembled ahead of the train step, and the threads assembling them.
+PREFETCH_BATCHES = 4
+READ_THREADS = 2
+
+
+def train_batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+  """Example indices of the global batch at `step`: a fresh seeded permutation per epoch, the
+  last partial batch dropped."""
+  steps_per_epoch = num_examples // batch_size
+  epoch, position = divmod(step, steps_per_epoch)
+  order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+  return order[position * batch_size:(position + 1) * batch_size]
+
+
+def pair_rows(data: Dataset, extra: Callable | None = None) -> Callable[[np.ndarray], dict]:
+  """rows (training caption indices) -> host batch of those pairs: image (uint8), ids, mask,
+  image_id, and `extra(image rows, caption rows, captions)` (e.g. teacher features) if given."""
+  split = data.train
+
+  def load(rows):
+    image_rows = split.caption_image[rows]
+    captions = [split.captions[c] for c in rows]
+    batch = {"image": np.asarray(split.images[image_rows]), **data.encode(captions, train=True),
+             "image_id": split.image_ids[image_rows]}
+    if extra is not None:
+      batch.update(extra(image_rows, rows, captions))
+    return batch
+  return load
+
+
+def image_rows(split: Split, with_attributes: bool = False) -> Callable[[np.ndarray], dict]:
+  """rows (image indices) -> host batch of those images (and their scene attributes)."""
+  def load(rows):
+    batch = {"image": np.asarray(split.images[rows])}
+    if with_attributes:
+      batch["attributes"] = split.attributes[rows].astype(np.float32)
+    return batch
+  return load
+
+
+def caption_rows(split: Split, encode: Callable[[list[str]], dict]) -> Callable[[np.ndarray], dict]:
+  """rows (caption indices) -> host batch of those captions' tokens (`encode(captions)`)."""
+  return lambda rows: encode([split.captions[c] for c in rows])
+
+
+class TrainBatches:
+  """This process's rows of each step's global batch of `num_examples` examples."""
+
+  def __init__(self, num_examples: int, batch_size: int, seed: int,
+               load_rows: Callable[[np.ndarray], dict]):
+    self.num_examples, self.batch_size, self.seed = num_examples, batch_size, seed
+    self._load_rows = load_rows
+
+  def local_rows(self, step: int) -> np.ndarray:
+    indices = train_batch_indices(self.num_examples, self.batch_size, step, self.seed)
+    return indices[sharding.process_slice(self.batch_size)]
+
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    return self._load_rows(self.local_rows(step))
+
+  def iterate(self, start: int, end: int) -> Iterator[dict[str, np.ndarray]]:
+    """The batches of steps start..end-1, in order, assembled ahead by grain's reader threads."""
+    steps = grain.MapDataset.range(start, end).map(self)
+    return iter(steps.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS,
+                                                        prefetch_buffer_size=PREFETCH_BATCHES)))
+
+
+def padded_batches(num_rows: int, batch_size: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+  """(first global row, this process's row indices, their validity) of each global batch covering
+  rows 0..num_rows-1; the last batch is padded with copies of the last row (invalid), so every
+  process runs the same number of steps."""
+  for start in range(0, num_rows, batch_size):
+    local = np.arange(start, start + batch_size)[sharding.process_slice(batch_size)]
+    yield start, np.minimum(local, num_rows - 1), local < num_rows

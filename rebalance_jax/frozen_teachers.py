@@ -1,0 +1,132 @@
+"""Frozen teachers: each a model, its parameters, its own preprocessing and tokenizer, feature
+dimension and a fingerprint of its weights, obtained from the config.
+
+A teacher with `init` weights (converted with `python -m rebalance_jax.convert`) loads them; one
+without is pre-trained on the dataset's scene attributes (the synthetic data has them), with the
+same resumable loop as the student. Teachers are never trained after that: their parameters are a
+separate, non-differentiated input of the student's train step.
+"""
+
+import dataclasses
+import functools
+import hashlib
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from rebalance_jax import experiment, reporting, trainer
+from rebalance_jax.data import pipeline, text
+from rebalance_jax.data.dataset import Dataset
+from rebalance_jax.errors import InputError
+from rebalance_jax.models import towers
+from rebalance_jax.models.teachers import Teacher
+from rebalance_jax.spec import Experiment, TeacherSpec
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FrozenTeacher:
+  modality: str
+  tower: towers.TowerSpec
+  model: Teacher
+  params: Any
+  weights_sha256: str
+  encode: Callable | None = None  # a text teacher: captions -> {"ids", "mask"} of its tokenizer
+
+  @property
+  def dim(self) -> int:
+    return towers.output_dim(self.tower)
+
+  def features(self, params, *inputs):
+    """g^v of uint8 images (preprocessed as this teacher's tower says), or g^t of (ids, mask)."""
+    if self.modality == "image":
+      inputs = (towers.preprocess_images(self.tower.config, *inputs),)
+    return self.model.apply({"params": params}, *inputs, method=Teacher.features)
+
+
+def weights_sha256(params) -> str:
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    digest.update(jax.tree_util.keystr(path).encode())
+    digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+  return digest.hexdigest()
+
+
+def obtain_teachers(exp: Experiment, data: Dataset, mesh, workdir: str) -> dict[str, FrozenTeacher]:
+  """Both teachers of `exp`: loaded from their `init` weights, or pre-trained (or resumed, or
+  read when finished) in `workdir`/teachers."""
+  t = exp.teachers
+  vocab_size = data.vocab_size
+  if t.vocab_file:
+    tokenizer = text.load_tokenizer(t.vocab_file)
+    vocab_size = text.check_vocab(t.vocab_file)["size"]
+    max_tokens = t.text.tower.config.max_tokens
+    encode = lambda captions: dict(zip(("ids", "mask"), text.tokenize(
+        tokenizer, captions, max_tokens, data.max_words_train, data.append_sep)))
+  else:
+    encode = functools.partial(data.encode, train=True)
+  text_tower = dataclasses.replace(
+      t.text.tower, config=dataclasses.replace(t.text.tower.config, vocab_size=vocab_size))
+  teachers = {}
+  for spec, tower in ((t.image, t.image.tower), (t.text, text_tower)):
+    if tower.init:
+      model = Teacher(tower)
+      like = jax.eval_shape(lambda r: towers.init_params(tower, r), jax.random.key(0))
+      params = {"encoder": towers.load_init(tower, like, spec.field)}
+    else:
+      model, params = _pretrained(exp, spec, tower, data, encode, mesh, workdir)
+    teachers[spec.modality] = FrozenTeacher(spec.modality, tower, model, params,
+                                            weights_sha256(params),
+                                            encode if spec.modality == "text" else None)
+  return teachers
+
+
+def _pretrained(exp: Experiment, spec: TeacherSpec, tower, data: Dataset, encode, mesh,
+                workdir: str):
+  """(model, params) of a teacher pre-trained to predict the scene attributes."""
+  train = data.train
+  if train.attributes is None:
+    raise InputError(f"{spec.field}.init is empty and config.data.name={exp.data.name!r} has no "
+                     "scene attributes to pre-train a teacher on: point it at converted weights")
+  t = exp.teachers
+  model = Teacher(tower, train.attributes.shape[1])
+  if spec.modality == "image":
+    num_examples, rows = train.num_images, pipeline.image_rows(train, with_attributes=True)
+  else:
+    num_examples = train.num_captions
+    captions = pipeline.caption_rows(train, encode)
+    rows = lambda r: {**captions(r), "attributes":
+                      train.attributes[train.caption_image[r]].astype(np.float32)}
+  name = f"teacher_{spec.modality}"
+  seed = trainer.stage_seed(exp.seed, name)
+  init = model.init(jax.random.key(seed), *towers.dummy_inputs(tower))["params"]
+  schedule = optax.warmup_cosine_decay_schedule(0.0, t.lr, max(t.num_steps // 10, 1), t.num_steps)
+  checkpointer = experiment.checkpointer(exp, workdir, name, data.vocab, keep=1)
+  stage = trainer.Stage(
+      name=name, loss_fn=functools.partial(_attribute_loss, model, tower), tx=optax.adamw(
+          schedule, weight_decay=1e-4), schedule=schedule, total_steps=t.num_steps,
+      batch_size=t.batch_size, batch_size_field="config.teachers.batch_size",
+      batches=pipeline.TrainBatches(num_examples, t.batch_size, seed, rows),
+      checkpointer=checkpointer,
+      writer=reporting.MetricWriter(os.path.join(checkpointer.directory, "logs")),
+      checkpoint_every=t.num_steps, log_every=max(t.num_steps // 5, 1), seed=seed,
+      param_rules=exp.param_rules)
+  try:
+    return model, trainer.run_stage(stage, init, None, mesh)["params"]
+  finally:
+    stage.writer.close()
+    stage.checkpointer.close()
+
+
+def _attribute_loss(model: Teacher, tower, params, batch, frozen, rng):
+  del frozen, rng
+  if tower.modality == "image":
+    inputs = (towers.preprocess_images(tower.config, batch["image"]),)
+  else:
+    inputs = (batch["ids"], batch["mask"])
+  loss = optax.sigmoid_binary_cross_entropy(model.apply({"params": params}, *inputs),
+                                            batch["attributes"]).mean()
+  return loss, {"loss/attributes": loss}

@@ -1,0 +1,42 @@
+"""Parameter trees as flat safetensors files of '/'-joined names: the format converted weights are
+stored in, and the default weight-loader hook of every tower (models/towers)."""
+
+import os
+
+import jax
+import numpy as np
+import safetensors.numpy
+from flax import traverse_util
+
+from rebalance_jax import files
+from rebalance_jax.errors import InputError
+
+
+def save_safetensors(path: str, params) -> None:
+  """Writes `params` (a nested dict of arrays) atomically, with its content hash."""
+  flat = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
+  files.write_checked(path, lambda f: f.write(safetensors.numpy.save(flat)))
+
+
+def load_safetensors(path: str, params_like) -> dict:
+  """The tree of `params_like` (arrays or ShapeDtypeStructs) filled from `path`. Every name must
+  match in both directions and every shape agree; otherwise an InputError lists the differences."""
+  path = os.path.expanduser(path)
+  if not os.path.isfile(path):
+    raise InputError(f"{path} does not exist")
+  try:
+    stored = safetensors.numpy.load_file(path)
+  except Exception as e:  # safetensors raises its own error types for a damaged header
+    raise InputError(f"{path} is not a readable safetensors file ({e})") from e
+  expected = {"/".join(k): v for k, v in traverse_util.flatten_dict(params_like).items()}
+  missing = sorted(set(expected) - set(stored))
+  unused = sorted(set(stored) - set(expected))
+  wrong = sorted(f"{k}: {stored[k].shape} in the file, {tuple(expected[k].shape)} expected"
+                 for k in set(expected) & set(stored) if stored[k].shape != tuple(expected[k].shape))
+  problems = [f"{what} ({len(names)}): {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
+              for what, names in (("missing", missing), ("unused", unused), ("wrong shape", wrong))
+              if names]
+  if problems:
+    raise InputError(f"{path} does not fit the tower: " + "; ".join(problems))
+  flat = {tuple(k.split("/")): stored[k].astype(expected[k].dtype) for k in expected}
+  return jax.tree.map(np.asarray, traverse_util.unflatten_dict(flat))

@@ -9,14 +9,12 @@ unchanged with one process or many (each process passes its own slice of the glo
 """
 
 import dataclasses
-from collections.abc import Callable
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from rebalance_jax import interrupts, tree_rules
+from rebalance_jax import tree_rules
 from rebalance_jax.errors import InputError
 
 DATA_AXIS = "data"
@@ -113,22 +111,3 @@ def to_global(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
   """Assembles each process's rows into global batch-sharded arrays."""
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
-
-
-def map_in_batches(fn: Callable, num_rows: int, get_rows: Callable, batch_size: int,
-                   mesh: Mesh):
-  """Applies jitted `fn(**rows)` to rows 0..num_rows-1 in global batches of `batch_size`.
-
-  `get_rows(indices)` returns the host arrays of the given rows; each process fetches only its own
-  slice of each batch. The last batch is padded by repeating the last row, so every process runs
-  the same number of steps; padded rows are dropped. Returns fn's output pytree with every leaf
-  concatenated over rows, as numpy on every process.
-  """
-  check_batch_size(batch_size, mesh, "config.eval.batch_size")
-  outputs = []
-  for start in range(0, num_rows, batch_size):
-    interrupts.check("a batched inference pass")
-    indices = np.minimum(np.arange(start, start + batch_size), num_rows - 1)
-    out = fn(**to_global(get_rows(indices[process_slice(batch_size)]), mesh))
-    outputs.append(multihost_utils.process_allgather(out, tiled=True))
-  return jax.tree.map(lambda *rows: np.concatenate(rows)[:num_rows], *outputs)

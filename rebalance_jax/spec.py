@@ -397,7 +397,7 @@ def _fingerprints(config: ml_collections.ConfigDict, stages) -> dict[str, dict]:
             if distills or k not in _DISTILLATION_LOSS}
     prints[stage.name] = {
         **common, "data": data, "model": model, "optim": config.optim.to_dict(), "loss": loss,
-        "stage": config.stages[stage.name].to_dict(),
+        f"stages.{stage.name}": config.stages[stage.name].to_dict(),
         "eval": {k: config.eval[k] for k in _SELECTION},
         "init_from": prints[stage.init_from] if stage.init_from else None,
         "teachers": prints["teachers"] if distills else None}

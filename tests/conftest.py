@@ -13,6 +13,8 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402
 
@@ -46,3 +48,16 @@ def tiny_config(data_cache):
   config = load_config("configs/demo.py:tiny")
   config.data.cache_dir = data_cache
   return config
+
+
+def saved_state(workdir, stage):
+  """The train state of a stage's latest checkpoint as numpy, whatever topology wrote it."""
+  directory = os.path.join(workdir, stage, "checkpoints")
+  manager = ocp.CheckpointManager(directory)
+  step = manager.latest_step()
+  manager.close()
+  path = os.path.join(directory, str(step), "state")
+  checkpointer = ocp.PyTreeCheckpointer()
+  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                          checkpointer.metadata(path).item_metadata.tree)
+  return step, checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))

@@ -1,13 +1,12 @@
-"""Optimizer rules, the learning-rate schedule, data order, tokenization and the dataset splits."""
+"""Optimizer rules, the learning-rate schedule and tokenization."""
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
-from rebalance_jax import config_base, optim, trainer
-from rebalance_jax.data import datasets, text
+from rebalance_jax import config_base, optim
+from rebalance_jax.data import text
 from rebalance_jax.errors import InputError
 
 
@@ -54,23 +53,6 @@ def test_lr_multipliers_scale_matching_parameters():
   np.testing.assert_allclose(base["temp"], -0.1, rtol=1e-4)  # Adam's first step is lr·sign(g)
 
 
-def test_train_batches_are_epoch_permutations_and_depend_only_on_step():
-  steps_per_epoch = 10 // 3
-  epoch0 = np.concatenate([trainer.train_batch_indices(10, 3, s, seed=1) for s in range(3)])
-  assert len(set(epoch0)) == 9  # no repeats within an epoch; the partial batch is dropped
-  again = trainer.train_batch_indices(10, 3, 1, seed=1)
-  np.testing.assert_array_equal(again, epoch0[3:6])
-  next_epoch = trainer.train_batch_indices(10, 3, steps_per_epoch, seed=1)
-  assert not np.array_equal(next_epoch, epoch0[:3])
-
-
-def test_steps_for_epochs_or_explicit_steps():
-  stage = ml_collections.ConfigDict(dict(num_steps=0, num_epochs=2, batch_size=4))
-  assert trainer.steps_for(stage, 10) == 4
-  stage.num_steps = 7
-  assert trainer.steps_for(stage, 10) == 7
-
-
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
   captions = ["a red circle on the left", "two big blue squares", "a tiny green triangle"] * 20
@@ -93,22 +75,3 @@ def test_tokenize_like_the_reference(tokenizer):
 def test_empty_caption_is_named(tokenizer):
   with pytest.raises(InputError, match=r"caption 1 is empty"):
     text.tokenize(tokenizer, ["a red circle", " !! "], 8, 30)
-
-
-def test_synthetic_splits_are_flickr_shaped(tiny_config):
-  data = datasets.load_retrieval_data(tiny_config)
-  synthetic = tiny_config.data.synthetic
-  assert data.train.num_pairs == synthetic.num_train * synthetic.captions_per_image
-  assert len(data.test.images) == synthetic.num_test
-  assert data.test.ids.shape == (5 * synthetic.num_test, tiny_config.data.max_tokens)
-  np.testing.assert_array_equal(data.test.image_to_texts[3], [15, 16, 17, 18, 19])
-  batch = data.train.batch(np.array([0, 7]))
-  np.testing.assert_array_equal(batch["image_id"], [0, 1])  # five captions per image
-  np.testing.assert_array_equal(batch["image"][0], data.train.images[0])
-  assert data.vocab_size <= tiny_config.tokenizer.vocab_size
-
-
-def test_bad_synthetic_config_names_the_field(tiny_config):
-  tiny_config.data.synthetic.caption_keep_prob = 1.5
-  with pytest.raises(InputError, match=r"config\.data\.synthetic: .*caption_keep_prob"):
-    datasets.load_retrieval_data(tiny_config)

@@ -20,7 +20,7 @@ from conftest import REPO
 from rebalance_jax import (checkpointing, cli, compilation_cache, files, interrupts, reporting,
                            sharding, trainer)
 from rebalance_jax.checkpointing import Checkpointer, ConfigMismatchError, DamagedCheckpointError
-from rebalance_jax.data import text
+from rebalance_jax.data import pipeline, text
 from rebalance_jax.errors import InputError
 
 RULES = sharding.ParamRules(((r".*", "fsdp"),), min_size=1)
@@ -146,7 +146,8 @@ def _quadratic_stage(tmp_path, lr_schedule, steps):
   stage = trainer.Stage(
       name="quadratic", loss_fn=loss_fn, tx=optax.sgd(lr_schedule), schedule=lr_schedule,
       total_steps=steps, batch_size=8, batch_size_field="config.quadratic.batch_size",
-      make_batch=lambda idx: {"x": idx.astype(np.float32)}, checkpointer=checkpointer,
+      batches=pipeline.TrainBatches(64, 8, 0, lambda idx: {"x": idx.astype(np.float32)}),
+      checkpointer=checkpointer,
       writer=reporting.MetricWriter(str(tmp_path / "logs")), checkpoint_every=1, log_every=1,
       seed=0, param_rules=RULES)
   return stage
@@ -160,7 +161,7 @@ def test_parameters_that_turn_nan_are_not_saved_and_the_last_good_step_is_named(
   with pytest.raises(trainer.NonFiniteLossError,
                      match=r"quadratic: non-finite parameters or optimizer state after step 3, not "
                            r"saved\. The last checkpoint saved \(2\) holds finite values"):
-    trainer.run_stage(stage, {"w": jnp.ones((4,))}, None, sharding.make_mesh(), 64)
+    trainer.run_stage(stage, {"w": jnp.ones((4,))}, None, sharding.make_mesh())
   assert stage.checkpointer.all_steps() == [1, 2]
   stage.checkpointer.close()
   stage.writer.close()
@@ -169,7 +170,7 @@ def test_parameters_that_turn_nan_are_not_saved_and_the_last_good_step_is_named(
 def test_nan_at_the_first_save_says_no_checkpoint_was_written(tmp_path):
   stage = _quadratic_stage(tmp_path, lambda count: jnp.nan, steps=2)
   with pytest.raises(trainer.NonFiniteLossError, match="No checkpoint of this phase was written"):
-    trainer.run_stage(stage, {"w": jnp.ones((4,))}, None, sharding.make_mesh(), 64)
+    trainer.run_stage(stage, {"w": jnp.ones((4,))}, None, sharding.make_mesh())
   stage.checkpointer.close()
   stage.writer.close()
 

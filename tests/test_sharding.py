@@ -1,14 +1,20 @@
-"""The stage-2 loss over a batch sharded on 8 devices equals the single-device loss and gradient."""
+"""Sharded on 8 devices equals single-device: the stage-2 loss and gradient, embedding
+extraction, and ITM scoring from token states that stay on the devices."""
 
+import dataclasses
 import functools
 
 import jax
 import numpy as np
 import pytest
 
-from rebalance_jax import objective, sharding
-from rebalance_jax.models.student import init_student
+from rebalance_jax import objective, predict, sharding, spec
+from rebalance_jax.data import pipeline
+from rebalance_jax.data.sources import Split
+from rebalance_jax.evaluators import retrieval
 from rebalance_jax.experiment import student_model
+from rebalance_jax.models import towers
+from rebalance_jax.models.student import Student, init_student
 
 BATCH = 16
 
@@ -31,12 +37,12 @@ def _batch(config, vocab_size):
 def test_sharded_stage2_loss_and_grads_match_single_device(tiny_config, itm_negatives, fsdp,
                                                            chunked):
   config = tiny_config
-  model = student_model(config, vocab_size=50)
+  exp = spec.from_config(config)
+  model = student_model(exp, vocab_size=50)
   params = init_student(model, jax.random.key(0))
   batch, teacher = _batch(config, 50)
   loss_fn = functools.partial(
       objective.stage_loss, model=model,
-      weights=dict(config.stage2.loss_weights), dual_relation="image",
       # Same groups on both meshes: "device" reproduces 8-device per-device sampling.
       num_negative_groups=8 if itm_negatives == "device" else 1)
 
@@ -45,10 +51,10 @@ def test_sharded_stage2_loss_and_grads_match_single_device(tiny_config, itm_nega
 
   def run(devices, fsdp, chunked):
     mesh = sharding.make_mesh(devices, fsdp=fsdp)
-    loss_config = config.loss.copy_and_resolve_references()
-    loss_config.chunked = chunked  # ring-chunked ITC, L_iic/L_ttc and relation losses
-    grad_fn = jax.value_and_grad(
-        functools.partial(loss_fn, loss_config=loss_config, mesh=mesh), has_aux=True)
+    # chunked: ring-chunked ITC, L_iic/L_ttc and relation losses
+    stage2 = dataclasses.replace(exp.stage("stage2").objective, chunked=chunked)
+    grad_fn = jax.value_and_grad(functools.partial(loss_fn, objective=stage2, mesh=mesh),
+                                 has_aux=True)
     rep, rows = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     param_shardings = rules.param_shardings(params, mesh)
     fn = jax.jit(grad_fn, in_shardings=(param_shardings, rows, rows, rep),
@@ -69,52 +75,61 @@ def test_sharded_stage2_loss_and_grads_match_single_device(tiny_config, itm_nega
   flat1 = jax.tree_util.tree_leaves_with_path(grads1)
   flat8 = jax.tree.leaves(grads8)
   for (path, g1), g8 in zip(flat1, flat8):
-    np.testing.assert_allclose(g8, g1, rtol=1e-3, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+    # atol: entries ~1e-5 are sums that cancel, so their rounding depends on the partitioning.
+    np.testing.assert_allclose(g8, g1, rtol=1e-3, atol=3e-6, err_msg=jax.tree_util.keystr(path))
   # Every stage-2 parameter receives gradient, including U_v, U_t, λ and τ2.
   for name in ("teacher_image_proj", "teacher_text_proj", "lam", "temp2", "itm_head"):
     assert any(np.abs(g).max() > 0 for g in jax.tree.leaves(grads1[name])), name
 
 
-def test_map_in_batches_pads_the_last_batch_and_drops_padding():
+def test_padded_batches_cover_every_row_with_whole_batches():
+  batches = list(pipeline.padded_batches(13, 8))  # 13 rows: not a multiple of 8
+  assert [start for start, _, _ in batches] == [0, 8]
+  np.testing.assert_array_equal(batches[1][1], [8, 9, 10, 11, 12, 12, 12, 12])
+  np.testing.assert_array_equal(batches[1][2], [True] * 5 + [False] * 3)
+
+
+def test_encode_drops_padding_and_rejects_an_indivisible_batch():
   mesh = sharding.make_mesh()
-  values = np.arange(13 * 3, dtype=np.float32).reshape(13, 3)  # 13 rows: not a multiple of 8
-  calls = []
-
-  def get_rows(indices):
-    calls.append(indices)
-    return {"x": values[indices]}
-
-  out = sharding.map_in_batches(jax.jit(lambda x: {"double": 2 * x, "sum": x.sum(1)}), 13,
-                                get_rows, 8, mesh)
-  np.testing.assert_array_equal(out["double"], 2 * values)
-  np.testing.assert_array_equal(out["sum"], values.sum(1))
-  assert [len(c) for c in calls] == [8, 8]  # the same number of full steps on every process
-  np.testing.assert_array_equal(calls[1], [8, 9, 10, 11, 12, 12, 12, 12])
-
-
-def test_map_in_batches_rejects_indivisible_batch():
+  values = np.arange(13 * 3, dtype=np.float32).reshape(13, 3)
+  fn = lambda params, x: {"emb": params * x, "tokens": x[:, None], "mask": x[:, :1]}
+  out = retrieval.encode(fn, 2.0, 13, lambda rows: {"x": values[rows]}, 8, mesh,
+                         keep_states=True)
+  np.testing.assert_array_equal(out.emb, 2 * values)
+  assert out.states["tokens"].shape == (16, 1, 3)  # on the devices, padded to whole batches
+  assert len(out.states["tokens"].sharding.device_set) == 8
   with pytest.raises(ValueError, match=r"config\.eval\.batch_size=12"):
-    sharding.map_in_batches(lambda x: x, 4, lambda i: {"x": np.zeros((len(i), 1))}, 12,
-                            sharding.make_mesh())
+    retrieval.encode(fn, 1.0, 4, lambda rows: {"x": values[rows]}, 12, mesh, keep_states=False)
 
 
-def test_embedding_extraction_on_8_devices_matches_direct_apply(tiny_config):
-  """13 images and 13 captions in batches of 8: the padded rows never reach the outputs."""
-  from rebalance_jax.data.datasets import EvalSplit
-  from rebalance_jax.evaluators import retrieval
-  from rebalance_jax.models.student import Student
-  model = student_model(tiny_config, vocab_size=50)
+def test_embeddings_and_itm_logits_on_8_devices_match_direct_apply(tiny_config):
+  """13 images and 13 captions in batches of 8: the padded rows never reach the outputs, and ITM
+  logits scored from the device-resident states equal a direct forward pass."""
+  model = student_model(spec.from_config(tiny_config), vocab_size=50)
   params = init_student(model, jax.random.key(0))
   batch, _ = _batch(tiny_config, 50)
   n = 13
   images = (batch["image"][:n] * 255).astype(np.uint8)
-  split = EvalSplit(images, batch["ids"][:n], batch["mask"][:n], np.arange(n, dtype=np.int32),
-                    tuple(f"caption {i}" for i in range(n)))
-  encoded = retrieval.encode_split(model, params, split, 8, sharding.make_mesh(), keep_tokens=True)
-  _, v = model.apply({"params": params}, images.astype(np.float32) / 255,
-                     method=Student.encode_image)
-  hidden, t = model.apply({"params": params}, split.ids, split.mask, method=Student.encode_text)
-  np.testing.assert_allclose(encoded.image_emb, v, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(encoded.text_emb, t, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(encoded.text_hidden, hidden, rtol=1e-5, atol=1e-5)
-  assert encoded.image_tokens.shape[0] == n
+  tokens = {"ids": batch["ids"][:n], "mask": batch["mask"][:n]}
+  rows = np.arange(n, dtype=np.int32)
+  split = Split(images, tuple(f"caption {i}" for i in range(n)), rows, rows)
+  encode = lambda captions: {k: v[[int(c.split()[1]) for c in captions]]
+                             for k, v in tokens.items()}
+  predictor = predict.student_predictor(model, encode)
+  mesh = sharding.make_mesh()
+  image_out, text_out = retrieval.encode_split(predictor, params, split, 8, mesh,
+                                               keep_states=True)
+  apply = functools.partial(model.apply, {"params": params})
+  image, v = apply(towers.preprocess_images(model.config.image.config, images),
+                   method=Student.encode_image)
+  text, t = apply(tokens["ids"], tokens["mask"], method=Student.encode_text)
+  np.testing.assert_allclose(image_out.emb, v, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(text_out.emb, t, rtol=1e-5, atol=1e-6)
+
+  pair_images, pair_texts = np.array([0, 3, 12, 5, 7]), np.array([1, 3, 0, 12, 7])
+  logits = retrieval.itm_logits(predictor, params, image_out, text_out, pair_images, pair_texts,
+                                8, mesh)
+  fused = apply(text.tokens[pair_texts], tokens["mask"][pair_texts], image.tokens[pair_images],
+                image.mask[pair_images], method=Student.fuse)
+  direct = apply(fused, method=Student.itm_logits)[:, 1]
+  np.testing.assert_allclose(logits, direct, rtol=1e-5, atol=1e-5)

@@ -172,13 +172,15 @@ def test_cache_is_reused_without_regeneration(tmp_path, monkeypatch):
   first = synthetic.load_or_generate(SMALL, str(tmp_path))
   cache_files = sorted(p.name for p in (tmp_path / synthetic.cache_key(SMALL)).iterdir())
   assert cache_files == sorted(f"{s}.{ext}{digest}" for s in synthetic.SPLITS
-                               for ext in ("json", "npz") for digest in ("", ".sha256"))
+                               for ext in ("json", "images.npy", "attributes.npy", "degraded.npy")
+                               for digest in ("", ".sha256"))
 
   def fail(*_):
     raise AssertionError("generate_split called although the cache is complete")
 
   monkeypatch.setattr(synthetic, "generate_split", fail)
   second = synthetic.load_or_generate(SMALL, str(tmp_path))
+  assert isinstance(second["train"]["images"], np.memmap)  # read on access, never whole
   for split in synthetic.SPLITS:
     for key in ("images", "attributes", "degraded"):
       assert second[split][key].dtype == first[split][key].dtype
@@ -203,10 +205,13 @@ def _record_generated_splits(monkeypatch) -> list[str]:
   return generated
 
 
-@pytest.mark.parametrize("file_name, tamper", [("train.npz", "truncate"), ("val.json", "truncate"),
-                                               ("train.npz", "flip"), ("test.json", "flip")])
+@pytest.mark.parametrize("file_name, tamper", [
+    ("train.images.npy", "truncate"), ("val.json", "truncate"), ("train.images.npy", "flip"),
+    ("test.json", "flip"), ("val.attributes.npy", "flip")])
 def test_a_tampered_cache_file_is_regenerated(tmp_path, monkeypatch, file_name, tamper):
-  first = synthetic.load_or_generate(SMALL, str(tmp_path))
+  # Copied out of the memory-mapped files before one of them is truncated in place.
+  first = {split: {k: np.array(v) if isinstance(v, np.ndarray) else v for k, v in data.items()}
+           for split, data in synthetic.load_or_generate(SMALL, str(tmp_path)).items()}
   path = tmp_path / synthetic.cache_key(SMALL) / file_name
   content = bytearray(path.read_bytes())
   if tamper == "truncate":
@@ -225,7 +230,7 @@ def test_a_tampered_cache_file_is_regenerated(tmp_path, monkeypatch, file_name, 
 
 def test_split_with_a_missing_file_is_regenerated(tmp_path, monkeypatch):
   first = synthetic.load_or_generate(SMALL, str(tmp_path))
-  (tmp_path / synthetic.cache_key(SMALL) / "test.npz").unlink()
+  (tmp_path / synthetic.cache_key(SMALL) / "test.degraded.npy").unlink()
   generated = _record_generated_splits(monkeypatch)
   second = synthetic.load_or_generate(SMALL, str(tmp_path))
   assert generated == ["test"]

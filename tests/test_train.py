@@ -10,30 +10,18 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from conftest import REPO
-from rebalance_jax import checkpointing, experiment, files, interrupts, teacher_job, train, trainer
+from conftest import REPO, saved_state
+from rebalance_jax import (checkpointing, experiment, files, frozen_teachers, interrupts, spec,
+                           teacher_features, train, trainer)
 from rebalance_jax.checkpointing import ConfigMismatchError
-from rebalance_jax.data.datasets import PairSplit, load_retrieval_data
+from rebalance_jax.data import pipeline
+from rebalance_jax.data.dataset import load_dataset
 from rebalance_jax.errors import InputError
 from rebalance_jax.evaluators import retrieval
 from rebalance_jax.evaluators.suite import Evaluator, evaluate_run
 from rebalance_jax.models.student import init_student
-
-
-def saved_state(workdir, stage):
-  """The train state of a stage's latest checkpoint as numpy, whatever topology wrote it."""
-  directory = os.path.join(workdir, stage, "checkpoints")
-  manager = ocp.CheckpointManager(directory)
-  step = manager.latest_step()
-  manager.close()
-  path = os.path.join(directory, str(step), "state")
-  checkpointer = ocp.PyTreeCheckpointer()
-  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                          checkpointer.metadata(path).item_metadata.tree)
-  return step, checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
 
 
 @pytest.fixture(scope="module")
@@ -83,20 +71,25 @@ def test_two_stage_run_writes_results_metrics_and_features(finished_run):
     assert np.isfinite(records[-1][key]), key
   assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(workdir, "stage2", "logs")))
 
-  num_pairs = config.data.synthetic.num_train * config.data.synthetic.captions_per_image
+  num_images = config.data.synthetic.num_train
+  num_pairs = num_images * config.data.synthetic.captions_per_image
   image = np.load(os.path.join(workdir, "teacher_features", "image.npy"))
   text = np.load(os.path.join(workdir, "teacher_features", "text.npy"))
-  assert image.shape == (num_pairs, config.teachers.image.width)
+  # One row per training image and one per caption, not 5x repeated image rows.
+  assert image.shape == (num_images, config.teachers.image.width)
   assert text.shape == (num_pairs, config.teachers.text.width)
-  # Captions of one image share its image-teacher features but not text-teacher features.
-  np.testing.assert_array_equal(image[0], image[1])
-  assert not np.allclose(text[0], text[1])
+  assert not np.allclose(image[0], image[1]) and not np.allclose(text[0], text[1])
+  # A batch reads its pairs' rows by index: caption 7 is of image 1.
+  rows = teacher_features.TeacherFeatures(os.path.join(workdir, "teacher_features")).rows(
+      np.array([1, 0]), np.array([7, 0]))
+  np.testing.assert_array_equal(rows["teacher_image"], image[[1, 0]])
+  np.testing.assert_array_equal(rows["teacher_text"], text[[7, 0]])
 
 
 def test_checkpoints_hold_only_the_student(finished_run):
   config, workdir, _ = finished_run
   step, state = saved_state(workdir, "stage2")
-  assert step == config.stage2.num_steps and int(state["step"]) == step
+  assert step == config.stages.stage2.num_steps and int(state["step"]) == step
   assert set(state) == {"step", "params", "opt_state"}
   assert set(state["params"]) == {"image_encoder", "text_encoder", "fusion_encoder", "itm_head",
                                   "image_proj", "text_proj", "teacher_image_proj",
@@ -132,8 +125,8 @@ def test_checkpoint_from_another_config_is_rejected(finished_run):
 
 
 def test_batch_size_not_divisible_by_devices(tiny_config, tmp_path):
-  tiny_config.stage1.batch_size = 12
-  with pytest.raises(InputError, match=r"config\.stage1\.batch_size=12 .*8 devices"):
+  tiny_config.stages.stage1.batch_size = 12
+  with pytest.raises(InputError, match=r"config\.stages\.stage1\.batch_size=12 .*8 devices"):
     train.run(tiny_config, str(tmp_path))
 
 
@@ -158,11 +151,28 @@ def test_non_finite_loss_stops_the_run(tiny_config, tmp_path):
     ("teachers.batch_size", 12, r"config\.teachers\.batch_size=12 must be a positive multiple "
                                 r"of the device count \(8 devices"),
     ("teachers.batch_size", 64, r"config\.teachers\.batch_size=64 exceeds the 48 training images"),
-    ("stage1.batch_size", 320, r"config\.stage1\.batch_size=320 exceeds the 240 training pairs"),
+    ("stages.stage1.batch_size", 320,
+     r"config\.stages\.stage1\.batch_size=320 exceeds the 240 training pairs"),
+    ("stages.stage2.init_from", "stage3", r"config\.stages\.stage2\.init_from='stage3' is not a "
+                                          r"stage"),
+    ("stages.stage1.init_from", "stage2", r"config\.stages: the init_from chain through "
+                                          r"'stage1' is a cycle"),
+    ("stages.stage2.fresh_params", ("lam", "lambda"),
+     r"config\.stages\.stage2\.fresh_params: \['lambda'\] are not parameter subtrees"),
+    ("model.image.kind", "swin", r"config\.model\.image\.kind: tower kind 'swin' is not "
+                                 r"registered; known: \['text', 'vit'\]"),
+    ("model.image.kind", "text", r"config\.model\.image\.kind='text' is a text tower"),
+    ("teachers.image.dtype", "float16", r"config\.teachers\.image\.dtype='float16' is not one"),
+    ("model.image.init", "/nonexistent.safetensors",
+     r"config\.model\.image\.init='/nonexistent\.safetensors': /nonexistent\.safetensors does "
+     r"not exist"),
 ])
 def test_invalid_config_values(tiny_config, tmp_path, field, value, match):
-  section, key = field.split(".")
-  tiny_config[section][key] = value
+  *path, key = field.split(".")
+  node = tiny_config
+  for name in path:
+    node = node[name]
+  node[key] = value
   workdir = tmp_path / "run"
   with pytest.raises(InputError, match=match):
     train.run(tiny_config, str(workdir))
@@ -182,7 +192,8 @@ def test_bad_workdirs_and_a_second_run_are_refused(tiny_config, tmp_path):
 
 def test_dual_encoder_needs_no_itm_weight(tiny_config, tmp_path):
   tiny_config.model.dual_encoder = True
-  with pytest.raises(InputError, match=r"config\.stage1\.loss_weights has an 'itm' weight"):
+  with pytest.raises(InputError, match=r"config\.stages\.stage1\.loss_weights has an 'itm' "
+                                       r"weight"):
     train.run(tiny_config, str(tmp_path))
 
 
@@ -192,8 +203,8 @@ def _cli(*args):
                         env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})  # 1 device
 
 
-@pytest.mark.parametrize("flag", ["--config.stage1.no_such_key=3",
-                                  "--config.stage2.loss_weights.bogus=1"])
+@pytest.mark.parametrize("flag", ["--config.stages.stage1.no_such_key=3",
+                                  "--config.stages.stage2.loss_weights.bogus=1"])
 def test_cli_unknown_config_key_is_one_line(tmp_path, flag):
   result = _cli("--config=configs/demo.py:tiny", flag, f"--workdir={tmp_path}")
   assert result.returncode == 1
@@ -221,8 +232,8 @@ def test_dual_encoder_with_online_teachers(tiny_config, tmp_path):
   c.model.dual_encoder = True
   c.model.dual_relation = "both"
   c.teachers.mode = "online"
-  del c.stage1.loss_weights["itm"]
-  del c.stage2.loss_weights["itm"]
+  del c.stages.stage1.loss_weights["itm"]
+  del c.stages.stage2.loss_weights["itm"]
   results = train.run(c, str(tmp_path))
   assert set(results) == {"stage1", "stage2"}
   assert not os.path.exists(os.path.join(tmp_path, "teacher_features"))
@@ -262,7 +273,8 @@ def test_each_stage_reports_the_checkpoint_it_selected_on_val(finished_run):
   assert {k for k, v in results["stage2"].items() if isinstance(v, float)} == (
       retrieval.metric_names())
   for stage in ("stage1", "stage2"):
-    reader = experiment.checkpointer(config, workdir, stage, load_retrieval_data(config).vocab,
+    reader = experiment.checkpointer(spec.from_config(config), workdir, stage,
+                                     load_dataset(spec.from_config(config).data).vocab,
                                      read_only=True)
     scores = {s: reader.metrics(s)["r_mean"] for s in reader.all_steps()}
     reader.close()
@@ -307,14 +319,16 @@ def test_evaluate_cli_help():
 def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes_identically(finished_run, tmp_path,
                                                                       monkeypatch):
   config, full_dir, full_results = finished_run
-  batch = PairSplit.batch
+  batch = pipeline.TrainBatches.__call__
+  stage1_seed = trainer.stage_seed(config.seed, "stage1")
 
-  def batch_with_sigterm(self, indices):  # SIGTERM arrives while stage 1 prepares step 1
-    monkeypatch.setattr(PairSplit, "batch", batch)
-    os.kill(os.getpid(), signal.SIGTERM)
-    return batch(self, indices)
+  def batch_with_sigterm(self, step):  # SIGTERM arrives while stage 1 prepares its first batch
+    if self.seed == stage1_seed:
+      monkeypatch.setattr(pipeline.TrainBatches, "__call__", batch)
+      os.kill(os.getpid(), signal.SIGTERM)
+    return batch(self, step)
 
-  monkeypatch.setattr(PairSplit, "batch", batch_with_sigterm)
+  monkeypatch.setattr(pipeline.TrainBatches, "__call__", batch_with_sigterm)
   with pytest.raises(trainer.Preempted, match=r"stage1: stopped at step 1 \(SIGTERM\)") as stopped:
     train.run(config, str(tmp_path))
   assert stopped.value.step == 1 and saved_state(str(tmp_path), "stage1")[0] == 1
@@ -386,9 +400,9 @@ def test_a_refused_stage2_loses_no_results_row(finished_run, tmp_path):
   with open(os.path.join(workdir, "results.json"), "rb") as f:
     before = f.read()
   other = config.copy_and_resolve_references()
-  other.stage2.loss_weights.kd = 3.0
+  other.stages.stage2.loss_weights.kd = 3.0
   with pytest.raises(ConfigMismatchError, match=r"stage2/checkpoints/4 was written by another "
-                                                r"config \(stage2\.loss_weights\.kd"):
+                                                r"config \(stages\.stage2\.loss_weights\.kd"):
     train.run(other, workdir)
   with open(os.path.join(workdir, "results.json"), "rb") as f:
     assert f.read() == before  # refused before stage 1 was evaluated again
@@ -396,12 +410,13 @@ def test_a_refused_stage2_loses_no_results_row(finished_run, tmp_path):
 
 def test_the_vocabulary_is_in_every_fingerprint(finished_run):
   config, workdir, _ = finished_run
-  data = load_retrieval_data(config)
-  reader = experiment.checkpointer(config, workdir, "stage2", data.vocab, read_only=True)
+  exp = spec.from_config(config)
+  data = load_dataset(exp.data)
+  reader = experiment.checkpointer(exp, workdir, "stage2", data.vocab, read_only=True)
   reader.check_config()  # the run's own vocabulary
   other = {"size": data.vocab["size"], "sha256": "0" * 64}
   with pytest.raises(ConfigMismatchError, match=r"vocab\.sha256"):
-    experiment.checkpointer(config, workdir, "stage2", other, read_only=True).check_config()
+    experiment.checkpointer(exp, workdir, "stage2", other, read_only=True).check_config()
   reader.close()
 
 
@@ -409,11 +424,12 @@ def test_tampered_or_missing_teacher_features_are_recomputed(finished_run, tmp_p
   config, full_dir, _ = finished_run
   workdir = _copy_of(full_dir, tmp_path)
   directory = os.path.join(workdir, "teacher_features")
-  expected = {m: np.load(os.path.join(directory, n)) for m, n in teacher_job.FEATURE_FILES.items()}
-  data = load_retrieval_data(config)
-  models = teacher_job.teacher_models(config, data.vocab_size, data.train)
-  mesh = experiment.make_mesh(config)
-  params = teacher_job.pretrain_teachers(config, models, data.train, mesh, workdir, data.vocab)
+  expected = {m: np.load(os.path.join(directory, n))
+              for m, n in teacher_features.FEATURE_FILES.items()}
+  exp = spec.from_config(config)
+  data = load_dataset(exp.data)
+  mesh = experiment.make_mesh(exp)
+  teachers = frozen_teachers.obtain_teachers(exp, data, mesh, workdir)  # read when finished
 
   def tamper_image(path):  # the issue's case: zeros of the right shape
     np.save(path, np.zeros_like(expected["image"]))
@@ -421,10 +437,11 @@ def test_tampered_or_missing_teacher_features_are_recomputed(finished_run, tmp_p
   for target, tamper in [("image.npy", tamper_image), ("text.npy", os.remove),
                          ("manifest.json", lambda p: open(p, "w").write("{garbled"))]:
     tamper(os.path.join(directory, target))
-    features = teacher_job.teacher_features(config, models, params, data.train, mesh, directory,
-                                            data.vocab)
+    features = teacher_features.teacher_features(
+        teachers, data, mesh, directory, exp.fingerprint("teachers", data.vocab),
+        exp.eval.batch_size)
     for modality in expected:
-      np.testing.assert_array_equal(features[modality], expected[modality])
+      np.testing.assert_array_equal(features.arrays[modality], expected[modality])
       np.testing.assert_array_equal(np.load(os.path.join(directory, f"{modality}.npy")),
                                     expected[modality])
 
@@ -432,16 +449,18 @@ def test_tampered_or_missing_teacher_features_are_recomputed(finished_run, tmp_p
 @pytest.mark.parametrize("tamper", ["truncate", "empty"])
 def test_a_tampered_cached_vocabulary_is_trained_again(tiny_config, tmp_path, tamper):
   tiny_config.data.cache_dir = str(tmp_path)
-  first = load_retrieval_data(tiny_config)
+  first = load_dataset(spec.from_config(tiny_config).data)
   with open(first.vocab_file, "r+") as f:
     lines = f.readlines()
     f.seek(0)
     f.truncate()
     if tamper == "truncate":  # the issue's case: 101 of 200 tokens trained silently
       f.writelines(lines[:101])
-  second = load_retrieval_data(tiny_config)
+  second = load_dataset(spec.from_config(tiny_config).data)
   assert second.vocab == first.vocab  # the same vocabulary: its training is deterministic
-  np.testing.assert_array_equal(second.train.ids, first.train.ids)
+  captions = list(first.train.captions[:20])
+  np.testing.assert_array_equal(second.encode(captions, True)["ids"],
+                                first.encode(captions, True)["ids"])
 
 
 def test_sigint_during_evaluation_stops_cleanly_and_the_rerun_finishes(finished_run, tmp_path,
@@ -488,11 +507,12 @@ def test_a_damaged_best_checkpoint_gives_way_to_the_next_best(finished_run, tmp_
   with open(os.path.join(workdir, "stage1", "checkpoints", str(best), "config", "metadata"),
             "w") as f:
     f.write("{garbled")
-  data = load_retrieval_data(config)
-  model = experiment.student_model(config, data.vocab_size)
+  exp = spec.from_config(config)
+  data = load_dataset(exp.data)
+  model = experiment.student_model(exp, data.vocab_size)
   like = init_student(model, jax.random.key(config.seed))
-  step, _, record = experiment.load_stage_params(config, workdir, "stage1", like,
-                                                 experiment.make_mesh(config), data.vocab)
+  step, _, record = experiment.load_stage_params(exp, workdir, "stage1", like,
+                                                 experiment.make_mesh(exp), data.vocab)
   assert step != best and step in (2, 4)
   assert record["selected_by"].startswith("best val r_mean (")
   assert record["selected_by"].endswith(f"after the damaged step {best}")

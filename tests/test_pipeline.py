@@ -1,0 +1,130 @@
+"""The input pipeline: step-indexed order, per-process rows, record sources (the synthetic one
+and a toy one registered by this test alone), and the splits' shapes."""
+
+import numpy as np
+import pytest
+
+from rebalance_jax import spec
+from rebalance_jax.data import pipeline, sources
+from rebalance_jax.data.dataset import load_dataset
+from rebalance_jax.errors import InputError
+
+
+def test_train_batches_are_epoch_permutations_and_depend_only_on_step():
+  steps_per_epoch = 10 // 3
+  epoch0 = np.concatenate([pipeline.train_batch_indices(10, 3, s, seed=1) for s in range(3)])
+  assert len(set(epoch0)) == 9  # no repeats within an epoch; the partial batch is dropped
+  again = pipeline.train_batch_indices(10, 3, 1, seed=1)
+  np.testing.assert_array_equal(again, epoch0[3:6])
+  next_epoch = pipeline.train_batch_indices(10, 3, steps_per_epoch, seed=1)
+  assert not np.array_equal(next_epoch, epoch0[:3])
+
+
+def test_total_steps_from_epochs_or_explicit_steps():
+  stage = spec.StageSpec("s", "", (), num_steps=0, num_epochs=2, batch_size=4,
+                         objective=spec.ObjectiveSpec({"itc": 1.0}))
+  assert stage.total_steps(10) == 4
+  assert spec.StageSpec("s", "", (), 7, 2, 4, stage.objective).total_steps(10) == 7
+  with pytest.raises(InputError, match=r"config\.stages\.s\.batch_size=4 exceeds the 3 training"):
+    stage.total_steps(3)
+
+
+def test_synthetic_splits_are_flickr_shaped_and_memory_mapped(tiny_config):
+  data = load_dataset(spec.from_config(tiny_config).data)
+  synthetic = tiny_config.data.synthetic
+  assert data.train.num_captions == synthetic.num_train * synthetic.captions_per_image
+  assert data.test.num_images == synthetic.num_test
+  assert isinstance(data.train.images, np.memmap)  # read by row, never loaded whole
+  np.testing.assert_array_equal(data.test.image_to_texts[3], [15, 16, 17, 18, 19])
+  batch = pipeline.pair_rows(data)(np.array([0, 7]))
+  np.testing.assert_array_equal(batch["image_id"], [0, 1])  # five captions per image
+  np.testing.assert_array_equal(batch["image"][1], data.train.images[1])
+  assert batch["ids"].shape == (2, tiny_config.data.max_tokens)
+  assert data.vocab_size <= tiny_config.tokenizer.vocab_size
+
+
+def test_bad_synthetic_config_names_the_field(tiny_config):
+  tiny_config.data.synthetic.caption_keep_prob = 1.5
+  with pytest.raises(InputError, match=r"config\.data\.synthetic: .*caption_keep_prob"):
+    load_dataset(spec.from_config(tiny_config).data)
+
+
+class _CountingRecords:
+  """Images made on demand from their row; counts the rows read."""
+
+  def __init__(self, n, size):
+    self.n, self.size, self.reads = n, size, 0
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, rows):
+    rows = np.atleast_1d(rows)
+    self.reads += len(rows)
+    return np.stack([np.full((self.size, self.size, 3), r % 256, np.uint8) for r in rows])
+
+
+_WORDS = ("red", "blue", "circle", "square", "left", "right")
+
+
+def _toy_source(data):
+  """Three splits of 24 one-colour images with two captions each, and no scene attributes."""
+  splits = {}
+  for offset, name in enumerate(sources.SPLITS):
+    n = 24
+    rng = np.random.default_rng(offset)
+    captions = tuple(" ".join(rng.choice(_WORDS, 3)) for _ in range(2 * n))
+    splits[name] = sources.Split(_CountingRecords(n, data.image_size), captions,
+                                 np.repeat(np.arange(n, dtype=np.int32), 2),
+                                 np.arange(n, dtype=np.int32) + 100)
+  return sources.Source(splits, data.options["cache"])
+
+
+@pytest.fixture
+def toy_data(tiny_config, tmp_path, monkeypatch):
+  monkeypatch.setattr(sources, "_REGISTRY", dict(sources._REGISTRY))  # registered for this test
+  sources.register("toy", _toy_source)
+  tiny_config.data.name = "toy"
+  del tiny_config.data["synthetic"]
+  tiny_config.data.toy = {"cache": str(tmp_path)}
+  return load_dataset(spec.from_config(tiny_config).data)
+
+
+def test_a_toy_source_goes_through_the_pipeline(toy_data, monkeypatch):
+  assert toy_data.train.num_captions == 48 and toy_data.vocab_size > 5  # vocabulary trained on it
+  batches = pipeline.TrainBatches(48, 8, seed=3, load_rows=pipeline.pair_rows(toy_data))
+  rows = pipeline.train_batch_indices(48, 8, 5, seed=3)
+  batch = batches(5)
+  np.testing.assert_array_equal(batch["image"][:, 0, 0, 0], rows // 2)  # caption -> its image
+  np.testing.assert_array_equal(batch["image_id"], rows // 2 + 100)
+  expected = toy_data.encode([toy_data.train.captions[r] for r in rows], train=True)
+  np.testing.assert_array_equal(batch["ids"], expected["ids"])
+  # Resuming at any step replays the same batches; grain's threads keep the order.
+  replay = list(batches.iterate(4, 7))
+  for step, got in zip(range(4, 7), replay):
+    np.testing.assert_array_equal(got["ids"], batches(step)["ids"])
+  assert toy_data.train.images.reads == 8 * 7  # 7 batches read by row, never the whole split
+
+  # Two processes read disjoint halves that make up the one-process batch.
+  halves = []
+  for process in (0, 1):
+    monkeypatch.setattr(pipeline.sharding.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(pipeline.sharding.jax, "process_index", lambda p=process: p)
+    halves.append(batches(5))
+  for key in batch:
+    np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), batch[key])
+
+
+def test_a_source_without_attributes_cannot_pretrain_teachers(toy_data, tiny_config, tmp_path):
+  from rebalance_jax import frozen_teachers, sharding
+  exp = spec.from_config(tiny_config)
+  with pytest.raises(InputError, match=r"config\.teachers\.image\.init is empty and "
+                                       r"config\.data\.name='toy' has no scene attributes"):
+    frozen_teachers.obtain_teachers(exp, toy_data, sharding.make_mesh(), str(tmp_path))
+
+
+def test_unknown_sources_are_named(tiny_config):
+  tiny_config.data.name = "flickr8k"
+  with pytest.raises(InputError, match=r"config\.data\.name='flickr8k' is not one of "
+                                       r"\('synthetic', 'flickr30k'"):
+    load_dataset(spec.from_config(tiny_config).data)

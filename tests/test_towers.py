@@ -1,0 +1,146 @@
+"""The tower contract: a toy tower added through the registry alone trains end to end; dtype and
+remat; converted weights loaded by name and shape; a teacher evaluated through the predict
+contract."""
+
+import dataclasses
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rebalance_jax import config_base, frozen_teachers, predict, sharding, spec, train, weights
+from rebalance_jax.data.dataset import load_dataset
+from rebalance_jax.errors import InputError
+from rebalance_jax.evaluators import ranking, retrieval
+from rebalance_jax.models import towers
+from rebalance_jax.models.student import Student, init_student, with_tower_weights
+from rebalance_jax.models.teachers import Teacher
+from conftest import saved_state
+
+
+@dataclasses.dataclass(frozen=True)
+class PixelConfig:
+  image_size: int = 16
+  width: int = 32
+  mean: tuple = (0.5, 0.5, 0.5)
+  std: tuple = (0.25, 0.25, 0.25)
+  dtype: str = "float32"
+  remat: bool = False
+
+
+class PixelTower(nn.Module):
+  """Every pixel a token; pooled by the mean."""
+  config: PixelConfig
+
+  @nn.compact
+  def __call__(self, images, train=False):
+    tokens = nn.Dense(self.config.width, name="embed")(images.reshape(images.shape[0], -1, 3))
+    return towers.TowerOutput(tokens, tokens.mean(1), jnp.ones(tokens.shape[:2], jnp.int32))
+
+
+@pytest.fixture
+def pixel_tower(monkeypatch):
+  towers.kinds()  # the built-in towers register on first use
+  monkeypatch.setattr(towers, "_REGISTRY", {**towers._REGISTRY})  # registered for this test
+  towers.register("pixels", towers.TowerKind("image", PixelConfig, PixelTower))
+
+
+def test_a_toy_tower_from_the_registry_trains_a_stage(pixel_tower, tiny_config, tmp_path):
+  c = tiny_config
+  c.model.image = config_base.tower("pixels", width=24)
+  del c.stages["stage2"]  # no distillation stage: no teachers are obtained
+  results = train.run(c, str(tmp_path))
+  assert set(results) == {"stage1"} and results["stage1"]["score_mode"] == "itm"
+  assert not os.path.exists(tmp_path / "teachers")
+  _, state = saved_state(str(tmp_path), "stage1")
+  assert state["params"]["image_encoder"]["embed"]["kernel"].shape == (3, 24)
+  assert state["params"]["image_proj"]["kernel"].shape == (24, c.model.embed_dim)
+
+
+def _vit(**fields):
+  section = config_base.vit(16, 4, 32, 2, 2, 64, **fields)
+  return towers.spec_from_config(section.to_dict(), "config.model.image", "image")
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_outputs():
+  images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3))
+  f32, bf16 = _vit(), _vit(dtype="bfloat16")
+  params = towers.init_params(f32, jax.random.key(0))
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, towers.init_params(
+      bf16, jax.random.key(0)))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(towers.init_params(
+      bf16, jax.random.key(0))))
+  exact = f32.build().apply({"params": params}, images)
+  low = bf16.build().apply({"params": params}, images)
+  assert low.tokens.dtype == jnp.float32 and low.pooled.dtype == jnp.float32
+  np.testing.assert_allclose(low.pooled, exact.pooled, atol=0.1)
+  assert not np.array_equal(low.pooled, exact.pooled)  # it did compute in bfloat16
+
+
+def test_remat_gives_the_same_gradients():
+  images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3))
+  plain, remat = _vit(dropout=0.1), _vit(dropout=0.1, remat=True)
+  params = towers.init_params(plain, jax.random.key(0))
+
+  def grads(tower):
+    loss = lambda p: jnp.sum(tower.build().apply(
+        {"params": p}, images, True, rngs={"dropout": jax.random.key(2)}).pooled ** 2)
+    return jax.grad(loss)(params)
+
+  exact, recomputed = grads(plain), grads(remat)
+  # Recomputation reorders float sums: equal up to rounding at the gradient's overall scale
+  # (the attention's key gradients are themselves at that rounding level at initialization).
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(exact))
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(exact), jax.tree.leaves(recomputed)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_converted_weights_load_by_name_and_shape(tmp_path, tiny_config):
+  tower = _vit()
+  trained = jax.tree.map(np.asarray, towers.init_params(tower, jax.random.key(7)))
+  path = str(tmp_path / "vit.safetensors")
+  weights.save_safetensors(path, trained)
+  c = tiny_config
+  c.model.image = config_base.vit(16, 4, 32, 2, 2, 64, init=path)
+  model = Student(spec.from_config(c).student_config(vocab_size=50))
+  params = with_tower_weights(model, init_student(model, jax.random.key(0)))
+  for a, b in zip(jax.tree.leaves(params["image_encoder"]), jax.tree.leaves(trained)):
+    np.testing.assert_array_equal(a, b)
+
+  like = jax.eval_shape(lambda r: towers.init_params(tower, r), jax.random.key(0))
+  extra = {**trained, "head": {"kernel": np.zeros((2, 2), np.float32)}}
+  weights.save_safetensors(path, extra)
+  with pytest.raises(InputError, match=r"does not fit the tower: unused \(1\): head/kernel"):
+    weights.load_safetensors(path, like)
+  wrong = {**trained, "pos_embed": np.zeros((1, 5, 32), np.float32)}
+  weights.save_safetensors(path, wrong)
+  with pytest.raises(InputError, match=r"wrong shape \(1\): pos_embed: \(1, 5, 32\) in the file, "
+                                       r"\(1, 17, 32\) expected"):
+    weights.load_safetensors(path, like)
+  (tmp_path / "garbage").write_bytes(b"not a safetensors file")
+  with pytest.raises(InputError, match=r"is not a readable safetensors file"):
+    weights.load_safetensors(str(tmp_path / "garbage"), like)
+
+
+def test_a_teacher_is_evaluated_through_the_predict_contract(tiny_config):
+  exp = spec.from_config(tiny_config)
+  data = load_dataset(exp.data)
+  image_tower = exp.teachers.image.tower
+  teacher = frozen_teachers.FrozenTeacher(
+      "image", image_tower, Teacher(image_tower),
+      {"encoder": towers.init_params(image_tower, jax.random.key(0))}, "")
+  predictor = predict.teacher_predictor(image_teacher=teacher)
+  test = data.test
+  relevance = retrieval.split_relevance(test, None)
+  metrics, curves = retrieval.evaluate(predictor, {"image": teacher.params}, test, relevance,
+                                       itm_k=16, batch_size=16, mesh=sharding.make_mesh())
+  assert curves is None and "rsum" not in metrics and "t2t_ndcg@10" not in metrics
+  features = teacher.features(teacher.params, np.asarray(test.images[np.arange(test.num_images)]))
+  features = np.asarray(features) / np.linalg.norm(features, axis=1, keepdims=True)
+  expected = ranking.i2i_ndcg(features, relevance, test.image_to_texts[:, 0], self_rule="zeroed")
+  assert metrics["i2i_ndcg@10"] == pytest.approx(expected["i2i_ndcg@10"], abs=1e-4)
+  assert 0 < metrics["i2i_removed_ndcg@10"] <= 100

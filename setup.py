@@ -16,6 +16,8 @@ setup(
         "orbax-checkpoint>=0.12.8,<0.13",
         "ml_collections>=1.1.0",
         "tensorflow-datasets>=4.9.10",
+        "grain>=0.2.18,<0.3",  # the input pipeline (data/pipeline.py)
+        "safetensors>=0.8.0",  # converted weights (weights.py)
         # 4.57.x is the last transformers with Flax code; used for tokenizers and weight reading.
         "transformers>=4.57.6,<4.58",
         "tokenizers>=0.22.2,<0.23",

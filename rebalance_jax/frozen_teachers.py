@@ -24,7 +24,7 @@ from rebalance_jax.data.dataset import Dataset
 from rebalance_jax.errors import InputError
 from rebalance_jax.models import towers
 from rebalance_jax.models.teachers import Teacher
-from rebalance_jax.spec import Experiment, TeacherSpec
+from rebalance_jax.spec import Experiment, TeacherSpec, with_vocab_size
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -68,8 +68,7 @@ def obtain_teachers(exp: Experiment, data: Dataset, mesh, workdir: str) -> dict[
         tokenizer, captions, max_tokens, data.max_words_train, data.append_sep)))
   else:
     encode = functools.partial(data.encode, train=True)
-  text_tower = dataclasses.replace(
-      t.text.tower, config=dataclasses.replace(t.text.tower.config, vocab_size=vocab_size))
+  text_tower = with_vocab_size(t.text.tower, vocab_size)
   teachers = {}
   for spec, tower in ((t.image, t.image.tower), (t.text, text_tower)):
     if tower.init:

@@ -159,12 +159,11 @@ class OptimSpec:
 class Experiment:
   seed: int
   data: DataSpec
-  model: Mapping            # config.model, read by `student_config`
+  student: StudentConfig    # its text tower's vocab_size comes from the tokenizer: student_config
   teachers: TeachersSpec
   stages: tuple[StageSpec, ...]  # in dependency order
   optim: OptimSpec
   eval: EvalSpec
-  lambda_mode: str          # how the student stores λ (config.loss.lambda_mode)
   fsdp: int
   param_rules: sharding.ParamRules
   checkpoint_every: int
@@ -191,15 +190,13 @@ class Experiment:
     return {**self.fingerprints[phase], "vocab": vocab}
 
   def student_config(self, vocab_size: int) -> StudentConfig:
-    m = self.model
-    return StudentConfig(
-        image=_tower(m["image"], "config.model.image", "image"),
-        text=_tower(m["text"], "config.model.text", "text", vocab_size=vocab_size),
-        fusion=_fusion(m["fusion"]), embed_dim=m["embed_dim"], dual_encoder=m["dual_encoder"],
-        image_teacher_dim=towers.output_dim(self.teachers.image.tower),
-        text_teacher_dim=towers.output_dim(self.teachers.text.tower),
-        temp_init=m["temp_init"], temp2_init=m["temp2_init"], lam_init=m["lam_init"],
-        lambda_mode=self.lambda_mode)
+    """The student's config with its text tower sized to the tokenizer's vocabulary."""
+    return dataclasses.replace(self.student, text=with_vocab_size(self.student.text, vocab_size))
+
+
+def with_vocab_size(tower: towers.TowerSpec, vocab_size: int) -> towers.TowerSpec:
+  return dataclasses.replace(tower, config=dataclasses.replace(tower.config,
+                                                               vocab_size=vocab_size))
 
 
 def from_config(config: ml_collections.ConfigDict) -> Experiment:
@@ -209,21 +206,16 @@ def from_config(config: ml_collections.ConfigDict) -> Experiment:
       raise InputError(f"config.{field}={_get(config, field)!r} is not one of {choices}")
   _check_numbers(config)
   data = _data(config)
-  student_image = _tower(config.model.image, "config.model.image", "image")
-  _tower(config.model.text, "config.model.text", "text", vocab_size=1)
-  if student_image.config.image_size != data.image_size:
-    raise InputError(f"config.model.image.image_size={student_image.config.image_size} differs "
-                     f"from config.data.image_size={data.image_size}")
   teachers = _teachers(config)
-  for field, spec in (("config.model.text", _tower(config.model.text, "", "text", vocab_size=1)),
-                      (teachers.text.field, teachers.text.tower)):
-    if spec.config.max_tokens < data.max_tokens:
-      raise InputError(f"{field}.max_tokens={spec.config.max_tokens} is below "
+  student = _student(config, teachers)
+  if student.image.config.image_size != data.image_size:
+    raise InputError(f"config.model.image.image_size={student.image.config.image_size} differs "
+                     f"from config.data.image_size={data.image_size}")
+  for field, tower in (("config.model.text", student.text),
+                       (teachers.text.field, teachers.text.tower)):
+    if tower.config.max_tokens < data.max_tokens:
+      raise InputError(f"{field}.max_tokens={tower.config.max_tokens} is below "
                        f"config.data.max_tokens={data.max_tokens}")
-  try:
-    _fusion(config.model.fusion)
-  except ValueError as e:
-    raise InputError(f"config.model.fusion: {e}") from None
   stages = _stages(config)
   eval_spec = _eval(config)
   if config.loss.lambda_mode == "sigmoid" and not 0 < config.model.lam_init < 1:
@@ -231,11 +223,10 @@ def from_config(config: ml_collections.ConfigDict) -> Experiment:
                      "config.loss.lambda_mode='sigmoid'")
   o = config.optim
   return Experiment(
-      seed=config.seed, data=data, model=config.model.to_dict(), teachers=teachers,
-      stages=stages,
+      seed=config.seed, data=data, student=student, teachers=teachers, stages=stages,
       optim=OptimSpec(o.lr, o.b1, o.b2, o.eps, o.weight_decay, o.warmup_fraction,
                       tuple(o.no_decay), tuple(tuple(m) for m in o.lr_multipliers)),
-      eval=eval_spec, lambda_mode=config.loss.lambda_mode, fsdp=config.mesh.fsdp,
+      eval=eval_spec, fsdp=config.mesh.fsdp,
       param_rules=sharding.ParamRules(tuple(tuple(r) for r in config.sharding.rules),
                                       config.sharding.fsdp_min_size),
       checkpoint_every=config.checkpoint.every_steps, checkpoint_keep=config.checkpoint.keep,
@@ -257,8 +248,20 @@ def _tower(section, field: str, modality: str, **fixed) -> towers.TowerSpec:
   return towers.spec_from_config(_plain(section), field, modality, **fixed)
 
 
-def _fusion(section) -> FusionConfig:
-  return FusionConfig(**_plain(section))
+def _student(config: ml_collections.ConfigDict, teachers: "TeachersSpec") -> StudentConfig:
+  m = config.model
+  try:
+    fusion = FusionConfig(**_plain(m.fusion))
+  except (TypeError, ValueError) as e:
+    raise InputError(f"config.model.fusion: {e}") from None
+  return StudentConfig(
+      image=_tower(m.image, "config.model.image", "image"),
+      text=_tower(m.text, "config.model.text", "text", vocab_size=1),
+      fusion=fusion, embed_dim=m.embed_dim, dual_encoder=m.dual_encoder,
+      image_teacher_dim=towers.output_dim(teachers.image.tower),
+      text_teacher_dim=towers.output_dim(teachers.text.tower),
+      temp_init=m.temp_init, temp2_init=m.temp2_init, lam_init=m.lam_init,
+      lambda_mode=config.loss.lambda_mode)
 
 
 def _check_numbers(config: ml_collections.ConfigDict) -> None:

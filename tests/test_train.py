@@ -344,6 +344,7 @@ def test_two_processes_resume_a_single_process_run_and_match_it(finished_run, tm
   config, full_dir, full_results = finished_run
   workdir, logs = tmp_path / "run", tmp_path / "logs"
   train.run(config, str(workdir), until=("stage2", 2))
+  shutil.rmtree(workdir / "teacher_features")  # written again, each process its own rows
   result = subprocess.run(
       [sys.executable, "launch/local.py", "--num_processes=2", "--devices_per_process=4",
        f"--log_dir={logs}", "--timeout=600", "--", "-m", "rebalance_jax.train",
@@ -358,6 +359,9 @@ def test_two_processes_resume_a_single_process_run_and_match_it(finished_run, tm
     assert f"process {i} of 2, 4 local / 8 global devices" in log
     reported.append(dict(re.findall(rf"process {i}: (stage\d) rsum ([\d.]+)", log)))
   assert reported[0] == reported[1]  # both processes computed the same results
+  for name in teacher_features.FEATURE_FILES.values():
+    np.testing.assert_array_equal(np.load(workdir / "teacher_features" / name),
+                                  np.load(os.path.join(full_dir, "teacher_features", name)))
   assert float(reported[0]["stage2"]) == pytest.approx(full_results["stage2"]["rsum"])
   (_, single), (_, multi) = saved_state(full_dir, "stage2"), saved_state(str(workdir), "stage2")
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(single), jax.tree.leaves(multi)):
@@ -406,6 +410,26 @@ def test_a_refused_stage2_loses_no_results_row(finished_run, tmp_path):
     train.run(other, workdir)
   with open(os.path.join(workdir, "results.json"), "rb") as f:
     assert f.read() == before  # refused before stage 1 was evaluated again
+
+
+def test_a_new_stage_reuses_the_teachers_and_stage1_of_the_run(finished_run, tmp_path):
+  """Experiments as data: an arm that differs only in a later stage trains only that stage."""
+  config, full_dir, full_results = finished_run
+  workdir = _copy_of(full_dir, tmp_path)
+  shared = ["teachers/image", "teachers/text", "stage1/checkpoints", "stage2/checkpoints",
+            "teacher_features"]
+  listing = lambda: {d: sorted(os.listdir(os.path.join(workdir, d))) for d in shared}
+  logs = lambda: open(os.path.join(workdir, "stage1", "logs", "metrics.jsonl")).read()
+  before, before_logs = listing(), logs()
+  arm = config.copy_and_resolve_references()
+  arm.stages.stage2_no_kd = arm.stages.stage2.copy_and_resolve_references()
+  del arm.stages.stage2_no_kd.loss_weights["kd"]
+  results = train.run(arm, workdir)
+  assert set(results) == {"stage1", "stage2", "stage2_no_kd"}
+  assert results["stage1"] == full_results["stage1"] and results["stage2"] == full_results["stage2"]
+  assert listing() == before and logs() == before_logs  # nothing of theirs trained again
+  _, state = saved_state(workdir, "stage2_no_kd")
+  assert int(state["step"]) == config.stages.stage2.num_steps
 
 
 def test_the_vocabulary_is_in_every_fingerprint(finished_run):

@@ -6,6 +6,7 @@ Follows the reference (METHOD.md §5): lower-case, punctuation stripped, cut to 
 
 import collections
 import re
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,6 +18,8 @@ from rebalance_jax import files
 _PUNCTUATION = re.compile(r"[^\w\s']|_")
 _SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 _WORD = re.compile(r"\w+|[^\w\s]")  # BERT's pre-tokenization: words and single punctuation marks
+# The pipeline's reader threads share one Rust tokenizer, which refuses concurrent borrows.
+_TOKENIZER_LOCK = threading.Lock()
 
 
 def clean_caption(caption: str, max_words: int) -> str:
@@ -108,7 +111,8 @@ def tokenize(tokenizer: transformers.PreTrainedTokenizerBase, captions: Sequence
   for i, c in enumerate(cleaned):
     if not c:
       raise InputError(f"caption {i} is empty after cleaning: {captions[i]!r}")
-  body = tokenizer(cleaned, add_special_tokens=False)["input_ids"]
+  with _TOKENIZER_LOCK:
+    body = tokenizer(cleaned, add_special_tokens=False)["input_ids"]
   budget = max_tokens - 1 - int(append_sep)
   ids = np.full((len(cleaned), max_tokens), tokenizer.pad_token_id, np.int32)
   mask = np.zeros((len(cleaned), max_tokens), np.int32)

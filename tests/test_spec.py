@@ -1,0 +1,61 @@
+"""The config read once: stages as data in dependency order, and fingerprints that cover exactly
+what each phase depends on."""
+
+import pytest
+
+from rebalance_jax import config_base, spec
+from rebalance_jax.errors import InputError
+
+
+def test_stages_run_in_init_from_order(tiny_config):
+  c = tiny_config
+  c.stages.a_finetune = config_base.stage("stage2", {"itc": 1.0})
+  c.stages.z_scratch = config_base.stage("", {"itc": 1.0}, num_steps=2, batch_size=16)
+  names = spec.from_config(c).stage_names
+  assert names.index("stage1") < names.index("stage2") < names.index("a_finetune")
+  assert set(names) == {"stage1", "stage2", "a_finetune", "z_scratch"}
+  exp = spec.from_config(c)
+  assert exp.stage("a_finetune").init_from == "stage2"
+  assert not exp.stage("a_finetune").objective.uses_teachers
+  assert exp.stage("stage2").objective.uses_teachers and exp.uses_teachers
+  with pytest.raises(InputError, match=r"no stage 'b' in config\.stages"):
+    exp.stage("b")
+
+
+def test_a_stage_misses_a_field(tiny_config):
+  del tiny_config.stages.stage2["fresh_params"]
+  with pytest.raises(InputError, match=r"config\.stages\.stage2: missing fields \['fresh_params'\]"):
+    spec.from_config(tiny_config)
+
+
+def _prints(config):
+  return spec.from_config(config).fingerprints
+
+
+@pytest.mark.parametrize("field, value, unchanged, changed", [
+    # Options of the distillation terms, and stage 2's own fields: stage 1 and the teachers share.
+    ("model.lam_init", 0.3, ("teachers", "stage1"), ("stage2",)),
+    ("loss.distance", "mse", ("teachers", "stage1"), ("stage2",)),
+    ("stages.stage2.loss_weights.kd", 0.0, ("teachers", "stage1"), ("stage2",)),
+    # Stage 1's fields reach stage 2 through its init_from.
+    ("stages.stage1.num_steps", 6, ("teachers",), ("stage1", "stage2")),
+    # What the teachers never see.
+    ("data.synthetic.num_test", 24, ("teachers",), ("stage1", "stage2")),
+    ("data.augment_shift", 1, ("teachers",), ("stage1", "stage2")),
+    ("teachers.lr", 0.01, ("stage1",), ("teachers", "stage2")),
+    # Where the data lies does not change what it is.
+    ("data.cache_dir", "/elsewhere", ("teachers", "stage1", "stage2"), ()),
+])
+def test_each_phase_fingerprints_what_it_depends_on(tiny_config, field, value, unchanged,
+                                                    changed):
+  before = _prints(tiny_config)
+  *path, key = field.split(".")
+  node = tiny_config
+  for name in path:
+    node = node[name]
+  node[key] = value
+  after = _prints(tiny_config)
+  for phase in unchanged:
+    assert after[phase] == before[phase], phase
+  for phase in changed:
+    assert after[phase] != before[phase], phase

@@ -5,8 +5,10 @@ Field reference (all overridable with --config.<path>=value):
   seed                  fixed seed: data order, initialization, augmentation and ITM negatives.
   data.*                dataset name, paths (real datasets), image size, caption lengths.
   tokenizer.*           vocab_file ('' trains a WordPiece vocabulary on the training captions).
-  model.*               student towers, fusion depth, embedding size, dual-encoder switch.
-  teachers.*            frozen teacher towers, their pre-training and feature mode.
+  model.*               student towers (model.image, model.text: kind, init, tower fields),
+                        fusion encoder, embedding size, dual-encoder switch.
+  teachers.*            frozen teacher towers (kind, init, tower fields), their tokenizer,
+                        pre-training and feature mode.
   loss.*                §4 options: λ mode, τ2 mode, distance, ITM negative pool.
   optim.*               AdamW (§5): lr, betas, eps, weight decay, exclusions, lr multipliers.
   stages.<name>.*       each stage: init_from, fresh_params, epochs (or num_steps), global batch

@@ -17,6 +17,7 @@ from rebalance_jax.spec import Experiment
 TEACHER_PHASES = {"teacher_image": os.path.join("teachers", "image"),
                   "teacher_text": os.path.join("teachers", "text")}
 
+
 def student_model(exp: Experiment, vocab_size: int) -> Student:
   return Student(exp.student_config(vocab_size))
 
@@ -38,22 +39,26 @@ def check_workdir(workdir: str, must_exist: bool = False) -> str:
   return path
 
 
-def _batch_sizes(exp: Experiment) -> list[tuple[str, int]]:
-  return [(f"{s.field}.batch_size", s.batch_size) for s in exp.stages] + [
-      ("config.teachers.batch_size", exp.teachers.batch_size),
-      ("config.eval.batch_size", exp.eval.batch_size)]
+def _training_batch_sizes(exp: Experiment) -> list[tuple[str, int]]:
+  """(field, size) of every training batch the experiment uses."""
+  sizes = [(f"{s.field}.batch_size", s.batch_size) for s in exp.stages]
+  if exp.pretrained_teachers():
+    sizes.append(("config.teachers.batch_size", exp.teachers.batch_size))
+  return sizes
 
 
 def check_batch_sizes(exp: Experiment, mesh) -> None:
   """Every batch size splits evenly over the devices and processes."""
-  for field, size in _batch_sizes(exp):
+  for field, size in _training_batch_sizes(exp) + [("config.eval.batch_size",
+                                                    exp.eval.batch_size)]:
     sharding.check_batch_size(size, mesh, field)
 
 
 def check_data_sizes(exp: Experiment, num_pairs: int, num_images: int) -> None:
-  """No training batch is larger than the training set it draws from."""
-  for field, size in _batch_sizes(exp)[:-1]:
-    available, what = ((num_images, "images") if field.startswith("config.teachers")
+  """No training batch is larger than the training set it draws from (the image teacher draws
+  images, everything else pairs)."""
+  for field, size in _training_batch_sizes(exp):
+    available, what = ((num_images, "images") if field == "config.teachers.batch_size"
                        else (num_pairs, "pairs"))
     if size > available:
       raise InputError(f"{field}={size} exceeds the {available} training {what} of "
@@ -153,7 +158,8 @@ def _selected_by(exp: Experiment, reader, step, chosen, damaged) -> str:
 
 def check_checkpoint_configs(exp: Experiment, workdir: str, vocab: dict) -> None:
   """Refuses, before any work, a workdir whose checkpoints another config wrote (any phase)."""
-  for phase in (*TEACHER_PHASES, *exp.stage_names):
+  teachers = [f"teacher_{modality}" for modality in exp.pretrained_teachers()]
+  for phase in (*teachers, *exp.stage_names):
     if os.path.isdir(checkpoint_directory(workdir, phase)):
       reader = checkpointer(exp, workdir, phase, vocab, read_only=True)
       try:

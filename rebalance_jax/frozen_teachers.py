@@ -1,7 +1,7 @@
 """Frozen teachers: each a model, its parameters, its own preprocessing and tokenizer, feature
 dimension and a fingerprint of its weights, obtained from the config.
 
-A teacher with `init` weights (converted with `python -m rebalance_jax.convert`) loads them; one
+A teacher with `init` weights (converted weights: `weights.py`) loads them onto the devices; one
 without is pre-trained on the dataset's scene attributes (the synthetic data has them), with the
 same resumable loop as the student. Teachers are never trained after that: their parameters are a
 separate, non-differentiated input of the student's train step.
@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from rebalance_jax import experiment, reporting, trainer
 from rebalance_jax.data import pipeline, text
@@ -34,7 +35,9 @@ class FrozenTeacher:
   model: Teacher
   params: Any
   weights_sha256: str
-  encode: Callable | None = None  # a text teacher: captions -> {"ids", "mask"} of its tokenizer
+  # A text teacher: (captions, train) -> {"ids", "mask"} of its tokenizer, cleaned to the
+  # training or evaluation word limit.
+  encode: Callable | None = None
 
   @property
   def dim(self) -> int:
@@ -48,8 +51,11 @@ class FrozenTeacher:
 
 
 def weights_sha256(params) -> str:
+  """SHA-256 of every leaf's name and bytes (a collective for leaves sharded over processes)."""
   digest = hashlib.sha256()
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      leaf = multihost_utils.process_allgather(leaf, tiled=True)
     digest.update(jax.tree_util.keystr(path).encode())
     digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
   return digest.hexdigest()
@@ -61,20 +67,24 @@ def obtain_teachers(exp: Experiment, data: Dataset, mesh, workdir: str) -> dict[
   t = exp.teachers
   vocab_size = data.vocab_size
   if t.vocab_file:
+    if not os.path.isfile(os.path.expanduser(t.vocab_file)):
+      raise InputError(f"config.teachers.vocab_file={t.vocab_file!r} does not exist")
     tokenizer = text.load_tokenizer(t.vocab_file)
     vocab_size = text.check_vocab(t.vocab_file)["size"]
     max_tokens = t.text.tower.config.max_tokens
-    encode = lambda captions: dict(zip(("ids", "mask"), text.tokenize(
-        tokenizer, captions, max_tokens, data.max_words_train, data.append_sep)))
+    encode = lambda captions, train: dict(zip(("ids", "mask"), text.tokenize(
+        tokenizer, captions, max_tokens, data.max_words_train if train else data.max_words_eval,
+        data.append_sep)))
   else:
-    encode = functools.partial(data.encode, train=True)
+    encode = data.encode
   text_tower = with_vocab_size(t.text.tower, vocab_size)
   teachers = {}
   for spec, tower in ((t.image, t.image.tower), (t.text, text_tower)):
     if tower.init:
       model = Teacher(tower)
       like = jax.eval_shape(lambda r: towers.init_params(tower, r), jax.random.key(0))
-      params = {"encoder": towers.load_init(tower, like, spec.field)}
+      loaded = {"encoder": towers.load_init(tower, like, spec.field)}
+      params = jax.device_put(loaded, exp.param_rules.param_shardings(loaded, mesh))
     else:
       model, params = _pretrained(exp, spec, tower, data, encode, mesh, workdir)
     teachers[spec.modality] = FrozenTeacher(spec.modality, tower, model, params,
@@ -96,7 +106,7 @@ def _pretrained(exp: Experiment, spec: TeacherSpec, tower, data: Dataset, encode
     num_examples, rows = train.num_images, pipeline.image_rows(train, with_attributes=True)
   else:
     num_examples = train.num_captions
-    captions = pipeline.caption_rows(train, encode)
+    captions = pipeline.caption_rows(train, functools.partial(encode, train=True))
     rows = lambda r: {**captions(r), "attributes":
                       train.attributes[train.caption_image[r]].astype(np.float32)}
   name = f"teacher_{spec.modality}"

@@ -5,10 +5,9 @@ matching rule winning.
 """
 
 import jax
-import ml_collections
 import optax
 
-from rebalance_jax import tree_rules
+from rebalance_jax import spec, tree_rules
 
 
 def warmup_linear_decay(base_lr: float, total_steps: int, warmup_fraction: float) -> optax.Schedule:
@@ -20,9 +19,9 @@ def warmup_linear_decay(base_lr: float, total_steps: int, warmup_fraction: float
   ], [warmup])
 
 
-def make_optimizer(config: ml_collections.ConfigDict, params, total_steps: int):
-  """AdamW per config.optim; returns (transformation, learning-rate schedule)."""
-  c = config
+def make_optimizer(c: "spec.OptimSpec", params, total_steps: int):
+  """AdamW per the optimizer spec (config.optim); returns (transformation, learning-rate
+  schedule)."""
   schedule = warmup_linear_decay(c.lr, total_steps, c.warmup_fraction)
   paths = tree_rules.paths(params)
   decay_mask = jax.tree.map(lambda p: tree_rules.first_match(p, [(r, False) for r in c.no_decay],

@@ -3,8 +3,8 @@
 Every function is pure in its `params` and jit-able. `embed_images` takes uint8 images and
 `embed_texts` token ids from the predictor's own `encode_captions`; each returns {"emb":
 L2-normalized embeddings, and, for a predictor with `match_logits`, "tokens" and "mask" (the
-states the matching head reads)}. A predictor without `embed_images` or `embed_texts` is evaluated
-on its one modality (single-modal NDCG only); cross-modal retrieval needs both, in one space.
+states the matching head reads)}. Cross-modal retrieval needs both embeddings in one space
+(`shared_space`); otherwise each modality the predictor embeds gets its single-modal NDCG only.
 """
 
 import dataclasses
@@ -23,10 +23,11 @@ class Predictor:
   embed_texts: Callable | None         # (params, ids, mask) -> {"emb", ["tokens", "mask"]}
   # (params, image tokens, image mask, text tokens, text mask) -> (B,) matching logit per pair
   match_logits: Callable | None = None
+  shared_space: bool = True  # image and text embeddings are comparable (cross-modal retrieval)
 
   @property
   def cross_modal(self) -> bool:
-    return self.embed_images is not None and self.embed_texts is not None
+    return self.shared_space and self.embed_images is not None and self.embed_texts is not None
 
 
 def student_predictor(model: Student, encode_captions: Callable) -> Predictor:
@@ -53,11 +54,14 @@ def student_predictor(model: Student, encode_captions: Callable) -> Predictor:
 
 def teacher_predictor(image_teacher=None, text_teacher=None) -> Predictor:
   """Frozen teachers (frozen_teachers.FrozenTeacher; params {"image", "text"}): each evaluated
-  on its own modality, its normalized features as embeddings."""
+  on its own modality (their spaces are unrelated), its normalized features as embeddings."""
   def embed(teacher, modality):
     if teacher is None:
       return None
     return lambda params, *inputs: {"emb": l2_normalize(teacher.features(params[modality],
                                                                          *inputs))}
-  encode = text_teacher.encode if text_teacher is not None else None
-  return Predictor(encode, embed(image_teacher, "image"), embed(text_teacher, "text"))
+  encode = None
+  if text_teacher is not None:
+    encode = lambda captions: text_teacher.encode(captions, train=False)
+  return Predictor(encode, embed(image_teacher, "image"), embed(text_teacher, "text"),
+                   shared_space=False)

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping
 
 import ml_collections
@@ -23,7 +24,7 @@ from rebalance_jax.errors import InputError
 from rebalance_jax.evaluators import ranking, retrieval
 from rebalance_jax.models import towers
 from rebalance_jax.models.fusion import FusionConfig
-from rebalance_jax.models.student import StudentConfig
+from rebalance_jax.models.student import DISTILLATION_PARAMS, StudentConfig
 
 TEACHER_TERMS = ("iic", "ttc", "kd", "kdi", "kdt")
 ALL_TERMS = ("itc", "itm") + TEACHER_TERMS
@@ -42,11 +43,18 @@ _LOCATION_FIELDS = ("cache_dir", "image_root")
 # Data fields only the evaluation splits or the student's augmentation depend on.
 _EVAL_ONLY_DATA = ("max_words_eval", "augment_shift")
 _EVAL_ONLY_SYNTHETIC = ("num_val", "num_test")
-# Fields of the objective and the model that only matter to a stage with distillation terms.
+# Fields of the objective and the model that only matter to a stage with distillation terms: the
+# distillation parameters (student.DISTILLATION_PARAMS) a stage without them holds are never read
+# (a distilling stage must start them fresh unless it inherits them trained, see _stages).
 _DISTILLATION_LOSS = ("lambda_mode", "tau2_mode", "tau2_range", "tau2_fixed", "distance")
 _DISTILLATION_MODEL = ("dual_relation", "lam_init", "temp2_init")
+# Teacher fields that change neither the teachers' weights nor their features.
+_TEACHER_USE = ("mode",)
 # Model selection decides which checkpoints a stage keeps and what their saved metrics mean.
-_SELECTION = ("select_on", "select_metric", "every_steps")
+_SELECTION = ("select_on", "select_metric", "every_steps", "itm_k", "single_modal_self")
+# A stage's name is a directory of the workdir; these are taken.
+_STAGE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_RESERVED_NAMES = ("teachers", "teacher_features", "teacher_image", "teacher_text", "eval")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +193,12 @@ class Experiment:
   def uses_teachers(self) -> bool:
     return any(s.objective.uses_teachers for s in self.stages)
 
+  def pretrained_teachers(self) -> tuple[str, ...]:
+    """The modalities whose teacher this experiment pre-trains (used, without `init` weights)."""
+    if not self.uses_teachers:
+      return ()
+    return tuple(t.modality for t in (self.teachers.image, self.teachers.text) if not t.tower.init)
+
   def fingerprint(self, phase: str, vocab: dict) -> dict:
     """What `phase` depends on, with the vocabulary's real size and content hash."""
     return {**self.fingerprints[phase], "vocab": vocab}
@@ -230,7 +244,7 @@ def from_config(config: ml_collections.ConfigDict) -> Experiment:
       param_rules=sharding.ParamRules(tuple(tuple(r) for r in config.sharding.rules),
                                       config.sharding.fsdp_min_size),
       checkpoint_every=config.checkpoint.every_steps, checkpoint_keep=config.checkpoint.keep,
-      log_every=config.log_every, fingerprints=_fingerprints(config, stages))
+      log_every=config.log_every, fingerprints=_fingerprints(config, stages, student))
 
 
 def _get(config: ml_collections.ConfigDict, field: str):
@@ -290,15 +304,13 @@ def _check_numbers(config: ml_collections.ConfigDict) -> None:
 
 def _data(config: ml_collections.ConfigDict) -> DataSpec:
   d, t = config.data, config.tokenizer
-  options = {k: _plain(v) for k, v in d.items() if isinstance(v, ml_collections.ConfigDict)}
-  if len(options) > 1:
-    raise InputError(f"config.data: one source section expected, got {sorted(options)}")
+  options = d.get(d.name, {})  # the source's own section, e.g. config.data.synthetic
   return DataSpec(
       name=d.name, cache_dir=d.cache_dir, image_root=d.image_root, train_file=d.train_file,
       test_file=d.test_file, image_size=d.image_size, max_tokens=d.max_tokens,
       max_words_train=d.max_words_train, max_words_eval=d.max_words_eval,
       augment_shift=d.augment_shift, vocab_file=t.vocab_file, vocab_size=t.vocab_size,
-      append_sep=t.append_sep, options=next(iter(options.values()), {}))
+      append_sep=t.append_sep, options=_plain(options))
 
 
 def _teachers(config: ml_collections.ConfigDict) -> TeachersSpec:
@@ -312,7 +324,10 @@ def _teachers(config: ml_collections.ConfigDict) -> TeachersSpec:
 
 
 def _objective(config: ml_collections.ConfigDict, weights, field: str) -> ObjectiveSpec:
-  weights = {k: float(v) for k, v in _plain(weights).items()}
+  try:
+    weights = {k: float(v) for k, v in _plain(weights).items()}
+  except (TypeError, ValueError) as e:
+    raise InputError(f"{field}: every weight must be a number ({e})") from None
   unknown = set(weights) - set(ALL_TERMS)
   if unknown:
     raise InputError(f"{field}: unknown loss terms {sorted(unknown)}; known: {ALL_TERMS}")
@@ -338,6 +353,9 @@ def _stages(config: ml_collections.ConfigDict) -> tuple[StageSpec, ...]:
   specs = {}
   for name, s in config.stages.items():
     field = f"config.stages.{name}"
+    if not _STAGE_NAME.match(name) or name in _RESERVED_NAMES:
+      raise InputError(f"{field}: a stage name is lower-case letters, digits and '_' (it names a "
+                       f"workdir folder) and not one of {_RESERVED_NAMES}")
     missing = sorted(set(_STAGE_FIELDS) - set(s))
     unknown = sorted(set(s) - set(_STAGE_FIELDS))
     if missing or unknown:
@@ -366,7 +384,25 @@ def _stages(config: ml_collections.ConfigDict) -> tuple[StageSpec, ...]:
 
   for name in sorted(specs):
     visit(name)
+  for stage in ordered:
+    _check_distillation_params(stage, specs)
   return tuple(ordered)
+
+
+def _check_distillation_params(stage: StageSpec, specs: dict) -> None:
+  """A distilling stage that would inherit the distillation parameters untrained (no stage before
+  it distills) must start them fresh: their values would be another config's initialization."""
+  if not stage.objective.uses_teachers:
+    return
+  ancestor = specs.get(stage.init_from)
+  while ancestor is not None:
+    if ancestor.objective.uses_teachers:
+      return
+    ancestor = specs.get(ancestor.init_from)
+  inherited = sorted(set(DISTILLATION_PARAMS) - set(stage.fresh_params)) if stage.init_from else []
+  if inherited:
+    raise InputError(f"{stage.field}.fresh_params must include {inherited}: no stage before it "
+                     "distills, so it would inherit them untrained")
 
 
 def _eval(config: ml_collections.ConfigDict) -> EvalSpec:
@@ -379,23 +415,31 @@ def _eval(config: ml_collections.ConfigDict) -> EvalSpec:
                      f"{max(ranking.RECALL_KS)}, the largest recall K")
   if e.every_steps < 0:
     raise InputError(f"config.eval.every_steps={e.every_steps} must be >= 0 (0: once per epoch)")
+  if e.select_metric.startswith("itm/") and e.select_on != "last" and (
+      config.model.dual_encoder or e.itm_k == 0):
+    raise InputError(f"config.eval.select_metric={e.select_metric!r} needs ITM re-ranking, which "
+                     "config.model.dual_encoder=True or config.eval.itm_k=0 turns off")
   fingerprint = hashlib.sha256(json.dumps(e.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
   return EvalSpec(e.batch_size, e.itm_k, tuple(e.subsets), e.single_modal_self, e.select_on,
                   e.select_metric, e.every_steps, fingerprint)
 
 
-def _fingerprints(config: ml_collections.ConfigDict, stages) -> dict[str, dict]:
+def _fingerprints(config: ml_collections.ConfigDict, stages, student: StudentConfig
+                  ) -> dict[str, dict]:
   data = {k: _plain(v) for k, v in config.data.items() if k not in _LOCATION_FIELDS}
   common = {"seed": config.seed, "tokenizer": config.tokenizer.to_dict()}
   training_data = {k: v for k, v in data.items() if k not in _EVAL_ONLY_DATA}
   if isinstance(training_data.get("synthetic"), dict):
     training_data["synthetic"] = {k: v for k, v in training_data["synthetic"].items()
                                   if k not in _EVAL_ONLY_SYNTHETIC}
-  prints = {"teachers": {**common, "data": training_data, "teachers": config.teachers.to_dict()}}
+  teachers = {k: v for k, v in config.teachers.to_dict().items() if k not in _TEACHER_USE}
+  prints = {"teachers": {**common, "data": training_data, "teachers": teachers}}
   for stage in stages:
     distills = stage.objective.uses_teachers
     model = {k: v for k, v in config.model.to_dict().items()
              if distills or k not in _DISTILLATION_MODEL}
+    # The shapes of U_v, U_t: every stage's parameters have them.
+    model["teacher_dims"] = [student.image_teacher_dim, student.text_teacher_dim]
     loss = {k: v for k, v in config.loss.to_dict().items()
             if distills or k not in _DISTILLATION_LOSS}
     prints[stage.name] = {
@@ -403,5 +447,6 @@ def _fingerprints(config: ml_collections.ConfigDict, stages) -> dict[str, dict]:
         f"stages.{stage.name}": config.stages[stage.name].to_dict(),
         "eval": {k: config.eval[k] for k in _SELECTION},
         "init_from": prints[stage.init_from] if stage.init_from else None,
-        "teachers": prints["teachers"] if distills else None}
+        "teachers": prints["teachers"] if distills else None,
+        "teachers_mode": config.teachers.mode if distills else None}
   return prints

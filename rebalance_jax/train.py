@@ -16,7 +16,9 @@ import os
 
 import jax
 import ml_collections
+import numpy as np
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from rebalance_jax import (cli, experiment, frozen_teachers, interrupts, objective, predict,
@@ -41,8 +43,8 @@ def _stage_batches(exp: spec.Experiment, stage: spec.StageSpec, data: Dataset, t
   if stage.objective.uses_teachers and features is not None:
     extra = lambda image_rows, caption_rows, _: features.rows(image_rows, caption_rows)
   elif stage.objective.uses_teachers and exp.teachers.vocab_file:  # online, own tokenizer
-    extra = lambda _, __, captions: {f"teacher_{k}": v
-                                     for k, v in teachers["text"].encode(captions).items()}
+    extra = lambda _, __, captions: {
+        f"teacher_{k}": v for k, v in teachers["text"].encode(captions, train=True).items()}
   return pipeline.TrainBatches(data.train.num_captions, stage.batch_size,
                                trainer.stage_seed(exp.seed, stage.name),
                                pipeline.pair_rows(data, extra))
@@ -154,7 +156,9 @@ def run_phases(exp: spec.Experiment, workdir: str, mesh, until=None):
     interrupts.check(f"{stage.name} (its final checkpoint is saved)")
     step, selected[stage.name], record = result
     logging.info("%s: the model is step %d (%s)", stage.name, step, record["selected_by"])
-    if evaluator.is_recorded(stage.name, record):
+    # Process 0's results.json decides, so that every process skips (or runs) the same work.
+    recorded = evaluator.is_recorded(stage.name, record)
+    if bool(multihost_utils.broadcast_one_to_all(np.array(recorded))):
       logging.info("%s: step %d was evaluated before; results.json has it", stage.name, step)
       continue
     evaluator.add(stage.name, selected[stage.name], record)

@@ -3,10 +3,11 @@ resumable Orbax checkpoints, metrics and progress.
 
 The train state is `{"step", "params", "opt_state"}`. The step's randomness is
 `fold_in(rng, step)` and the batch is a function of the step (`pipeline.TrainBatches`), so
-resuming from a checkpoint needs nothing else. Frozen inputs (teacher parameters or features) are a separate,
-non-differentiated argument and never part of the state.
+resuming from a checkpoint needs nothing else. Frozen inputs (teacher parameters or features) are
+a separate, non-differentiated argument and never part of the state.
 """
 
+import contextlib
 import dataclasses
 import functools
 import signal
@@ -149,35 +150,36 @@ def run_stage(stage: Stage, init_params, frozen, mesh: Mesh, until_step: int | N
   stage.writer.start(step)
   progress = reporting.Progress(stage.name, stage.total_steps, step)
   pending = []  # per-step metrics on device, fetched at each log point
-  batches = stage.batches.iterate(step, end)
-  while step < end:
-    batch = sharding.to_global(next(batches), mesh)
-    state, metrics = train_step(state, batch, frozen, rng)
-    pending.append(metrics)
-    step += 1
-    stop = _stop_requested(step)
-    evaluation = stage.periodic_eval if stage.periodic_eval and (
-        step % stage.periodic_eval.every_steps == 0 or step == stage.total_steps) else None
-    checkpoint = (step % stage.checkpoint_every == 0 or step == end or stop is not None or
-                  evaluation is not None)
-    if step % stage.log_every == 0 or checkpoint:
-      means = _checked_means(stage, step, pending)
-      pending = []
-      eval_metrics = {}
-      if evaluation is not None:
-        with interrupts.deferred():  # a stop request waits until the metrics are saved
-          eval_metrics = _numbers(evaluation.evaluate(state["params"]))
-        means.update({f"{evaluation.name}/{k}": v for k, v in eval_metrics.items()})
-        if reporting.is_main_process():
-          logging.info("%s %d: %s %s", stage.name, step, evaluation.name, " ".join(
-              f"{k}={eval_metrics[k]:.4g}" for k in ("r_mean", "rsum") if k in eval_metrics))
-      means.update(progress.report(step, means, stage.batch_size))
-      stage.writer.write(step, means)
-      if checkpoint:
-        _save(stage, step, state, eval_metrics or None)
-    if stop is not None:
-      stage.checkpointer.wait()
-      raise Preempted(stop, stage.name, step)
+  # Closed on every exit, so that no reader thread outlives the stage.
+  with contextlib.closing(stage.batches.iterate(step, end)) as batches:
+    while step < end:
+      batch = sharding.to_global(next(batches), mesh)
+      state, metrics = train_step(state, batch, frozen, rng)
+      pending.append(metrics)
+      step += 1
+      stop = _stop_requested(step)
+      evaluation = stage.periodic_eval if stage.periodic_eval and (
+          step % stage.periodic_eval.every_steps == 0 or step == stage.total_steps) else None
+      checkpoint = (step % stage.checkpoint_every == 0 or step == end or stop is not None or
+                    evaluation is not None)
+      if step % stage.log_every == 0 or checkpoint:
+        means = _checked_means(stage, step, pending)
+        pending = []
+        eval_metrics = {}
+        if evaluation is not None:
+          with interrupts.deferred():  # a stop request waits until the metrics are saved
+            eval_metrics = _numbers(evaluation.evaluate(state["params"]))
+          means.update({f"{evaluation.name}/{k}": v for k, v in eval_metrics.items()})
+          if reporting.is_main_process():
+            logging.info("%s %d: %s %s", stage.name, step, evaluation.name, " ".join(
+                f"{k}={eval_metrics[k]:.4g}" for k in ("r_mean", "rsum") if k in eval_metrics))
+        means.update(progress.report(step, means, stage.batch_size))
+        stage.writer.write(step, means)
+        if checkpoint:
+          _save(stage, step, state, eval_metrics or None)
+      if stop is not None:
+        stage.checkpointer.wait()
+        raise Preempted(stop, stage.name, step)
   stage.checkpointer.wait()
   return state
 

@@ -32,7 +32,8 @@ def load_safetensors(path: str, params_like) -> dict:
   missing = sorted(set(expected) - set(stored))
   unused = sorted(set(stored) - set(expected))
   wrong = sorted(f"{k}: {stored[k].shape} in the file, {tuple(expected[k].shape)} expected"
-                 for k in set(expected) & set(stored) if stored[k].shape != tuple(expected[k].shape))
+                 for k in set(expected) & set(stored)
+                 if stored[k].shape != tuple(expected[k].shape))
   problems = [f"{what} ({len(names)}): {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
               for what, names in (("missing", missing), ("unused", unused), ("wrong shape", wrong))
               if names]

@@ -102,6 +102,18 @@ def test_encode_drops_padding_and_rejects_an_indivisible_batch():
     retrieval.encode(fn, 1.0, 4, lambda rows: {"x": values[rows]}, 12, mesh, keep_states=False)
 
 
+@pytest.mark.parametrize("fsdp", [1, 2])
+def test_gather_rows_reads_sharded_rows_where_they_lie(fsdp):
+  mesh = sharding.make_mesh(fsdp=fsdp)
+  rows = sharding.batch_sharding(mesh)
+  states = np.arange(32 * 3 * 2, dtype=np.float32).reshape(32, 3, 2)
+  index = np.array([5, 31, 0, 7, 7, 12, 30, 1, 2, 3, 4, 5, 6, 7, 8, 9], np.int32)
+  out = jax.jit(functools.partial(retrieval.gather_rows, mesh=mesh))(
+      jax.device_put(states, rows), jax.device_put(index, rows))
+  np.testing.assert_array_equal(out, states[index])  # repeats and every device's rows
+  assert out.sharding.spec == rows.spec
+
+
 def test_embeddings_and_itm_logits_on_8_devices_match_direct_apply(tiny_config):
   """13 images and 13 captions in batches of 8: the padded rows never reach the outputs, and ITM
   logits scored from the device-resident states equal a direct forward pass."""

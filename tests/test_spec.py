@@ -24,7 +24,8 @@ def test_stages_run_in_init_from_order(tiny_config):
 
 def test_a_stage_misses_a_field(tiny_config):
   del tiny_config.stages.stage2["fresh_params"]
-  with pytest.raises(InputError, match=r"config\.stages\.stage2: missing fields \['fresh_params'\]"):
+  with pytest.raises(InputError,
+                     match=r"config\.stages\.stage2: missing fields \['fresh_params'\]"):
     spec.from_config(tiny_config)
 
 
@@ -43,6 +44,9 @@ def _prints(config):
     ("data.synthetic.num_test", 24, ("teachers",), ("stage1", "stage2")),
     ("data.augment_shift", 1, ("teachers",), ("stage1", "stage2")),
     ("teachers.lr", 0.01, ("stage1",), ("teachers", "stage2")),
+    ("teachers.mode", "online", ("teachers", "stage1"), ("stage2",)),
+    # The shapes of U_v, U_t are in every stage's parameters.
+    ("teachers.image.width", 48, (), ("teachers", "stage1", "stage2")),
     # Where the data lies does not change what it is.
     ("data.cache_dir", "/elsewhere", ("teachers", "stage1", "stage2"), ()),
 ])
@@ -59,3 +63,37 @@ def test_each_phase_fingerprints_what_it_depends_on(tiny_config, field, value, u
     assert after[phase] == before[phase], phase
   for phase in changed:
     assert after[phase] != before[phase], phase
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: c.stages.update(teachers=config_base.stage("", {"itc": 1.0})),
+     r"config\.stages\.teachers: a stage name is lower-case"),
+    (lambda c: c.stages.update(Stage3=config_base.stage("", {"itc": 1.0})),
+     r"config\.stages\.Stage3: a stage name is lower-case"),
+    (lambda c: c.stages.stage2.update(fresh_params=("lam",)),
+     r"config\.stages\.stage2\.fresh_params must include \['teacher_image_proj', "
+     r"'teacher_text_proj', 'temp2'\]: no stage before it distills"),
+    (lambda c: c.stages.update(arm=config_base.stage("stage1", {"itc": "one"})),
+     r"config\.stages\.arm\.loss_weights: every weight must be a number"),
+    (lambda c: c.model.text.update(vocab_size=5),
+     r"config\.model\.text: \['vocab_size'\] cannot be set here"),
+    (lambda c: c.eval.update(itm_k=0, select_metric="itm/r_mean"),
+     r"config\.eval\.select_metric='itm/r_mean' needs ITM re-ranking"),
+])
+def test_bad_stages_and_fields_are_named(tiny_config, edit, match):
+  edit(tiny_config)
+  with pytest.raises(InputError, match=match):
+    spec.from_config(tiny_config)
+
+
+def test_a_later_distilling_stage_may_inherit_trained_distillation_parameters(tiny_config):
+  tiny_config.stages.stage3 = config_base.stage("stage2", {"itc": 1.0, "kd": 1.0})
+  assert spec.from_config(tiny_config).stage("stage3").fresh_params == ()
+
+
+def test_teachers_are_pretrained_only_when_used_and_without_weights(tiny_config):
+  assert spec.from_config(tiny_config).pretrained_teachers() == ("image", "text")
+  tiny_config.teachers.image.init = "/converted/vit.safetensors"
+  assert spec.from_config(tiny_config).pretrained_teachers() == ("text",)
+  del tiny_config.stages["stage2"]
+  assert spec.from_config(tiny_config).pretrained_teachers() == ()

@@ -144,3 +144,23 @@ def test_a_teacher_is_evaluated_through_the_predict_contract(tiny_config):
   expected = ranking.i2i_ndcg(features, relevance, test.image_to_texts[:, 0], self_rule="zeroed")
   assert metrics["i2i_ndcg@10"] == pytest.approx(expected["i2i_ndcg@10"], abs=1e-4)
   assert 0 < metrics["i2i_removed_ndcg@10"] <= 100
+
+
+def test_two_teachers_are_each_evaluated_on_their_own_modality(tiny_config):
+  """Their spaces are unrelated (widths 24 and 40 here): no cross-modal protocol is computed."""
+  exp = spec.from_config(tiny_config)
+  data = load_dataset(exp.data)
+  built = {}
+  for t in (exp.teachers.image, exp.teachers.text):
+    tower = t.tower if t.modality == "image" else spec.with_vocab_size(t.tower, data.vocab_size)
+    built[t.modality] = frozen_teachers.FrozenTeacher(
+        t.modality, tower, Teacher(tower), {"encoder": towers.init_params(tower, jax.random.key(0))},
+        "", data.encode if t.modality == "text" else None)
+  predictor = predict.teacher_predictor(built["image"], built["text"])
+  assert not predictor.cross_modal
+  metrics, curves = retrieval.evaluate(
+      predictor, {m: t.params for m, t in built.items()}, data.test,
+      retrieval.split_relevance(data.test, None), itm_k=16, batch_size=16,
+      mesh=sharding.make_mesh())
+  assert curves is None and "rsum" not in metrics and "mixed_ndcg@10" not in metrics
+  assert 0 < metrics["i2i_ndcg@10"] <= 100 and 0 < metrics["t2t_ndcg@10"] <= 100

@@ -73,15 +73,16 @@ def test_two_stage_run_writes_results_metrics_and_features(finished_run):
 
   num_images = config.data.synthetic.num_train
   num_pairs = num_images * config.data.synthetic.captions_per_image
-  image = np.load(os.path.join(workdir, "teacher_features", "image.npy"))
-  text = np.load(os.path.join(workdir, "teacher_features", "text.npy"))
-  # One row per training image and one per caption, not 5x repeated image rows.
+  directory = os.path.join(workdir, "teacher_features")
+  # One process: one shard per modality, a row per training image (48: 3 eval batches of 16) and
+  # per caption (240), not 5x repeated image rows.
+  image = np.load(teacher_features.shard_path(directory, "image", 0, 1))
+  text = np.load(teacher_features.shard_path(directory, "text", 0, 1))
   assert image.shape == (num_images, config.teachers.image.width)
   assert text.shape == (num_pairs, config.teachers.text.width)
   assert not np.allclose(image[0], image[1]) and not np.allclose(text[0], text[1])
   # A batch reads its pairs' rows by index: caption 7 is of image 1.
-  rows = teacher_features.TeacherFeatures(os.path.join(workdir, "teacher_features")).rows(
-      np.array([1, 0]), np.array([7, 0]))
+  rows = teacher_features.TeacherFeatures(directory).rows(np.array([1, 0]), np.array([7, 0]))
   np.testing.assert_array_equal(rows["teacher_image"], image[[1, 0]])
   np.testing.assert_array_equal(rows["teacher_text"], text[[7, 0]])
 
@@ -359,9 +360,12 @@ def test_two_processes_resume_a_single_process_run_and_match_it(finished_run, tm
     assert f"process {i} of 2, 4 local / 8 global devices" in log
     reported.append(dict(re.findall(rf"process {i}: (stage\d) rsum ([\d.]+)", log)))
   assert reported[0] == reported[1]  # both processes computed the same results
-  for name in teacher_features.FEATURE_FILES.values():
-    np.testing.assert_array_equal(np.load(workdir / "teacher_features" / name),
-                                  np.load(os.path.join(full_dir, "teacher_features", name)))
+  # Written again as two shards, one per process; row for row the single process's.
+  two = teacher_features.TeacherFeatures(str(workdir / "teacher_features"))
+  one = teacher_features.TeacherFeatures(os.path.join(full_dir, "teacher_features"))
+  assert (two.num_processes, one.num_processes) == (2, 1)
+  for modality, n in one.num_rows.items():
+    np.testing.assert_array_equal(two.read(modality, np.arange(n)), one.read(modality, np.arange(n)))
   assert float(reported[0]["stage2"]) == pytest.approx(full_results["stage2"]["rsum"])
   (_, single), (_, multi) = saved_state(full_dir, "stage2"), saved_state(str(workdir), "stage2")
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(single), jax.tree.leaves(multi)):
@@ -448,8 +452,8 @@ def test_tampered_or_missing_teacher_features_are_recomputed(finished_run, tmp_p
   config, full_dir, _ = finished_run
   workdir = _copy_of(full_dir, tmp_path)
   directory = os.path.join(workdir, "teacher_features")
-  expected = {m: np.load(os.path.join(directory, n))
-              for m, n in teacher_features.FEATURE_FILES.items()}
+  shard = lambda modality: teacher_features.shard_path(directory, modality, 0, 1)
+  expected = {m: np.load(shard(m)) for m in teacher_features.MODALITIES}
   exp = spec.from_config(config)
   data = load_dataset(exp.data)
   mesh = experiment.make_mesh(exp)
@@ -458,16 +462,16 @@ def test_tampered_or_missing_teacher_features_are_recomputed(finished_run, tmp_p
   def tamper_image(path):  # the issue's case: zeros of the right shape
     np.save(path, np.zeros_like(expected["image"]))
 
-  for target, tamper in [("image.npy", tamper_image), ("text.npy", os.remove),
-                         ("manifest.json", lambda p: open(p, "w").write("{garbled"))]:
-    tamper(os.path.join(directory, target))
+  for target, tamper in [(shard("image"), tamper_image), (shard("text"), os.remove),
+                         (os.path.join(directory, "manifest.json"),
+                          lambda p: open(p, "w").write("{garbled"))]:
+    tamper(target)
     features = teacher_features.teacher_features(
         teachers, data, mesh, directory, exp.fingerprint("teachers", data.vocab),
         exp.eval.batch_size)
-    for modality in expected:
-      np.testing.assert_array_equal(features.arrays[modality], expected[modality])
-      np.testing.assert_array_equal(np.load(os.path.join(directory, f"{modality}.npy")),
-                                    expected[modality])
+    for modality, array in expected.items():
+      np.testing.assert_array_equal(features.read(modality, np.arange(len(array))), array)
+      np.testing.assert_array_equal(np.load(shard(modality)), array)
 
 
 @pytest.mark.parametrize("tamper", ["truncate", "empty"])

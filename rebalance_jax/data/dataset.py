@@ -10,6 +10,7 @@ from absl import logging
 
 from rebalance_jax import files
 from rebalance_jax.data import sources, text
+from rebalance_jax.errors import InputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,8 @@ def load_dataset(data) -> Dataset:
   vocabulary of data.vocab_size trained on the training captions (cached beside the data)."""
   source = sources.load(data)
   vocab_file = data.vocab_file
+  if vocab_file and not os.path.isfile(os.path.expanduser(vocab_file)):
+    raise InputError(f"config.tokenizer.vocab_file={vocab_file!r} does not exist")
   if not vocab_file:
     vocab_file = os.path.join(source.cache_dir,
                               f"vocab{data.vocab_size}_{data.max_words_train}.txt")

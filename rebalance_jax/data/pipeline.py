@@ -79,8 +79,9 @@ class TrainBatches:
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     return self._load_rows(self.local_rows(step))
 
-  def iterate(self, start: int, end: int) -> Iterator[dict[str, np.ndarray]]:
-    """The batches of steps start..end-1, in order, assembled ahead by grain's reader threads."""
+  def iterate(self, start: int, end: int) -> grain.DatasetIterator:
+    """The batches of steps start..end-1, in order, assembled ahead by grain's reader threads
+    (`close()` the iterator to stop them)."""
     steps = grain.MapDataset.range(start, end).map(self)
     return iter(steps.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS,
                                                         prefetch_buffer_size=PREFETCH_BATCHES)))

@@ -63,8 +63,8 @@ class Split:
   def first(self, num_images: int) -> "Split":
     """The sub-split of the first `num_images` images and their captions (e.g. COCO-1K)."""
     keep = self.caption_image < num_images
-    return Split(_FirstRows(self.images, num_images), tuple(np.asarray(self.captions, object)[keep]),
-                 self.caption_image[keep], self.image_ids[:num_images],
+    return Split(_FirstRows(self.images, num_images),
+                 tuple(np.asarray(self.captions, object)[keep]), self.caption_image[keep], self.image_ids[:num_images],
                  None if self.attributes is None else self.attributes[:num_images])
 
 

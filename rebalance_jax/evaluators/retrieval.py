@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec as P
 
 from rebalance_jax import interrupts, sharding
 from rebalance_jax.data import pipeline
@@ -35,6 +35,26 @@ class Encoded:
   states: dict[str, jax.Array] | None    # {"tokens", "mask"} sharded over rows, for matching
 
 
+def gather_rows(states: jax.Array, index: jax.Array, mesh: Mesh) -> jax.Array:
+  """states[index] for row-sharded `states` and batch-sharded `index`, without moving `states`:
+  each device looks up the indices that fall in its own rows (zeros elsewhere), and a
+  reduce-scatter hands every device the rows of its share of `index`."""
+  axes = mesh.axis_names
+
+  def local(shard, local_index):
+    index = jax.lax.all_gather(local_index, axes, tiled=True)
+    rows = shard.shape[0]
+    relative = index - jax.lax.axis_index(axes) * rows
+    mine = (relative >= 0) & (relative < rows)
+    found = shard[jnp.clip(relative, 0, rows - 1)]
+    found = jnp.where(mine.reshape((-1,) + (1,) * (found.ndim - 1)), found,
+                      jnp.zeros_like(found))
+    return jax.lax.psum_scatter(found, axes, scatter_dimension=0, tiled=True)
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(axes), P(axes)), out_specs=P(axes))(
+      states, index)
+
+
 def _concatenate_on_device(parts: list[jax.Array], mesh: Mesh) -> jax.Array:
   return jax.jit(lambda *xs: jnp.concatenate(xs), out_shardings=sharding.batch_sharding(mesh))(
       *parts)
@@ -42,10 +62,10 @@ def _concatenate_on_device(parts: list[jax.Array], mesh: Mesh) -> jax.Array:
 
 def encode(fn, params, num_rows: int, load_rows, batch_size: int, mesh: Mesh,
            keep_states: bool) -> Encoded:
-  """`fn(params, *rows.values())` over rows 0..num_rows-1 in padded global batches: embeddings gathered to
-  the host, token states (if `keep_states`) kept on the devices."""
+  """`fn(params, *rows.values())` over rows 0..num_rows-1 in padded global batches: embeddings
+  gathered to the host, token states (if `keep_states`) kept on the devices."""
   sharding.check_batch_size(batch_size, mesh, "config.eval.batch_size")
-  jitted = jax.jit(fn)
+  jitted = jax.jit(fn if keep_states else lambda params, *rows: {"emb": fn(params, *rows)["emb"]})
   embeddings, states = [], []
   for _, rows, _ in pipeline.padded_batches(num_rows, batch_size):
     interrupts.check("an evaluation pass")
@@ -77,9 +97,9 @@ def itm_logits(predictor: Predictor, params, images: Encoded, texts: Encoded,
                image_index: np.ndarray, text_index: np.ndarray, batch_size: int,
                mesh: Mesh) -> np.ndarray:
   """Matching logit of each (image_index[p], text_index[p]) pair: only the indices go to the
-  devices, which gather the pairs' states there."""
+  devices, which gather the pairs' states from where they lie (`gather_rows`)."""
   def score(params, image_states, text_states, pair_images, pair_texts):
-    take = lambda states, index: jax.tree.map(lambda x: x[index], states)
+    take = lambda states, index: jax.tree.map(lambda x: gather_rows(x, index, mesh), states)
     i, t = take(image_states, pair_images), take(text_states, pair_texts)
     return predictor.match_logits(params, i["tokens"], i["mask"], t["tokens"], t["mask"])
 

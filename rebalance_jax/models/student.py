@@ -19,7 +19,7 @@ from rebalance_jax.models import towers
 from rebalance_jax.models.fusion import FusionConfig, FusionEncoder, ItmHead
 from rebalance_jax.models.layers import default_kernel_init
 
-# The parameter subtrees of the distillation terms (METHOD.md §5 initializes them fresh in stage 2).
+# The parameter subtrees of the distillation terms (METHOD.md §5: fresh in stage 2).
 DISTILLATION_PARAMS = ("teacher_image_proj", "teacher_text_proj", "lam", "temp2")
 # The student's towers and where each one's `init` weights go in its parameter tree.
 TOWER_PARAMS = {"image": "image_encoder", "text": "text_encoder"}
@@ -37,7 +37,7 @@ class StudentConfig:
   temp_init: float = 0.07
   temp2_init: float = 0.07
   lam_init: float = 0.5
-  lambda_mode: str = "raw"  # "raw" or "sigmoid": how the λ parameter is read (losses.fusion_weight)
+  lambda_mode: str = "raw"  # "raw" or "sigmoid": how λ is read (losses.fusion_weight)
 
 
 def _constant(value: float):

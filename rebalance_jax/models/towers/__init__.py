@@ -8,10 +8,14 @@ converted checkpoint (`init` in the config) into the tower's parameter tree.
 
 In a config a tower is `dict(kind=..., init=..., <fields of the kind's config dataclass>)`
 (`config_base.tower`); `spec_from_config` turns it into a `TowerSpec`. Nothing outside this
-package names a tower type: a new tower is one module that calls `register`.
+package names a tower type: a new tower is one module in this package that calls `register` (every
+module here is imported on first use), or a `register` call from the user's own code.
 """
 
 import dataclasses
+import functools
+import importlib
+import pkgutil
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -37,7 +41,7 @@ class TowerKind:
   config_class: type            # frozen dataclass; image towers have image_size, mean, std
   module_class: type            # linen module taking `config`
   # (path, abstract params) -> params: reads `init`; the default reads a safetensors file of
-  # '/'-joined parameter names (what `python -m rebalance_jax.convert` writes).
+  # '/'-joined parameter names (`weights.save_safetensors`, what weight conversion writes).
   load_weights: Callable = weights.load_safetensors
 
 
@@ -76,8 +80,11 @@ def kinds() -> list[str]:
   return sorted(_REGISTRY)
 
 
+@functools.cache
 def _load_builtin() -> None:
-  from rebalance_jax.models.towers import text, vit  # noqa: F401  (each registers itself)
+  """Imports every module of this package once: each registers its tower."""
+  for module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{module.name}")
 
 
 def spec_from_config(section: Mapping, field: str, modality: str, **fixed) -> TowerSpec:
@@ -94,6 +101,9 @@ def spec_from_config(section: Mapping, field: str, modality: str, **fixed) -> To
   if tower.modality != modality:
     raise InputError(f"{field}.kind={kind!r} is a {tower.modality} tower, not a {modality} one")
   known = {f.name for f in dataclasses.fields(tower.config_class)}
+  owned = sorted(set(values) & set(fixed))
+  if owned:
+    raise InputError(f"{field}: {owned} cannot be set here (it comes from the tokenizer)")
   unknown = sorted(set(values) - known)
   if unknown:
     raise InputError(f"{field}: {unknown} are not fields of a {kind!r} tower; its fields: "

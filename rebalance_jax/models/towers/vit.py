@@ -10,7 +10,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from rebalance_jax.models import towers
-from rebalance_jax.models.layers import PreNormBlock, block_class, default_kernel_init, embedding_init
+from rebalance_jax.models.layers import (PreNormBlock, block_class, default_kernel_init,
+                                         embedding_init)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -158,7 +158,8 @@ def test_non_finite_loss_stops_the_run(tiny_config, tmp_path):
                                           r"stage"),
     ("stages.stage1.init_from", "stage2", r"config\.stages: the init_from chain through "
                                           r"'stage1' is a cycle"),
-    ("stages.stage2.fresh_params", ("lam", "lambda"),
+    ("stages.stage2.fresh_params", ("teacher_image_proj", "teacher_text_proj", "lam", "temp2",
+                                    "lambda"),
      r"config\.stages\.stage2\.fresh_params: \['lambda'\] are not parameter subtrees"),
     ("model.image.kind", "swin", r"config\.model\.image\.kind: tower kind 'swin' is not "
                                  r"registered; known: \['text', 'vit'\]"),

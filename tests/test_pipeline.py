@@ -68,14 +68,14 @@ _WORDS = ("red", "blue", "circle", "square", "left", "right")
 
 
 def _toy_source(data):
-  """Three splits of 24 one-colour images with two captions each, and no scene attributes."""
+  """Three splits of 24 one-colour images with five captions each, and no scene attributes."""
   splits = {}
   for offset, name in enumerate(sources.SPLITS):
     n = 24
     rng = np.random.default_rng(offset)
-    captions = tuple(" ".join(rng.choice(_WORDS, 3)) for _ in range(2 * n))
+    captions = tuple(" ".join(rng.choice(_WORDS, 3)) for _ in range(5 * n))
     splits[name] = sources.Split(_CountingRecords(n, data.image_size), captions,
-                                 np.repeat(np.arange(n, dtype=np.int32), 2),
+                                 np.repeat(np.arange(n, dtype=np.int32), 5),
                                  np.arange(n, dtype=np.int32) + 100)
   return sources.Source(splits, data.options["cache"])
 
@@ -91,12 +91,12 @@ def toy_data(tiny_config, tmp_path, monkeypatch):
 
 
 def test_a_toy_source_goes_through_the_pipeline(toy_data, monkeypatch):
-  assert toy_data.train.num_captions == 48 and toy_data.vocab_size > 5  # vocabulary trained on it
-  batches = pipeline.TrainBatches(48, 8, seed=3, load_rows=pipeline.pair_rows(toy_data))
-  rows = pipeline.train_batch_indices(48, 8, 5, seed=3)
+  assert toy_data.train.num_captions == 120 and toy_data.vocab_size > 5  # vocabulary trained on it
+  batches = pipeline.TrainBatches(120, 8, seed=3, load_rows=pipeline.pair_rows(toy_data))
+  rows = pipeline.train_batch_indices(120, 8, 5, seed=3)
   batch = batches(5)
-  np.testing.assert_array_equal(batch["image"][:, 0, 0, 0], rows // 2)  # caption -> its image
-  np.testing.assert_array_equal(batch["image_id"], rows // 2 + 100)
+  np.testing.assert_array_equal(batch["image"][:, 0, 0, 0], rows // 5)  # caption -> its image
+  np.testing.assert_array_equal(batch["image_id"], rows // 5 + 100)
   expected = toy_data.encode([toy_data.train.captions[r] for r in rows], train=True)
   np.testing.assert_array_equal(batch["ids"], expected["ids"])
   # Resuming at any step replays the same batches; grain's threads keep the order.
@@ -128,3 +128,15 @@ def test_unknown_sources_are_named(tiny_config):
   with pytest.raises(InputError, match=r"config\.data\.name='flickr8k' is not one of "
                                        r"\('synthetic', 'flickr30k'"):
     load_dataset(spec.from_config(tiny_config).data)
+
+
+def test_a_source_without_attributes_trains_a_stage_without_teachers(toy_data, tiny_config,
+                                                                     tmp_path):
+  """The path a real dataset takes before it has teachers: no scene attributes, no distillation
+  stage, and nothing of the teachers is needed."""
+  from rebalance_jax import train
+  del tiny_config.stages["stage2"]
+  results = train.run(tiny_config, str(tmp_path / "run"))
+  assert set(results) == {"stage1"} and 0 <= results["stage1"]["rsum"] <= 600
+  assert results["stage1"]["t2t_ndcg@10"] > 0
+  assert not (tmp_path / "run" / "teachers").exists()

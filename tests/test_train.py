@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, saved_state
-from rebalance_jax import (checkpointing, experiment, files, frozen_teachers, interrupts, spec,
-                           teacher_features, train, trainer)
+from rebalance_jax import (checkpointing, experiment, files, frozen_teachers, interrupts,
+                           objective, spec, teacher_features, train, trainer)
 from rebalance_jax.checkpointing import ConfigMismatchError
 from rebalance_jax.data import pipeline
 from rebalance_jax.data.dataset import load_dataset
@@ -227,15 +227,26 @@ def test_cli_missing_dataset_path_is_one_clear_line(tmp_path):
   assert "config.data.train_file='/nonexistent.json' does not exist" in result.stderr
 
 
-def test_dual_encoder_with_online_teachers(tiny_config, tmp_path):
+def test_dual_encoder_with_online_teachers(tiny_config, tmp_path, monkeypatch):
   """The plug-and-play setting: no fusion/ITM, student relations from both embeddings, teachers
-  run inside the train step (no feature files)."""
+  run inside the train step (no feature files); the text teacher has a tokenizer of its own."""
   c = tiny_config
   c.model.dual_encoder = True
   c.model.dual_relation = "both"
   c.teachers.mode = "online"
+  steps_with_teacher_ids = []
+  loss = objective.batch_loss
+
+  def spy(params, batch, *args, **kwargs):
+    steps_with_teacher_ids.append("teacher_ids" in batch)
+    return loss(params, batch, *args, **kwargs)
+
+  monkeypatch.setattr(objective, "batch_loss", spy)
   del c.stages.stage1.loss_weights["itm"]
   del c.stages.stage2.loss_weights["itm"]
+  own_vocab = tmp_path / "teacher_vocab.txt"  # the same tokens, read as the teacher's own file
+  shutil.copy(load_dataset(spec.from_config(c).data).vocab_file, own_vocab)
+  c.teachers.vocab_file = str(own_vocab)
   results = train.run(c, str(tmp_path))
   assert set(results) == {"stage1", "stage2"}
   assert not os.path.exists(os.path.join(tmp_path, "teacher_features"))
@@ -244,6 +255,7 @@ def test_dual_encoder_with_online_teachers(tiny_config, tmp_path):
   with open(os.path.join(tmp_path, "stage2", "logs", "metrics.jsonl")) as f:
     last = json.loads(f.readlines()[-1])
   assert "loss/itm" not in last and np.isfinite(last["loss/kd"]) and last["loss/kd"] > 0
+  assert steps_with_teacher_ids == [False, True]  # traced once per stage: stage 2 feeds them
 
 
 def test_evaluate_run_on_a_finished_run(finished_run, monkeypatch):

@@ -9,7 +9,6 @@ images on disk. A split is memory-mapped: only the pages batches touch become re
 """
 
 import argparse
-import os
 import time
 
 import numpy as np
@@ -31,8 +30,8 @@ def main():
   parser.add_argument("--steps", type=int, default=200)
   parser.add_argument("--cache_dir", default="~/.cache/rebalance_jax/bench")
   args = parser.parse_args()
-  import jax  # noqa: F401  (its import is part of every process's baseline)
-  print(f"resident after importing JAX:        {resident()}")
+  import jax  # its import is part of every process's baseline
+  print(f"resident after importing JAX {jax.__version__}: {resident()}")
   from absl import flags
   flags.FLAGS.mark_as_parsed()
   from rebalance_jax import config_base, spec

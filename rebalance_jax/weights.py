@@ -14,7 +14,9 @@ from rebalance_jax.errors import InputError
 
 def save_safetensors(path: str, params) -> None:
   """Writes `params` (a nested dict of arrays) atomically, with its content hash."""
-  flat = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
+  # Contiguous: safetensors writes an array's buffer as is, so a transposed view would be garbled.
+  flat = {"/".join(k): np.ascontiguousarray(v) for k, v in
+          traverse_util.flatten_dict(params).items()}
   files.write_checked(path, lambda f: f.write(safetensors.numpy.save(flat)))
 
 

@@ -1,0 +1,205 @@
+"""Weight conversion: other frameworks' checkpoints -> safetensors trees of our towers.
+
+  python -m rebalance_jax.convert --format=hf_bert --source=/models/bert-base-uncased \
+      --output=weights/bert_text.safetensors --layers=0:6 --max_tokens=40
+
+Formats:
+  hf_bert   a Hugging Face BERT directory (config.json + model.safetensors) -> the `text` tower
+            (--layers selects the encoder layers, e.g. 0:6 for the paper's text encoder; the
+            position table is cut to --max_tokens)
+
+A format is a list of explicit name rules: each source tensor is mapped to a parameter or dropped
+by a rule that says why, and every parameter of the target tower must be filled with the shape
+the tower expects; any other tensor or parameter is an error that lists them. The output is what
+a tower's `init` reads (`weights.load_safetensors`); the command prints the config fields that
+match it. Reading PyTorch pickles (`pytorch_model.bin`) needs torch and is not supported here.
+"""
+
+import json
+import os
+import re
+
+import jax
+import numpy as np
+import safetensors.numpy
+from absl import app, flags
+from flax import traverse_util
+
+from rebalance_jax import cli, weights
+from rebalance_jax.errors import InputError
+from rebalance_jax.models import towers
+
+DROP = None  # a rule's target: the tensor is not part of the tower
+
+
+def read_hf_directory(path: str) -> tuple[dict, dict[str, np.ndarray]]:
+  """(config.json, tensors of model.safetensors) of a Hugging Face model directory."""
+  config_path, tensors_path = (os.path.join(path, n) for n in ("config.json", "model.safetensors"))
+  if not os.path.isfile(config_path):
+    raise InputError(f"--source={path}: no config.json (expected a Hugging Face model directory)")
+  if not os.path.isfile(tensors_path):
+    found = "pytorch_model.bin" if os.path.exists(os.path.join(path, "pytorch_model.bin")) else ""
+    raise InputError(f"--source={path}: no model.safetensors" + (
+        f" (it has {found}, a PyTorch pickle; reading those needs torch and is not supported here)"
+        if found else ""))
+  try:
+    with open(config_path) as f:
+      config = json.load(f)
+    tensors = safetensors.numpy.load_file(tensors_path)
+  except Exception as e:  # json and safetensors raise their own error types
+    raise InputError(f"--source={path}: unreadable ({e})") from e
+  return config, tensors
+
+
+def hf_bert_text_fields(hf_config: dict, layers: range, max_tokens: int) -> dict:
+  """The `text` tower fields that match a BERT config and a layer range."""
+  for key in ("hidden_size", "num_attention_heads", "intermediate_size", "hidden_act"):
+    if key not in hf_config:
+      raise InputError(f"config.json has no {key!r}: not a BERT config")
+  if hf_config["hidden_act"] != "gelu":
+    raise InputError(f"config.json: hidden_act={hf_config['hidden_act']!r}; the text tower uses "
+                     "BERT's exact gelu")
+  if hf_config.get("type_vocab_size", 2) != 2:
+    raise InputError(f"config.json: type_vocab_size={hf_config['type_vocab_size']}; the text "
+                     "tower has 2 token types")
+  if max_tokens > hf_config.get("max_position_embeddings", 512):
+    raise InputError(f"--max_tokens={max_tokens} exceeds the checkpoint's "
+                     f"{hf_config['max_position_embeddings']} positions")
+  return {"width": hf_config["hidden_size"], "depth": len(layers),
+          "num_heads": hf_config["num_attention_heads"],
+          "mlp_dim": hf_config["intermediate_size"], "max_tokens": max_tokens}
+
+
+def _bert_rules(layers: range, num_heads: int, max_tokens: int):
+  """(pattern, target) rules over BERT names without the 'bert.' prefix; a target maps the match
+  and the (PyTorch-layout) tensor to {our path: array}, or is DROP with a reason."""
+  def layer(match):
+    index = int(match.group(1))
+    return f"layer{index - layers.start}" if index in layers else None
+
+  def dense(path):
+    def to_ours(m, x):
+      if layer(m) is None:
+        return None
+      heads = lambda a: a.reshape(a.shape[0], num_heads, -1)
+      kernel = {"qkv": lambda w: heads(w.T), "out": lambda w: w.T.reshape(num_heads, -1,
+                                                                          w.shape[0]),
+                "plain": lambda w: w.T}[path[1]]
+      bias = {"qkv": lambda b: b.reshape(num_heads, -1)}.get(path[1], lambda b: b)
+      name = path[0].format(m)
+      return {f"{layer(m)}/{name}/kernel": kernel(x)} if m.group("kind") == "weight" else {
+          f"{layer(m)}/{name}/bias": bias(x)}
+    return to_ours
+
+  def norm(ours):
+    def to_ours(m, x):
+      prefix = "" if ours == "embed_norm" else f"{layer(m)}/"
+      if prefix and layer(m) is None:
+        return None
+      return {f"{prefix}{ours}/{'scale' if m.group('kind') in ('weight', 'gamma') else 'bias'}": x}
+    return to_ours
+
+  kind = r"(?P<kind>weight|bias|gamma|beta)"
+  return [
+      (r"embeddings\.word_embeddings\.weight", lambda m, x: {"word_embed/embedding": x}),
+      (r"embeddings\.position_embeddings\.weight",
+       lambda m, x: {"position_embed/embedding": x[:max_tokens]}),
+      (r"embeddings\.token_type_embeddings\.weight", lambda m, x: {"type_embed/embedding": x}),
+      (rf"embeddings\.LayerNorm\.{kind}", norm("embed_norm")),
+      (rf"encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.{kind}",
+       dense(("attention/{0[2]}", "qkv"))),
+      (rf"encoder\.layer\.(\d+)\.attention\.output\.dense\.{kind}", dense(("attention/out", "out"))),
+      (rf"encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.{kind}", norm("attention_norm")),
+      (rf"encoder\.layer\.(\d+)\.intermediate\.dense\.{kind}", dense(("mlp/fc1", "plain"))),
+      (rf"encoder\.layer\.(\d+)\.output\.dense\.{kind}", dense(("mlp/fc2", "plain"))),
+      (rf"encoder\.layer\.(\d+)\.output\.LayerNorm\.{kind}", norm("mlp_norm")),
+      (r"pooler\..*", "the pooler is not part of the text tower (its [CLS] is position 0)"),
+      (r"cls\..*", "pre-training heads are not part of the text tower"),
+      (r"embeddings\.position_ids", "a buffer, not a weight"),
+  ]
+
+
+def convert_hf_bert_text(hf_config: dict, tensors: dict[str, np.ndarray], layers: range,
+                         max_tokens: int, vocab_size: int | None = None):
+  """(params of the `text` tower, its fields, {dropped name: reason}) from a BERT checkpoint."""
+  fields = hf_bert_text_fields(hf_config, layers, max_tokens)
+  rules = _bert_rules(layers, fields["num_heads"], max_tokens)
+  params, dropped, unmatched = {}, {}, []
+  for name, tensor in tensors.items():
+    short = name[len("bert."):] if name.startswith("bert.") else name
+    for pattern, target in rules:
+      match = re.fullmatch(pattern, short)
+      if match is None:
+        continue
+      if isinstance(target, str):
+        dropped[name] = target
+      else:
+        mapped = target(match, np.asarray(tensor, np.float32))
+        if mapped is None:
+          dropped[name] = f"encoder layer outside --layers={layers.start}:{layers.stop}"
+        else:
+          params.update(mapped)
+      break
+    else:
+      unmatched.append(name)
+  if unmatched:
+    raise InputError(f"{len(unmatched)} tensors match no BERT rule: {', '.join(unmatched[:8])}")
+  vocab_size = vocab_size or params.get("word_embed/embedding", np.zeros((0,))).shape[0]
+  spec = towers.spec_from_config({"kind": "text", **fields}, "--source", "text",
+                                 vocab_size=vocab_size)
+  like = jax.eval_shape(lambda r: towers.init_params(spec, r), jax.random.key(0))
+  expected = {"/".join(k): v.shape for k, v in traverse_util.flatten_dict(like).items()}
+  missing = sorted(set(expected) - set(params))
+  wrong = sorted(f"{k}: {params[k].shape} from the checkpoint, {expected[k]} in the tower"
+                 for k in set(expected) & set(params) if params[k].shape != expected[k])
+  if missing or wrong:
+    raise InputError(f"the checkpoint does not fill the text tower: missing {missing[:8]}, "
+                     f"wrong shapes {wrong[:8]}")
+  tree = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in params.items()})
+  return tree, fields, dropped
+
+
+_FORMAT = flags.DEFINE_enum("format", None, ["hf_bert"], "The source checkpoint's format.")
+_SOURCE = flags.DEFINE_string("source", None, "The source checkpoint (hf_bert: a directory).")
+_OUTPUT = flags.DEFINE_string("output", None, "The safetensors file to write.")
+_LAYERS = flags.DEFINE_string("layers", "", "hf_bert: encoder layers START:STOP (default: all).")
+_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 512, "hf_bert: the tower's max_tokens (the "
+                                   "position table is cut to it).", lower_bound=1)
+
+
+def _layer_range(text: str, num_layers: int) -> range:
+  if not text:
+    return range(num_layers)
+  try:
+    start, stop = (int(x) for x in text.split(":"))
+  except ValueError:
+    raise InputError(f"--layers={text!r} is not START:STOP") from None
+  if not 0 <= start < stop <= num_layers:
+    raise InputError(f"--layers={text} must lie within the checkpoint's {num_layers} layers")
+  return range(start, stop)
+
+
+def run(format_: str, source: str, output: str, layers: str, max_tokens: int) -> dict:
+  """Converts `source` into `output`; returns the tower's config section."""
+  del format_  # one format so far
+  hf_config, tensors = read_hf_directory(source)
+  span = _layer_range(layers, hf_config.get("num_hidden_layers", 0))
+  params, fields, dropped = convert_hf_bert_text(hf_config, tensors, span, max_tokens)
+  weights.save_safetensors(output, params)
+  print(f"wrote {output}: {len(traverse_util.flatten_dict(params))} tensors; dropped "
+        f"{len(dropped)} ({', '.join(sorted(set(dropped.values())))})")
+  overrides = " ".join(f"--config.model.text.{k}={v}" for k, v in fields.items())
+  vocab = os.path.join(source, "vocab.txt")
+  print(f"use it with: --config.model.text.init={output} {overrides}"
+        + (f" --config.tokenizer.vocab_file={vocab}" if os.path.exists(vocab) else ""))
+  return {"kind": "text", "init": output, **fields}
+
+
+def main(argv):
+  cli.run_guarded("rebalance_jax.convert", argv, lambda: run(
+      _FORMAT.value, _SOURCE.value, _OUTPUT.value, _LAYERS.value, _MAX_TOKENS.value))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["format", "source", "output"])
+  app.run(main, flags_parser=cli.parse_flags)

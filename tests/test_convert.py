@@ -1,0 +1,133 @@
+"""Weight conversion: a Hugging Face BERT directory (random weights the test writes) converted into
+the text tower matches transformers' own BERT on the same weights."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import safetensors.numpy
+from flax import traverse_util
+from transformers import BertConfig, FlaxBertModel
+
+from conftest import REPO
+from rebalance_jax import config_base, convert, weights
+from rebalance_jax.errors import InputError
+from rebalance_jax.models import towers
+
+CONFIG = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                    intermediate_size=37, max_position_embeddings=64)
+
+
+def _pytorch_names(flax_params) -> dict[str, np.ndarray]:
+  """transformers' Flax BERT parameters under their PyTorch names and layouts (weight = kernel.T;
+  LayerNorm scale = weight; embedding = weight), as a model.safetensors holds them."""
+  out = {}
+  for path, value in traverse_util.flatten_dict(flax_params).items():
+    *module, leaf = path
+    value = np.asarray(value)
+    if leaf == "kernel":
+      leaf, value = "weight", value.T
+    elif leaf in ("scale", "embedding"):
+      leaf = "weight"
+    out["bert." + ".".join((*module, leaf))] = np.ascontiguousarray(value)
+  return out
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+  reference = FlaxBertModel(CONFIG, seed=0)
+  directory = tmp_path_factory.mktemp("bert")
+  tensors = _pytorch_names(reference.params)
+  tensors["cls.predictions.bias"] = np.zeros(99, np.float32)  # a pre-training head: dropped
+  safetensors.numpy.save_file(tensors, str(directory / "model.safetensors"))
+  CONFIG.to_json_file(str(directory / "config.json"))
+  return directory, reference
+
+
+def _inputs():
+  rng = np.random.default_rng(0)
+  ids = rng.integers(1, 99, (3, 12)).astype(np.int32)
+  mask = (np.arange(12)[None] < np.array([[12], [7], [3]])).astype(np.int32)  # padded rows
+  return ids, mask
+
+
+def _our_tower(params, fields):
+  spec = towers.spec_from_config(config_base.tower("text", **fields).to_dict(),
+                                 "config.model.text", "text", vocab_size=99)
+  return lambda ids, mask: spec.build().apply({"params": params}, ids, mask)
+
+
+def test_converted_bert_matches_transformers_bert(bert_dir, tmp_path):
+  directory, reference = bert_dir
+  config, tensors = convert.read_hf_directory(str(directory))
+  params, fields, dropped = convert.convert_hf_bert_text(config, tensors, range(3), max_tokens=16)
+  assert dropped == {
+      "bert.pooler.dense.weight": convert._bert_rules(range(3), 4, 16)[10][1],
+      "bert.pooler.dense.bias": convert._bert_rules(range(3), 4, 16)[10][1],
+      "cls.predictions.bias": "pre-training heads are not part of the text tower"}
+  ids, mask = _inputs()
+  expected = reference(ids, attention_mask=mask).last_hidden_state
+  out = _our_tower(params, fields)(ids, mask)
+  np.testing.assert_allclose(out.tokens, expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out.pooled, expected[:, 0], rtol=1e-5, atol=1e-5)  # [CLS]
+
+  # Through the file a tower's `init` reads.
+  path = str(tmp_path / "text.safetensors")
+  weights.save_safetensors(path, params)
+  like = jax.eval_shape(lambda: params)
+  for a, b in zip(jax.tree.leaves(weights.load_safetensors(path, like)), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_layer_range_keeps_those_layers(bert_dir):
+  directory, reference = bert_dir
+  config, tensors = convert.read_hf_directory(str(directory))
+  params, fields, dropped = convert.convert_hf_bert_text(config, tensors, range(0, 2), 16)
+  assert fields["depth"] == 2 and sum("layer.2." in n for n in dropped) == 16
+  # The reference with its first two layers only.
+  two = FlaxBertModel(BertConfig(**{**CONFIG.to_dict(), "num_hidden_layers": 2}), seed=1)
+  kept = {**reference.params, "encoder": {"layer": {k: v for k, v in
+                                                     reference.params["encoder"]["layer"].items()
+                                                     if k in ("0", "1")}}}
+  ids, mask = _inputs()
+  expected = two(ids, attention_mask=mask, params=kept).last_hidden_state
+  np.testing.assert_allclose(_our_tower(params, fields)(ids, mask).tokens, expected, rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_unknown_or_missing_tensors_are_errors(bert_dir):
+  directory, _ = bert_dir
+  config, tensors = convert.read_hf_directory(str(directory))
+  with pytest.raises(InputError, match=r"1 tensors match no BERT rule: bert\.adapter\.weight"):
+    convert.convert_hf_bert_text(config, {**tensors, "bert.adapter.weight": np.zeros(2)},
+                                 range(3), 16)
+  partial = {k: v for k, v in tensors.items() if "layer.1.output.dense" not in k}
+  with pytest.raises(InputError, match=r"missing \['layer1/mlp/fc2/bias', 'layer1/mlp/fc2/kernel'"):
+    convert.convert_hf_bert_text(config, partial, range(3), 16)
+  with pytest.raises(InputError, match=r"--max_tokens=100 exceeds the checkpoint's 64 positions"):
+    convert.convert_hf_bert_text(config, tensors, range(3), 100)
+
+
+def test_cli_converts_and_prints_the_config_fields(bert_dir, tmp_path):
+  directory, _ = bert_dir
+  output = tmp_path / "out.safetensors"
+  result = subprocess.run(
+      [sys.executable, "-m", "rebalance_jax.convert", "--format=hf_bert", f"--source={directory}",
+       f"--output={output}", "--layers=0:2", "--max_tokens=16"],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert f"--config.model.text.init={output}" in result.stdout
+  assert "--config.model.text.depth=2" in result.stdout and output.exists()
+  bad = subprocess.run(
+      [sys.executable, "-m", "rebalance_jax.convert", "--format=hf_bert", f"--source={tmp_path}",
+       f"--output={output}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert bad.returncode == 1 and "no config.json" in bad.stderr and "Traceback" not in bad.stderr
+  (tmp_path / "config.json").write_text(json.dumps(CONFIG.to_dict()))
+  (tmp_path / "pytorch_model.bin").write_bytes(b"")
+  bad = subprocess.run(
+      [sys.executable, "-m", "rebalance_jax.convert", "--format=hf_bert", f"--source={tmp_path}",
+       f"--output={output}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert "it has pytorch_model.bin, a PyTorch pickle" in bad.stderr

@@ -52,9 +52,11 @@ def text(max_tokens, width, depth, num_heads, mlp_dim, dropout=0.0, **fields):
                mlp_dim=mlp_dim, dropout=dropout, **fields)
 
 
-def fusion(depth, num_heads, mlp_dim, dropout=0.0):
+def fusion(depth, num_heads, mlp_dim, dropout=0.0, init=""):
+  """The fusion encoder: BERT-style layers with cross-attention to the image tokens; `init`:
+  converted weights (`python -m rebalance_jax.convert --part=fusion`), '' for random."""
   return ml_collections.ConfigDict(dict(depth=depth, num_heads=num_heads, mlp_dim=mlp_dim,
-                                        dropout=dropout, dtype="float32", remat=False))
+                                        dropout=dropout, dtype="float32", remat=False, init=init))
 
 
 def stage(init_from, loss_weights, fresh_params=(), num_epochs=10, num_steps=0, batch_size=36):

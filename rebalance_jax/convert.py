@@ -6,7 +6,8 @@
 Formats:
   hf_bert   a Hugging Face BERT directory (config.json + model.safetensors) -> the `text` tower
             (--layers selects the encoder layers, e.g. 0:6 for the paper's text encoder; the
-            position table is cut to --max_tokens)
+            position table is cut to --max_tokens), or with --part=fusion the fusion encoder
+            (e.g. --layers=6:12; cross-attention from the checkpoint if it has one, else fresh)
 
 A format is a list of explicit name rules: each source tensor is mapped to a parameter or dropped
 by a rule that says why, and every parameter of the target tower must be filled with the shape
@@ -20,6 +21,7 @@ import os
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 from absl import app, flags
@@ -28,6 +30,7 @@ from flax import traverse_util
 from rebalance_jax import cli, weights
 from rebalance_jax.errors import InputError
 from rebalance_jax.models import towers
+from rebalance_jax.models.fusion import FusionConfig, FusionEncoder
 
 DROP = None  # a rule's target: the tensor is not part of the tower
 
@@ -70,9 +73,10 @@ def hf_bert_text_fields(hf_config: dict, layers: range, max_tokens: int) -> dict
           "mlp_dim": hf_config["intermediate_size"], "max_tokens": max_tokens}
 
 
-def _bert_rules(layers: range, num_heads: int, max_tokens: int):
+def _bert_rules(layers: range, num_heads: int, max_tokens: int, part: str = "text"):
   """(pattern, target) rules over BERT names without the 'bert.' prefix; a target maps the match
-  and the (PyTorch-layout) tensor to {our path: array}, or is DROP with a reason."""
+  and the (PyTorch-layout) tensor to {our path: array}, or is a string: why it is dropped.
+  `part`: "text" (embeddings and layers) or "fusion" (layers, with their cross-attention)."""
   def layer(match):
     index = int(match.group(1))
     return f"layer{index - layers.start}" if index in layers else None
@@ -100,12 +104,26 @@ def _bert_rules(layers: range, num_heads: int, max_tokens: int):
     return to_ours
 
   kind = r"(?P<kind>weight|bias|gamma|beta)"
-  return [
-      (r"embeddings\.word_embeddings\.weight", lambda m, x: {"word_embed/embedding": x}),
-      (r"embeddings\.position_embeddings\.weight",
-       lambda m, x: {"position_embed/embedding": x[:max_tokens]}),
-      (r"embeddings\.token_type_embeddings\.weight", lambda m, x: {"type_embed/embedding": x}),
-      (rf"embeddings\.LayerNorm\.{kind}", norm("embed_norm")),
+  if part == "text":
+    embeddings = [
+        (r"embeddings\.word_embeddings\.weight", lambda m, x: {"word_embed/embedding": x}),
+        (r"embeddings\.position_embeddings\.weight",
+         lambda m, x: {"position_embed/embedding": x[:max_tokens]}),
+        (r"embeddings\.token_type_embeddings\.weight", lambda m, x: {"type_embed/embedding": x}),
+        (rf"embeddings\.LayerNorm\.{kind}", norm("embed_norm")),
+        (r"encoder\.layer\.\d+\.crossattention\..*", "the text tower has no cross-attention"),
+    ]
+  else:
+    embeddings = [
+        (r"embeddings\..*", "the fusion encoder reads the text tower's states, not embeddings"),
+        (rf"encoder\.layer\.(\d+)\.crossattention\.self\.(query|key|value)\.{kind}",
+         dense(("cross_attention/{0[2]}", "qkv"))),
+        (rf"encoder\.layer\.(\d+)\.crossattention\.output\.dense\.{kind}",
+         dense(("cross_attention/out", "out"))),
+        (rf"encoder\.layer\.(\d+)\.crossattention\.output\.LayerNorm\.{kind}",
+         norm("cross_attention_norm")),
+    ]
+  return embeddings + [
       (rf"encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.{kind}",
        dense(("attention/{0[2]}", "qkv"))),
       (rf"encoder\.layer\.(\d+)\.attention\.output\.dense\.{kind}", dense(("attention/out", "out"))),
@@ -113,17 +131,14 @@ def _bert_rules(layers: range, num_heads: int, max_tokens: int):
       (rf"encoder\.layer\.(\d+)\.intermediate\.dense\.{kind}", dense(("mlp/fc1", "plain"))),
       (rf"encoder\.layer\.(\d+)\.output\.dense\.{kind}", dense(("mlp/fc2", "plain"))),
       (rf"encoder\.layer\.(\d+)\.output\.LayerNorm\.{kind}", norm("mlp_norm")),
-      (r"pooler\..*", "the pooler is not part of the text tower (its [CLS] is position 0)"),
-      (r"cls\..*", "pre-training heads are not part of the text tower"),
+      (r"pooler\..*", f"the pooler is not part of the {part} tower (its [CLS] is position 0)"),
+      (r"cls\..*", f"pre-training heads are not part of the {part} tower"),
       (r"embeddings\.position_ids", "a buffer, not a weight"),
   ]
 
 
-def convert_hf_bert_text(hf_config: dict, tensors: dict[str, np.ndarray], layers: range,
-                         max_tokens: int, vocab_size: int | None = None):
-  """(params of the `text` tower, its fields, {dropped name: reason}) from a BERT checkpoint."""
-  fields = hf_bert_text_fields(hf_config, layers, max_tokens)
-  rules = _bert_rules(layers, fields["num_heads"], max_tokens)
+def _apply_rules(tensors: dict[str, np.ndarray], rules, layers: range):
+  """(our flat params, {dropped name: reason}); an unmatched tensor is an error."""
   params, dropped, unmatched = {}, {}, []
   for name, tensor in tensors.items():
     short = name[len("bert."):] if name.startswith("bert.") else name
@@ -144,24 +159,67 @@ def convert_hf_bert_text(hf_config: dict, tensors: dict[str, np.ndarray], layers
       unmatched.append(name)
   if unmatched:
     raise InputError(f"{len(unmatched)} tensors match no BERT rule: {', '.join(unmatched[:8])}")
+  return params, dropped
+
+
+def _check_filled(params: dict, expected: dict, what: str, fresh: str | None = None) -> None:
+  """Every expected name (but those containing `fresh`, which may all be absent) has the right
+  shape."""
+  optional = {k for k in expected if fresh and fresh in k}
+  present = optional & set(params)
+  missing = sorted(set(expected) - set(params) - (optional if not present else set()))
+  wrong = sorted(f"{k}: {params[k].shape} from the checkpoint, {expected[k]} in the {what}"
+                 for k in set(expected) & set(params) if params[k].shape != expected[k])
+  if missing or wrong:
+    raise InputError(f"the checkpoint does not fill the {what}: missing {missing[:8]}, "
+                     f"wrong shapes {wrong[:8]}")
+
+
+def _tree(params: dict):
+  return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in params.items()})
+
+
+def convert_hf_bert_text(hf_config: dict, tensors: dict[str, np.ndarray], layers: range,
+                         max_tokens: int, vocab_size: int | None = None):
+  """(params of the `text` tower, its fields, {dropped name: reason}) from a BERT checkpoint."""
+  fields = hf_bert_text_fields(hf_config, layers, max_tokens)
+  params, dropped = _apply_rules(tensors, _bert_rules(layers, fields["num_heads"], max_tokens),
+                                 layers)
   vocab_size = vocab_size or params.get("word_embed/embedding", np.zeros((0,))).shape[0]
   spec = towers.spec_from_config({"kind": "text", **fields}, "--source", "text",
                                  vocab_size=vocab_size)
   like = jax.eval_shape(lambda r: towers.init_params(spec, r), jax.random.key(0))
-  expected = {"/".join(k): v.shape for k, v in traverse_util.flatten_dict(like).items()}
-  missing = sorted(set(expected) - set(params))
-  wrong = sorted(f"{k}: {params[k].shape} from the checkpoint, {expected[k]} in the tower"
-                 for k in set(expected) & set(params) if params[k].shape != expected[k])
-  if missing or wrong:
-    raise InputError(f"the checkpoint does not fill the text tower: missing {missing[:8]}, "
-                     f"wrong shapes {wrong[:8]}")
-  tree = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in params.items()})
-  return tree, fields, dropped
+  _check_filled(params, {"/".join(k): v.shape for k, v in
+                         traverse_util.flatten_dict(like).items()}, "text tower")
+  return _tree(params), fields, dropped
+
+
+def convert_hf_bert_fusion(hf_config: dict, tensors: dict[str, np.ndarray], layers: range):
+  """(params of the fusion encoder, its config fields, {dropped name: reason}) from the layers
+  `layers` of a BERT checkpoint. Their self-attention and feed-forward weights are BERT's; their
+  cross-attention comes from the checkpoint when it has one (a trained model of the reference),
+  else it is absent and the student initializes it fresh (METHOD.md §2)."""
+  text = hf_bert_text_fields(hf_config, layers, 1)
+  fields = {"depth": text["depth"], "num_heads": text["num_heads"], "mlp_dim": text["mlp_dim"]}
+  params, dropped = _apply_rules(
+      tensors, _bert_rules(layers, fields["num_heads"], 0, part="fusion"), layers)
+  width = text["width"]
+  image_width = params.get("layer0/cross_attention/key/kernel", np.zeros((width,))).shape[0]
+  module = FusionEncoder(FusionConfig(**fields))
+  like = jax.eval_shape(lambda r: module.init(
+      r, jnp.zeros((1, 2, width)), jnp.ones((1, 2), jnp.int32), jnp.zeros((1, 3, image_width)),
+      jnp.ones((1, 3), jnp.int32))["params"], jax.random.key(0))
+  _check_filled(params, {"/".join(k): v.shape for k, v in traverse_util.flatten_dict(like).items()},
+                "fusion encoder", fresh="cross_attention")
+  return _tree(params), fields, dropped
 
 
 _FORMAT = flags.DEFINE_enum("format", None, ["hf_bert"], "The source checkpoint's format.")
 _SOURCE = flags.DEFINE_string("source", None, "The source checkpoint (hf_bert: a directory).")
 _OUTPUT = flags.DEFINE_string("output", None, "The safetensors file to write.")
+_PART = flags.DEFINE_enum("part", "text", ["text", "fusion"], "hf_bert: convert into the text "
+                          "tower or into the fusion encoder (its cross-attention from the "
+                          "checkpoint if it has one, else initialized fresh).")
 _LAYERS = flags.DEFINE_string("layers", "", "hf_bert: encoder layers START:STOP (default: all).")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 512, "hf_bert: the tower's max_tokens (the "
                                    "position table is cut to it).", lower_bound=1)
@@ -179,25 +237,32 @@ def _layer_range(text: str, num_layers: int) -> range:
   return range(start, stop)
 
 
-def run(format_: str, source: str, output: str, layers: str, max_tokens: int) -> dict:
-  """Converts `source` into `output`; returns the tower's config section."""
+def run(format_: str, source: str, output: str, layers: str, max_tokens: int,
+        part: str = "text") -> dict:
+  """Converts `source` into `output`; returns the config section it fits."""
   del format_  # one format so far
   hf_config, tensors = read_hf_directory(source)
   span = _layer_range(layers, hf_config.get("num_hidden_layers", 0))
-  params, fields, dropped = convert_hf_bert_text(hf_config, tensors, span, max_tokens)
+  if part == "text":
+    params, fields, dropped = convert_hf_bert_text(hf_config, tensors, span, max_tokens)
+  else:
+    params, fields, dropped = convert_hf_bert_fusion(hf_config, tensors, span)
   weights.save_safetensors(output, params)
   print(f"wrote {output}: {len(traverse_util.flatten_dict(params))} tensors; dropped "
         f"{len(dropped)} ({', '.join(sorted(set(dropped.values())))})")
-  overrides = " ".join(f"--config.model.text.{k}={v}" for k, v in fields.items())
+  section = "model.text" if part == "text" else "model.fusion"
+  overrides = " ".join(f"--config.{section}.{k}={v}" for k, v in fields.items())
   vocab = os.path.join(source, "vocab.txt")
-  print(f"use it with: --config.model.text.init={output} {overrides}"
-        + (f" --config.tokenizer.vocab_file={vocab}" if os.path.exists(vocab) else ""))
-  return {"kind": "text", "init": output, **fields}
+  print(f"use it with: --config.{section}.init={output} {overrides}"
+        + (f" --config.tokenizer.vocab_file={vocab}"
+           if part == "text" and os.path.exists(vocab) else ""))
+  return {"init": output, **fields}
 
 
 def main(argv):
   cli.run_guarded("rebalance_jax.convert", argv, lambda: run(
-      _FORMAT.value, _SOURCE.value, _OUTPUT.value, _LAYERS.value, _MAX_TOKENS.value))
+      _FORMAT.value, _SOURCE.value, _OUTPUT.value, _LAYERS.value, _MAX_TOKENS.value,
+      _PART.value))
 
 
 if __name__ == "__main__":

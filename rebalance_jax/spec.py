@@ -264,14 +264,16 @@ def _tower(section, field: str, modality: str, **fixed) -> towers.TowerSpec:
 
 def _student(config: ml_collections.ConfigDict, teachers: "TeachersSpec") -> StudentConfig:
   m = config.model
+  fusion_fields = dict(_plain(m.fusion))
+  fusion_init = fusion_fields.pop("init", "")
   try:
-    fusion = FusionConfig(**_plain(m.fusion))
+    fusion = FusionConfig(**fusion_fields)
   except (TypeError, ValueError) as e:
     raise InputError(f"config.model.fusion: {e}") from None
   return StudentConfig(
       image=_tower(m.image, "config.model.image", "image"),
       text=_tower(m.text, "config.model.text", "text", vocab_size=1),
-      fusion=fusion, embed_dim=m.embed_dim, dual_encoder=m.dual_encoder,
+      fusion=fusion, fusion_init=fusion_init, embed_dim=m.embed_dim, dual_encoder=m.dual_encoder,
       image_teacher_dim=towers.output_dim(teachers.image.tower),
       text_teacher_dim=towers.output_dim(teachers.text.tower),
       temp_init=m.temp_init, temp2_init=m.temp2_init, lam_init=m.lam_init,

@@ -20,9 +20,11 @@ def save_safetensors(path: str, params) -> None:
   files.write_checked(path, lambda f: f.write(safetensors.numpy.save(flat)))
 
 
-def load_safetensors(path: str, params_like) -> dict:
+def load_safetensors(path: str, params_like, fresh: str | None = None) -> dict:
   """The tree of `params_like` (arrays or ShapeDtypeStructs) filled from `path`. Every name must
-  match in both directions and every shape agree; otherwise an InputError lists the differences."""
+  match in both directions and every shape agree; otherwise an InputError lists the differences.
+  Names containing `fresh` may be absent from the file all together: they keep `params_like`'s
+  values (which must then be arrays)."""
   path = os.path.expanduser(path)
   if not os.path.isfile(path):
     raise InputError(f"{path} does not exist")
@@ -31,7 +33,10 @@ def load_safetensors(path: str, params_like) -> dict:
   except Exception as e:  # safetensors raises its own error types for a damaged header
     raise InputError(f"{path} is not a readable safetensors file ({e})") from e
   expected = {"/".join(k): v for k, v in traverse_util.flatten_dict(params_like).items()}
-  missing = sorted(set(expected) - set(stored))
+  kept = {k for k in expected if fresh and fresh in k}
+  if kept & set(stored):
+    kept = set()  # the file has them: they are loaded, and must all be there
+  missing = sorted(set(expected) - set(stored) - kept)
   unused = sorted(set(stored) - set(expected))
   wrong = sorted(f"{k}: {stored[k].shape} in the file, {tuple(expected[k].shape)} expected"
                  for k in set(expected) & set(stored)
@@ -41,5 +46,6 @@ def load_safetensors(path: str, params_like) -> dict:
               if names]
   if problems:
     raise InputError(f"{path} does not fit the tower: " + "; ".join(problems))
-  flat = {tuple(k.split("/")): stored[k].astype(expected[k].dtype) for k in expected}
+  flat = {tuple(k.split("/")): expected[k] if k in kept else stored[k].astype(expected[k].dtype)
+          for k in expected}
   return jax.tree.map(np.asarray, traverse_util.unflatten_dict(flat))

@@ -1,5 +1,5 @@
 """Weight conversion: a Hugging Face BERT directory (random weights the test writes) converted into
-the text tower matches transformers' own BERT on the same weights."""
+the text tower and the fusion encoder matches transformers' own BERT on the same weights."""
 
 import json
 import subprocess
@@ -13,9 +13,11 @@ from flax import traverse_util
 from transformers import BertConfig, FlaxBertModel
 
 from conftest import REPO
-from rebalance_jax import config_base, convert, weights
+from rebalance_jax import config_base, convert, spec, weights
 from rebalance_jax.errors import InputError
 from rebalance_jax.models import towers
+from rebalance_jax.models.fusion import FusionConfig, FusionEncoder
+from rebalance_jax.models.student import Student, init_student, with_tower_weights
 
 CONFIG = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                     intermediate_size=37, max_position_embeddings=64)
@@ -64,10 +66,9 @@ def test_converted_bert_matches_transformers_bert(bert_dir, tmp_path):
   directory, reference = bert_dir
   config, tensors = convert.read_hf_directory(str(directory))
   params, fields, dropped = convert.convert_hf_bert_text(config, tensors, range(3), max_tokens=16)
-  assert dropped == {
-      "bert.pooler.dense.weight": convert._bert_rules(range(3), 4, 16)[10][1],
-      "bert.pooler.dense.bias": convert._bert_rules(range(3), 4, 16)[10][1],
-      "cls.predictions.bias": "pre-training heads are not part of the text tower"}
+  pooler = "the pooler is not part of the text tower (its [CLS] is position 0)"
+  assert dropped == {"bert.pooler.dense.weight": pooler, "bert.pooler.dense.bias": pooler,
+                     "cls.predictions.bias": "pre-training heads are not part of the text tower"}
   ids, mask = _inputs()
   expected = reference(ids, attention_mask=mask).last_hidden_state
   out = _our_tower(params, fields)(ids, mask)
@@ -131,3 +132,64 @@ def test_cli_converts_and_prints_the_config_fields(bert_dir, tmp_path):
       [sys.executable, "-m", "rebalance_jax.convert", "--format=hf_bert", f"--source={tmp_path}",
        f"--output={output}"], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert "it has pytorch_model.bin, a PyTorch pickle" in bad.stderr
+
+
+FUSION_CONFIG = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=4,
+                           num_attention_heads=4, intermediate_size=37,
+                           max_position_embeddings=64, add_cross_attention=True)
+
+
+def test_fusion_layers_with_cross_attention_match_transformers_bert_layers(tmp_path):
+  """A trained model's fusion layers (BERT layers with cross-attention, as the reference's):
+  converted with their cross-attention, they compute what transformers' BERT layers compute."""
+  from transformers.models.bert.modeling_flax_bert import FlaxBertLayer
+  reference = FlaxBertModel(FUSION_CONFIG, seed=0)
+  safetensors.numpy.save_file(_pytorch_names(reference.params), str(tmp_path / "model.safetensors"))
+  FUSION_CONFIG.to_json_file(str(tmp_path / "config.json"))
+  config, tensors = convert.read_hf_directory(str(tmp_path))
+  params, fields, dropped = convert.convert_hf_bert_fusion(config, tensors, range(2, 4))
+  assert fields == {"depth": 2, "num_heads": 4, "mlp_dim": 37}
+  assert not any(".layer.2." in n or ".layer.3." in n for n in dropped)
+  rng = np.random.default_rng(1)
+  text = rng.normal(size=(3, 12, 32)).astype(np.float32)
+  _, mask = _inputs()
+  image = rng.normal(size=(3, 7, 32)).astype(np.float32)
+  image_mask = np.ones((3, 7), np.int32)
+  expected = text
+  for i in ("2", "3"):
+    expected = FlaxBertLayer(FUSION_CONFIG).apply(
+        {"params": reference.params["encoder"]["layer"][i]}, expected, mask, None,
+        encoder_hidden_states=image, encoder_attention_mask=image_mask, deterministic=True)[0]
+  ours = FusionEncoder(FusionConfig(**fields)).apply({"params": params}, text, mask, image,
+                                                     image_mask)
+  np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bert_base_fusion_layers_start_their_cross_attention_fresh(bert_dir, tmp_path,
+                                                                   tiny_config):
+  """bert-base has no cross-attention: the student loads the layers' self-attention and
+  feed-forward weights and keeps its fresh cross-attention (METHOD.md §2)."""
+  directory, _ = bert_dir
+  out = tmp_path / "fusion.safetensors"
+  convert.run("hf_bert", str(directory), str(out), "1:3", 512, part="fusion")
+  c = tiny_config
+  c.model.text = config_base.text(16, 32, 1, 4, 37)
+  c.model.fusion = config_base.fusion(2, 4, 37, init=str(out))
+  model = Student(spec.from_config(c).student_config(vocab_size=50))
+  fresh = init_student(model, jax.random.key(0))
+  loaded = with_tower_weights(model, fresh)["fusion_encoder"]
+  config, tensors = convert.read_hf_directory(str(directory))
+  converted, _, _ = convert.convert_hf_bert_fusion(config, tensors, range(1, 3))
+  for layer in ("layer0", "layer1"):
+    for part in ("attention", "attention_norm", "mlp", "mlp_norm"):
+      for a, b in zip(jax.tree.leaves(loaded[layer][part]),
+                      jax.tree.leaves(converted[layer][part])):
+        np.testing.assert_array_equal(a, b)
+    for part in ("cross_attention", "cross_attention_norm"):
+      for a, b in zip(jax.tree.leaves(loaded[layer][part]),
+                      jax.tree.leaves(fresh["fusion_encoder"][layer][part])):
+        np.testing.assert_array_equal(a, b)
+  c.model.fusion = config_base.fusion(2, 2, 37, init=str(out))  # another head count: refused
+  model = Student(spec.from_config(c).student_config(vocab_size=50))
+  with pytest.raises(InputError, match=r"config\.model\.fusion\.init=.*wrong shape"):
+    with_tower_weights(model, init_student(model, jax.random.key(0)))

@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rebalance_jax import weights
+from rebalance_jax.errors import InputError
 from rebalance_jax.losses import l2_normalize
 from rebalance_jax.models import towers
 from rebalance_jax.models.fusion import FusionConfig, FusionEncoder, ItmHead
@@ -30,6 +32,7 @@ class StudentConfig:
   image: towers.TowerSpec
   text: towers.TowerSpec
   fusion: FusionConfig = FusionConfig()
+  fusion_init: str = ""  # converted fusion weights (convert --part=fusion); '' = random
   embed_dim: int = 256
   dual_encoder: bool = False
   image_teacher_dim: int = 1024
@@ -113,10 +116,18 @@ def init_student(model: Student, rng: jax.Array, batch_size: int = 2):
 
 
 def with_tower_weights(model: Student, params, field_prefix: str = "config.model"):
-  """`params` with each tower whose spec has `init` replaced by its converted weights."""
+  """`params` with each tower whose spec has `init` replaced by its converted weights, and the
+  fusion encoder's (its cross-attention kept fresh when the file has none)."""
   params = dict(params)
   for modality, subtree in TOWER_PARAMS.items():
     spec = getattr(model.config, modality)
     if spec.init:
       params[subtree] = towers.load_init(spec, params[subtree], f"{field_prefix}.{modality}")
+  c = model.config
+  if c.fusion_init and not c.dual_encoder:
+    try:
+      params["fusion_encoder"] = weights.load_safetensors(c.fusion_init, params["fusion_encoder"],
+                                                          fresh="cross_attention")
+    except InputError as e:
+      raise InputError(f"{field_prefix}.fusion.init={c.fusion_init!r}: {e}") from None
   return params

@@ -8,6 +8,7 @@ Formats:
             (--layers selects the encoder layers, e.g. 0:6 for the paper's text encoder; the
             position table is cut to --max_tokens), or with --part=fusion the fusion encoder
             (e.g. --layers=6:12; cross-attention from the checkpoint if it has one, else fresh)
+  hf_clip_vision  a Hugging Face CLIP or CLIP-vision directory -> the `clip_vit` image tower
 
 A format is a list of explicit name rules: each source tensor is mapped to a parameter or dropped
 by a rule that says why, and every parameter of the target tower must be filled with the shape
@@ -126,7 +127,8 @@ def _bert_rules(layers: range, num_heads: int, max_tokens: int, part: str = "tex
   return embeddings + [
       (rf"encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.{kind}",
        dense(("attention/{0[2]}", "qkv"))),
-      (rf"encoder\.layer\.(\d+)\.attention\.output\.dense\.{kind}", dense(("attention/out", "out"))),
+      (rf"encoder\.layer\.(\d+)\.attention\.output\.dense\.{kind}",
+       dense(("attention/out", "out"))),
       (rf"encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.{kind}", norm("attention_norm")),
       (rf"encoder\.layer\.(\d+)\.intermediate\.dense\.{kind}", dense(("mlp/fc1", "plain"))),
       (rf"encoder\.layer\.(\d+)\.output\.dense\.{kind}", dense(("mlp/fc2", "plain"))),
@@ -137,11 +139,12 @@ def _bert_rules(layers: range, num_heads: int, max_tokens: int, part: str = "tex
   ]
 
 
-def _apply_rules(tensors: dict[str, np.ndarray], rules, layers: range):
-  """(our flat params, {dropped name: reason}); an unmatched tensor is an error."""
+def _apply_rules(tensors: dict[str, np.ndarray], rules, layers: range, prefix: str = "bert."):
+  """(our flat params, {dropped name: reason}); an unmatched tensor is an error. Rules match
+  names without `prefix`."""
   params, dropped, unmatched = {}, {}, []
   for name, tensor in tensors.items():
-    short = name[len("bert."):] if name.startswith("bert.") else name
+    short = name[len(prefix):] if name.startswith(prefix) else name
     for pattern, target in rules:
       match = re.fullmatch(pattern, short)
       if match is None:
@@ -158,7 +161,8 @@ def _apply_rules(tensors: dict[str, np.ndarray], rules, layers: range):
     else:
       unmatched.append(name)
   if unmatched:
-    raise InputError(f"{len(unmatched)} tensors match no BERT rule: {', '.join(unmatched[:8])}")
+    raise InputError(f"{len(unmatched)} tensors match no rule of the format: "
+                     f"{', '.join(unmatched[:8])}")
   return params, dropped
 
 
@@ -214,7 +218,66 @@ def convert_hf_bert_fusion(hf_config: dict, tensors: dict[str, np.ndarray], laye
   return _tree(params), fields, dropped
 
 
-_FORMAT = flags.DEFINE_enum("format", None, ["hf_bert"], "The source checkpoint's format.")
+def convert_hf_clip_vision(hf_config: dict, tensors: dict[str, np.ndarray]):
+  """(params of the `clip_vit` tower, its fields, {dropped name: reason}) from a Hugging Face CLIP
+  (or CLIP vision) checkpoint; the text half and the projections are dropped."""
+  c = hf_config.get("vision_config", hf_config)
+  for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "image_size", "patch_size"):
+    if key not in c:
+      raise InputError(f"config.json has no {key!r}: not a CLIP vision config")
+  if c.get("hidden_act", "quick_gelu") != "quick_gelu":
+    raise InputError(f"config.json: hidden_act={c['hidden_act']!r}; the clip_vit tower uses "
+                     "quick_gelu")
+  fields = {"image_size": c["image_size"], "patch_size": c["patch_size"],
+            "width": c["hidden_size"], "depth": c["num_hidden_layers"],
+            "num_heads": c["num_attention_heads"], "mlp_dim": c["intermediate_size"]}
+  heads, layers = fields["num_heads"], range(fields["depth"])
+  kind = r"(?P<kind>weight|bias)"
+  leaf = lambda m: "scale" if m.group("kind") == "weight" else "bias"
+  norm = lambda ours: lambda m, x: {f"{ours(m)}/{leaf(m)}": x}
+  block = lambda m: f"block{m.group(1)}"
+
+  def dense(name, layout):
+    def to_ours(m, x):
+      if m.group("kind") == "bias":
+        return {f"{block(m)}/{name(m)}/bias": x.reshape(heads, -1) if layout == "qkv" else x}
+      kernel = {"qkv": lambda w: w.T.reshape(w.shape[1], heads, -1),
+                "out": lambda w: w.T.reshape(heads, -1, w.shape[0]), "plain": lambda w: w.T}
+      return {f"{block(m)}/{name(m)}/kernel": kernel[layout](x)}
+    return to_ours
+
+  qkv = {"q": "query", "k": "key", "v": "value"}
+  rules = [
+      (r"embeddings\.class_embedding", lambda m, x: {"cls": x}),
+      (r"embeddings\.patch_embedding\.weight",
+       lambda m, x: {"patch_embed/kernel": x.transpose(2, 3, 1, 0)}),
+      (r"embeddings\.position_embedding\.weight", lambda m, x: {"pos_embed": x}),
+      (r"embeddings\.position_ids", "a buffer, not a weight"),
+      (rf"pre_layrnorm\.{kind}", norm(lambda m: "pre_norm")),
+      (rf"post_layernorm\.{kind}", norm(lambda m: "norm")),
+      (rf"encoder\.layers\.(\d+)\.layer_norm([12])\.{kind}",
+       norm(lambda m: f"block{m.group(1)}/norm{m.group(2)}")),
+      (rf"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.{kind}",
+       dense(lambda m: f"attention/{qkv[m.group(2)]}", "qkv")),
+      (rf"encoder\.layers\.(\d+)\.self_attn\.out_proj\.{kind}",
+       dense(lambda m: "attention/out", "out")),
+      (rf"encoder\.layers\.(\d+)\.mlp\.(fc[12])\.{kind}",
+       dense(lambda m: f"mlp/{m.group(2)}", "plain")),
+      (r"text_model\..*", "the text half of CLIP is not part of the image tower"),
+      (r"(visual|text)_projection\..*|logit_scale",
+       "CLIP's projections are not part of the image tower (the student has its own)"),
+  ]
+  params, dropped = _apply_rules(tensors, rules, layers, prefix="vision_model.")
+  spec = towers.spec_from_config({"kind": "clip_vit", **fields}, "--source", "image")
+  like = jax.eval_shape(lambda r: towers.init_params(spec, r), jax.random.key(0))
+  _check_filled(params, {"/".join(k): v.shape for k, v in
+                         traverse_util.flatten_dict(like).items()}, "clip_vit tower")
+  return _tree(params), fields, dropped
+
+
+_FORMAT = flags.DEFINE_enum("format", None, ["hf_bert", "hf_clip_vision"],
+                            "The source checkpoint's format.")
 _SOURCE = flags.DEFINE_string("source", None, "The source checkpoint (hf_bert: a directory).")
 _OUTPUT = flags.DEFINE_string("output", None, "The safetensors file to write.")
 _PART = flags.DEFINE_enum("part", "text", ["text", "fusion"], "hf_bert: convert into the text "
@@ -240,19 +303,24 @@ def _layer_range(text: str, num_layers: int) -> range:
 def run(format_: str, source: str, output: str, layers: str, max_tokens: int,
         part: str = "text") -> dict:
   """Converts `source` into `output`; returns the config section it fits."""
-  del format_  # one format so far
   hf_config, tensors = read_hf_directory(source)
-  span = _layer_range(layers, hf_config.get("num_hidden_layers", 0))
-  if part == "text":
+  if format_ == "hf_clip_vision":
+    params, fields, dropped = convert_hf_clip_vision(hf_config, tensors)
+    part = "image"
+  elif part == "text":
+    span = _layer_range(layers, hf_config.get("num_hidden_layers", 0))
     params, fields, dropped = convert_hf_bert_text(hf_config, tensors, span, max_tokens)
   else:
+    span = _layer_range(layers, hf_config.get("num_hidden_layers", 0))
     params, fields, dropped = convert_hf_bert_fusion(hf_config, tensors, span)
   weights.save_safetensors(output, params)
   print(f"wrote {output}: {len(traverse_util.flatten_dict(params))} tensors; dropped "
         f"{len(dropped)} ({', '.join(sorted(set(dropped.values())))})")
-  section = "model.text" if part == "text" else "model.fusion"
+  section = {"text": "model.text", "fusion": "model.fusion", "image": "model.image"}[part]
   overrides = " ".join(f"--config.{section}.{k}={v}" for k, v in fields.items())
   vocab = os.path.join(source, "vocab.txt")
+  if part == "image":
+    overrides = "--config.model.image.kind=clip_vit " + overrides
   print(f"use it with: --config.{section}.init={output} {overrides}"
         + (f" --config.tokenizer.vocab_file={vocab}"
            if part == "text" and os.path.exists(vocab) else ""))

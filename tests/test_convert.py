@@ -102,7 +102,8 @@ def test_a_layer_range_keeps_those_layers(bert_dir):
 def test_unknown_or_missing_tensors_are_errors(bert_dir):
   directory, _ = bert_dir
   config, tensors = convert.read_hf_directory(str(directory))
-  with pytest.raises(InputError, match=r"1 tensors match no BERT rule: bert\.adapter\.weight"):
+  with pytest.raises(InputError, match=r"1 tensors match no rule of the format: "
+                                       r"bert\.adapter\.weight"):
     convert.convert_hf_bert_text(config, {**tensors, "bert.adapter.weight": np.zeros(2)},
                                  range(3), 16)
   partial = {k: v for k, v in tensors.items() if "layer.1.output.dense" not in k}
@@ -193,3 +194,38 @@ def test_bert_base_fusion_layers_start_their_cross_attention_fresh(bert_dir, tmp
   model = Student(spec.from_config(c).student_config(vocab_size=50))
   with pytest.raises(InputError, match=r"config\.model\.fusion\.init=.*wrong shape"):
     with_tower_weights(model, init_student(model, jax.random.key(0)))
+
+
+def test_converted_clip_vision_matches_transformers_clip(tmp_path):
+  """A CLIP checkpoint (vision half, with text-side tensors to drop) into the clip_vit tower: its
+  pooled [CLS] is CLIP's pooled output, its tokens CLIP's states after the post-norm."""
+  from transformers import CLIPVisionConfig, FlaxCLIPVisionModel
+  config = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                            num_attention_heads=4, image_size=16, patch_size=4)
+  reference = FlaxCLIPVisionModel(config, seed=0)
+  tensors = {}
+  for path, value in traverse_util.flatten_dict(reference.params).items():
+    *module, leaf = path
+    value = np.asarray(value)
+    if leaf == "kernel":  # PyTorch layouts: Linear (out, in), Conv2d (out, in, kh, kw)
+      leaf, value = "weight", value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+    elif leaf in ("scale", "embedding"):
+      leaf = "weight"
+    tensors[".".join((*module, leaf))] = np.ascontiguousarray(value)
+  tensors["text_model.embeddings.token_embedding.weight"] = np.zeros((5, 8), np.float32)
+  tensors["logit_scale"] = np.zeros((), np.float32)
+  safetensors.numpy.save_file(tensors, str(tmp_path / "model.safetensors"))
+  config.to_json_file(str(tmp_path / "config.json"))
+  hf_config, stored = convert.read_hf_directory(str(tmp_path))
+  params, fields, dropped = convert.convert_hf_clip_vision(hf_config, stored)
+  assert set(dropped) == {"text_model.embeddings.token_embedding.weight", "logit_scale"}
+  images = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
+  expected = reference(pixel_values=images.transpose(0, 3, 1, 2))
+  spec = towers.spec_from_config(config_base.tower("clip_vit", **fields).to_dict(),
+                                 "config.model.image", "image")
+  out = spec.build().apply({"params": params}, images)
+  np.testing.assert_allclose(out.pooled, expected.pooler_output, rtol=1e-5, atol=1e-5)
+  post_norm = reference.module.apply(
+      {"params": reference.params}, expected.last_hidden_state,
+      method=lambda m, x: m.vision_model.post_layernorm(x))
+  np.testing.assert_allclose(out.tokens, post_norm, rtol=1e-5, atol=1e-5)

@@ -162,7 +162,7 @@ def test_non_finite_loss_stops_the_run(tiny_config, tmp_path):
                                     "lambda"),
      r"config\.stages\.stage2\.fresh_params: \['lambda'\] are not parameter subtrees"),
     ("model.image.kind", "swin", r"config\.model\.image\.kind: tower kind 'swin' is not "
-                                 r"registered; known: \['text', 'vit'\]"),
+                                 r"registered; known: \['clip_vit', 'text', 'vit'\]"),
     ("model.image.kind", "text", r"config\.model\.image\.kind='text' is a text tower"),
     ("teachers.image.dtype", "float16", r"config\.teachers\.image\.dtype='float16' is not one"),
     ("model.image.init", "/nonexistent.safetensors",

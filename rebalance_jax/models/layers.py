@@ -28,17 +28,24 @@ def block_class(cls, remat: bool):
   return nn.remat(cls, static_argnums=(2,)) if remat else cls
 
 
+ACTIVATIONS = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),  # BERT's and ViT's exact GELU
+    "quick_gelu": lambda x: x * nn.sigmoid(1.702 * x),  # CLIP's
+}
+
+
 class Mlp(nn.Module):
-  """Dense -> GELU -> Dense."""
+  """Dense -> activation (exact GELU, or CLIP's quick GELU) -> Dense."""
   hidden_dim: int
   dropout: float = 0.0
   dtype: Any = jnp.float32
+  activation: str = "gelu"
 
   @nn.compact
   def __call__(self, x, train: bool):
     dense = lambda n, name: nn.Dense(n, kernel_init=default_kernel_init, dtype=self.dtype,
                                      name=name)
-    y = nn.gelu(dense(self.hidden_dim, "fc1")(x), approximate=False)
+    y = ACTIVATIONS[self.activation](dense(self.hidden_dim, "fc1")(x))
     y = dense(x.shape[-1], "fc2")(y)
     return nn.Dropout(self.dropout)(y, deterministic=not train)
 

@@ -74,6 +74,24 @@ def hf_bert_text_fields(hf_config: dict, layers: range, max_tokens: int) -> dict
           "mlp_dim": hf_config["intermediate_size"], "max_tokens": max_tokens}
 
 
+def _from_linear(x: np.ndarray, kind: str, layout: str, num_heads: int) -> tuple[str, np.ndarray]:
+  """A PyTorch Linear's weight (out, in) or bias -> ("kernel" | "bias", ours): a "plain" Dense,
+  or an attention projection, "qkv" (in, heads, head_dim) or "out" (heads, head_dim, out)."""
+  if kind == "bias":
+    return "bias", x.reshape(num_heads, -1) if layout == "qkv" else x
+  kernel = x.T
+  if layout == "qkv":
+    kernel = kernel.reshape(kernel.shape[0], num_heads, -1)
+  elif layout == "out":
+    kernel = kernel.reshape(num_heads, -1, kernel.shape[1])
+  return "kernel", kernel
+
+
+def _tower_shapes(spec: towers.TowerSpec) -> dict[str, tuple]:
+  like = jax.eval_shape(lambda r: towers.init_params(spec, r), jax.random.key(0))
+  return {"/".join(k): v.shape for k, v in traverse_util.flatten_dict(like).items()}
+
+
 def _bert_rules(layers: range, num_heads: int, max_tokens: int, part: str = "text"):
   """(pattern, target) rules over BERT names without the 'bert.' prefix; a target maps the match
   and the (PyTorch-layout) tensor to {our path: array}, or is a string: why it is dropped.
@@ -86,14 +104,8 @@ def _bert_rules(layers: range, num_heads: int, max_tokens: int, part: str = "tex
     def to_ours(m, x):
       if layer(m) is None:
         return None
-      heads = lambda a: a.reshape(a.shape[0], num_heads, -1)
-      kernel = {"qkv": lambda w: heads(w.T), "out": lambda w: w.T.reshape(num_heads, -1,
-                                                                          w.shape[0]),
-                "plain": lambda w: w.T}[path[1]]
-      bias = {"qkv": lambda b: b.reshape(num_heads, -1)}.get(path[1], lambda b: b)
-      name = path[0].format(m)
-      return {f"{layer(m)}/{name}/kernel": kernel(x)} if m.group("kind") == "weight" else {
-          f"{layer(m)}/{name}/bias": bias(x)}
+      leaf, value = _from_linear(x, m.group("kind"), path[1], num_heads)
+      return {f"{layer(m)}/{path[0].format(m)}/{leaf}": value}
     return to_ours
 
   def norm(ours):
@@ -192,9 +204,7 @@ def convert_hf_bert_text(hf_config: dict, tensors: dict[str, np.ndarray], layers
   vocab_size = vocab_size or params.get("word_embed/embedding", np.zeros((0,))).shape[0]
   spec = towers.spec_from_config({"kind": "text", **fields}, "--source", "text",
                                  vocab_size=vocab_size)
-  like = jax.eval_shape(lambda r: towers.init_params(spec, r), jax.random.key(0))
-  _check_filled(params, {"/".join(k): v.shape for k, v in
-                         traverse_util.flatten_dict(like).items()}, "text tower")
+  _check_filled(params, _tower_shapes(spec), "text tower")
   return _tree(params), fields, dropped
 
 
@@ -240,11 +250,8 @@ def convert_hf_clip_vision(hf_config: dict, tensors: dict[str, np.ndarray]):
 
   def dense(name, layout):
     def to_ours(m, x):
-      if m.group("kind") == "bias":
-        return {f"{block(m)}/{name(m)}/bias": x.reshape(heads, -1) if layout == "qkv" else x}
-      kernel = {"qkv": lambda w: w.T.reshape(w.shape[1], heads, -1),
-                "out": lambda w: w.T.reshape(heads, -1, w.shape[0]), "plain": lambda w: w.T}
-      return {f"{block(m)}/{name(m)}/kernel": kernel[layout](x)}
+      leaf, value = _from_linear(x, m.group("kind"), layout, heads)
+      return {f"{block(m)}/{name(m)}/{leaf}": value}
     return to_ours
 
   qkv = {"q": "query", "k": "key", "v": "value"}
@@ -270,9 +277,7 @@ def convert_hf_clip_vision(hf_config: dict, tensors: dict[str, np.ndarray]):
   ]
   params, dropped = _apply_rules(tensors, rules, layers, prefix="vision_model.")
   spec = towers.spec_from_config({"kind": "clip_vit", **fields}, "--source", "image")
-  like = jax.eval_shape(lambda r: towers.init_params(spec, r), jax.random.key(0))
-  _check_filled(params, {"/".join(k): v.shape for k, v in
-                         traverse_util.flatten_dict(like).items()}, "clip_vit tower")
+  _check_filled(params, _tower_shapes(spec), "clip_vit tower")
   return _tree(params), fields, dropped
 
 

@@ -57,20 +57,23 @@ def _attention(num_heads: int, dropout: float, dtype, name: str) -> nn.MultiHead
 
 
 class PreNormBlock(nn.Module):
-  """ViT encoder block: x + MHA(LN(x)), then x + MLP(LN(x))."""
+  """ViT / CLIP encoder block: x + MHA(LN(x)), then x + MLP(LN(x)) (CLIP: LayerNorm eps 1e-5,
+  quick GELU)."""
   num_heads: int
   mlp_dim: int
   dropout: float = 0.0
   dtype: Any = jnp.float32
+  epsilon: float = 1e-6
+  activation: str = "gelu"
 
   @nn.compact
   def __call__(self, x, train: bool):
-    norm = lambda name: nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name=name)
+    norm = lambda name: nn.LayerNorm(epsilon=self.epsilon, dtype=self.dtype, name=name)
     y = norm("norm1")(x)
     x = x + _attention(self.num_heads, self.dropout, self.dtype, "attention")(
         y, y, deterministic=not train)
     y = norm("norm2")(x)
-    return x + Mlp(self.mlp_dim, self.dropout, self.dtype, name="mlp")(y, train)
+    return x + Mlp(self.mlp_dim, self.dropout, self.dtype, self.activation, name="mlp")(y, train)
 
 
 class PostNormBlock(nn.Module):

@@ -122,6 +122,19 @@ def compute_dtype(config):
   return jnp.dtype(config.dtype)
 
 
+def check_patch_grid(image_size: int, patch_size: int) -> None:
+  """For a patch tower's config: the image is a whole number of patches."""
+  if image_size % patch_size:
+    raise ValueError(f"image_size={image_size} is not a multiple of patch_size={patch_size}")
+
+
+def check_image_size(config, images: jax.Array) -> None:
+  """For an image tower's input: (B, image_size, image_size, 3)."""
+  if images.shape[1:3] != (config.image_size, config.image_size):
+    raise ValueError(f"image tower expects {config.image_size}x{config.image_size} images, "
+                     f"got {images.shape[1]}x{images.shape[2]}")
+
+
 def preprocess_images(config, images: jax.Array) -> jax.Array:
   """uint8 images (B, H, W, 3) -> the float input of an image tower: [0, 1], resized (bicubic) to
   its image_size if it differs, then (x - mean) / std per channel as its config says."""

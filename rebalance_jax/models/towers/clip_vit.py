@@ -9,7 +9,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from rebalance_jax.models import towers
-from rebalance_jax.models.layers import Mlp, block_class, default_kernel_init, embedding_init
+from rebalance_jax.models.layers import (PreNormBlock, block_class, default_kernel_init,
+                                         embedding_init)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -30,27 +31,7 @@ class ClipVitConfig:
   remat: bool = False
 
   def __post_init__(self):
-    if self.image_size % self.patch_size:
-      raise ValueError(f"image_size={self.image_size} is not a multiple of "
-                       f"patch_size={self.patch_size}")
-
-
-class ClipBlock(nn.Module):
-  """x + MHA(LN(x)), then x + quick-GELU MLP(LN(x)); LayerNorm eps 1e-5 as CLIP."""
-  num_heads: int
-  mlp_dim: int
-  dropout: float = 0.0
-  dtype: str = "float32"
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    dtype = jnp.dtype(self.dtype)
-    y = nn.LayerNorm(epsilon=1e-5, dtype=dtype, name="norm1")(x)
-    x = x + nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, kernel_init=default_kernel_init, dropout_rate=self.dropout,
-        dtype=dtype, name="attention")(y, y, deterministic=not train)
-    y = nn.LayerNorm(epsilon=1e-5, dtype=dtype, name="norm2")(x)
-    return x + Mlp(self.mlp_dim, self.dropout, dtype, "quick_gelu", name="mlp")(y, train)
+    towers.check_patch_grid(self.image_size, self.patch_size)
 
 
 class ClipVisionTransformer(nn.Module):
@@ -60,9 +41,7 @@ class ClipVisionTransformer(nn.Module):
   @nn.compact
   def __call__(self, images, train: bool = False) -> towers.TowerOutput:
     c = self.config
-    if images.shape[1:3] != (c.image_size, c.image_size):
-      raise ValueError(f"image tower expects {c.image_size}x{c.image_size} images, "
-                       f"got {images.shape[1]}x{images.shape[2]}")
+    towers.check_image_size(c, images)
     dtype = towers.compute_dtype(c)
     x = nn.Conv(c.width, (c.patch_size,) * 2, strides=(c.patch_size,) * 2, padding="VALID",
                 use_bias=False, kernel_init=default_kernel_init, dtype=dtype,
@@ -72,9 +51,10 @@ class ClipVisionTransformer(nn.Module):
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, c.width)), x], axis=1)
     x = x + self.param("pos_embed", embedding_init, (x.shape[1], c.width)).astype(x.dtype)
     x = nn.LayerNorm(epsilon=1e-5, dtype=dtype, name="pre_norm")(x)
-    block = block_class(ClipBlock, c.remat)
+    block = block_class(PreNormBlock, c.remat)
     for i in range(c.depth):
-      x = block(c.num_heads, c.mlp_dim, c.dropout, c.dtype, name=f"block{i}")(x, train)
+      x = block(c.num_heads, c.mlp_dim, c.dropout, dtype, 1e-5, "quick_gelu",
+                name=f"block{i}")(x, train)
     x = nn.LayerNorm(epsilon=1e-5, dtype=dtype, name="norm")(x).astype(jnp.float32)
     return towers.TowerOutput(x, x[:, 0], jnp.ones(x.shape[:2], jnp.int32))
 

@@ -29,9 +29,7 @@ class VitConfig:
   remat: bool = False
 
   def __post_init__(self):
-    if self.image_size % self.patch_size:
-      raise ValueError(f"image_size={self.image_size} is not a multiple of "
-                       f"patch_size={self.patch_size}")
+    towers.check_patch_grid(self.image_size, self.patch_size)
 
 
 class VisionTransformer(nn.Module):
@@ -41,9 +39,7 @@ class VisionTransformer(nn.Module):
   @nn.compact
   def __call__(self, images, train: bool = False) -> towers.TowerOutput:
     c = self.config
-    if images.shape[1:3] != (c.image_size, c.image_size):
-      raise ValueError(f"image tower expects {c.image_size}x{c.image_size} images, "
-                       f"got {images.shape[1]}x{images.shape[2]}")
+    towers.check_image_size(c, images)
     dtype = towers.compute_dtype(c)
     x = nn.Conv(c.width, (c.patch_size,) * 2, strides=(c.patch_size,) * 2, padding="VALID",
                 kernel_init=default_kernel_init, dtype=dtype, name="patch_embed")(images)

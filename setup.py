@@ -28,6 +28,12 @@ setup(
         "tensorboardX>=2.6.5",
         "matplotlib>=3.10",
     ],
-    # rouge-score: the reference ROUGE-L implementation the tests compare against.
-    extras_require={"test": ["pytest>=9.0", "rouge-score==0.1.2"]},
+    # convert: reading PyTorch pickles (Swin releases, pytorch_model.bin, the reference's trained
+    # checkpoints); only `rebalance_jax.convert` imports torch. 2.13.0 is a CPU build on these
+    # machines (a looser pin pulls a multi-GB CUDA build).
+    # test: rouge-score is the reference ROUGE-L the tests compare against; torch runs the parity
+    # tests against transformers' PyTorch models. The real MiniLM checkpoint the tests convert is
+    # installed beside, with --no-deps (README, "Quick start").
+    extras_require={"convert": ["torch==2.13.0"],
+                    "test": ["pytest>=9.0", "rouge-score==0.1.2", "torch==2.13.0"]},
 )

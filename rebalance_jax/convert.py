@@ -9,15 +9,20 @@ Formats:
             position table is cut to --max_tokens), or with --part=fusion the fusion encoder
             (e.g. --layers=6:12; cross-attention from the checkpoint if it has one, else fresh)
   hf_clip_vision  a Hugging Face CLIP or CLIP-vision directory -> the `clip_vit` image tower
+  swin      a Swin release file ({'model': state_dict}, e.g. swin_base_patch4_window7_224_22k.pth)
+            -> the `swin` tower at --image_size, its relative-position tables resized to
+            --window_size (the paper's: --image_size=384 --window_size=12)
 
 A format is a list of explicit name rules: each source tensor is mapped to a parameter or dropped
 by a rule that says why, and every parameter of the target tower must be filled with the shape
 the tower expects; any other tensor or parameter is an error that lists them. The output is what
 a tower's `init` reads (`weights.load_safetensors`); the command prints the config fields that
-match it. Reading PyTorch pickles (`pytorch_model.bin`) needs torch and is not supported here.
+match it. PyTorch pickles (`.pth`, `pytorch_model.bin`) are read with torch (the `convert` extra,
+`weights_only=True`); only this module imports it.
 """
 
 import json
+import math
 import os
 import re
 
@@ -25,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
+import scipy.interpolate
 from absl import app, flags
 from flax import traverse_util
 
@@ -36,22 +42,57 @@ from rebalance_jax.models.fusion import FusionConfig, FusionEncoder
 DROP = None  # a rule's target: the tensor is not part of the tower
 
 
+def read_pytorch(path: str, flag: str = "--source") -> tuple[dict[str, np.ndarray], dict]:
+  """(the float32 tensors of a PyTorch checkpoint's state dict, its other top-level entries).
+  The state dict is the file itself or its 'model' entry (Swin releases, the reference's
+  checkpoints). Loaded with weights_only=True: tensors and plain containers, never arbitrary
+  objects. Needs torch (the `convert` extra); nothing else in the project imports it."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise InputError(f"{flag}={path} is a PyTorch file; reading it needs torch: "
+                     "pip install -e '.[convert]'") from None
+  if not os.path.isfile(path):
+    raise InputError(f"{flag}={path} does not exist")
+  try:
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # pickle and torch raise many types for damaged or unsafe files
+    raise InputError(f"{flag}={path}: not a loadable PyTorch checkpoint of tensors "
+                     f"(read with weights_only=True): {e}") from e
+  if not isinstance(loaded, dict):
+    raise InputError(f"{flag}={path}: holds a {type(loaded).__name__}, not a state dict")
+  state = loaded.get("model", loaded)
+  extra = {k: v for k, v in loaded.items() if k != "model"} if "model" in loaded else {}
+  if not isinstance(state, dict):
+    raise InputError(f"{flag}={path}: its 'model' entry is a {type(state).__name__}, not a "
+                     "state dict")
+  others = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
+  if others:
+    raise InputError(f"{flag}={path}: state dict entries that are not tensors: {others[:8]}")
+  return {k: v.detach().float().numpy() for k, v in state.items()}, extra
+
+
 def read_hf_directory(path: str) -> tuple[dict, dict[str, np.ndarray]]:
-  """(config.json, tensors of model.safetensors) of a Hugging Face model directory."""
-  config_path, tensors_path = (os.path.join(path, n) for n in ("config.json", "model.safetensors"))
+  """(config.json, tensors) of a Hugging Face model directory: model.safetensors, else
+  pytorch_model.bin (read with torch)."""
+  config_path = os.path.join(path, "config.json")
   if not os.path.isfile(config_path):
     raise InputError(f"--source={path}: no config.json (expected a Hugging Face model directory)")
-  if not os.path.isfile(tensors_path):
-    found = "pytorch_model.bin" if os.path.exists(os.path.join(path, "pytorch_model.bin")) else ""
-    raise InputError(f"--source={path}: no model.safetensors" + (
-        f" (it has {found}, a PyTorch pickle; reading those needs torch and is not supported here)"
-        if found else ""))
   try:
     with open(config_path) as f:
       config = json.load(f)
+  except ValueError as e:
+    raise InputError(f"{config_path}: not valid JSON ({e})") from e
+  tensors_path = os.path.join(path, "model.safetensors")
+  if not os.path.isfile(tensors_path):
+    pickle_path = os.path.join(path, "pytorch_model.bin")
+    if os.path.isfile(pickle_path):
+      return config, read_pytorch(pickle_path)[0]
+    raise InputError(f"--source={path}: neither model.safetensors nor pytorch_model.bin")
+  try:
     tensors = safetensors.numpy.load_file(tensors_path)
-  except Exception as e:  # json and safetensors raise their own error types
-    raise InputError(f"--source={path}: unreadable ({e})") from e
+  except Exception as e:  # safetensors raises its own error types
+    raise InputError(f"{tensors_path}: unreadable ({e})") from e
   return config, tensors
 
 
@@ -281,9 +322,150 @@ def convert_hf_clip_vision(hf_config: dict, tensors: dict[str, np.ndarray]):
   return _tree(params), fields, dropped
 
 
-_FORMAT = flags.DEFINE_enum("format", None, ["hf_bert", "hf_clip_vision"],
+INTERPOLATIONS = ("geometric", "bicubic")
+
+
+def resize_relative_position_table(table: np.ndarray, window: int, mode: str) -> np.ndarray:
+  """A Swin bias table ((2w'-1)², heads) resized to `window` ((2w-1)², heads).
+
+  "geometric" is the reference's loader (X-VLM, after BEiT): the source offsets are placed on a
+  geometric progression spanning the target range and each head's table is fitted with an
+  interpolating bicubic spline, evaluated at the integer target offsets (clamped at the edge).
+  "bicubic" is Swin's own loader: PyTorch's bicubic resize (a = -0.75, align_corners=False)."""
+  rows, heads = table.shape
+  src, dst = math.isqrt(rows), 2 * window - 1
+  if src * src != rows:
+    raise InputError(f"a relative-position table of {rows} rows is not a square")
+  if src == dst:
+    return table
+  grid = table.T.reshape(heads, src, src).astype(np.float64)
+  if mode == "bicubic":
+    weights = _bicubic_resize_matrix(src, dst)
+    out = np.einsum("ij,hjk,lk->hil", weights, grid, weights)
+  elif mode == "geometric":
+    source = _geometric_offsets(src, dst)
+    target = np.arange(-(dst // 2), dst // 2 + 0.1, 1.0)
+    out = np.stack([scipy.interpolate.RectBivariateSpline(source, source, g, kx=3, ky=3, s=0)(
+        target, target) for g in grid])
+  else:
+    raise InputError(f"--rel_pos_interpolation={mode!r} is not one of {INTERPOLATIONS}")
+  return out.reshape(heads, dst * dst).T.astype(np.float32)
+
+
+def _geometric_offsets(src: int, dst: int) -> np.ndarray:
+  """The reference's source offsets: ±(1 + q + ... + q^(k-1)) for k = 1..src//2, with the ratio q
+  found by bisection so that the outermost offset reaches dst//2."""
+  half, low, high = src // 2, 1.01, 1.5
+  while high - low > 1e-6:
+    q = (low + high) / 2.0
+    if (1.0 - q**half) / (1.0 - q) > dst // 2:
+      high = q
+    else:
+      low = q
+  distances = np.cumsum([q**i for i in range(half)])
+  return np.concatenate([-distances[::-1], [0.0], distances])
+
+
+def _bicubic_resize_matrix(src: int, dst: int) -> np.ndarray:
+  """(dst, src): PyTorch's 1-D bicubic resize (a = -0.75, align_corners=False, edge clamped)."""
+  def cubic(t):
+    t, a = abs(t), -0.75
+    if t <= 1:
+      return ((a + 2) * t - (a + 3)) * t * t + 1
+    return (((t - 5) * t + 8) * t - 4) * a if t < 2 else 0.0
+
+  weights = np.zeros((dst, src))
+  for i in range(dst):
+    x = (i + 0.5) * src / dst - 0.5
+    base = math.floor(x)
+    for k in range(base - 1, base + 3):
+      weights[i, min(max(k, 0), src - 1)] += cubic(x - k)
+  return weights
+
+
+def swin_release_fields(tensors: dict[str, np.ndarray], image_size: int,
+                        window_size: int | None) -> dict:
+  """The `swin` tower fields of a release state dict (names without prefix) at `image_size`;
+  the window is the checkpoint's unless `window_size` is given."""
+  try:
+    patch = tensors["patch_embed.proj.weight"]
+  except KeyError:
+    raise InputError("no patch_embed.proj.weight: not a Swin state dict") from None
+  blocks = {}
+  for name in tensors:
+    match = re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", name)
+    if match:
+      blocks.setdefault(int(match.group(1)), set()).add(int(match.group(2)))
+  if sorted(blocks) != list(range(len(blocks))) or not blocks:
+    raise InputError(f"the Swin stages {sorted(blocks)} are not 0..N-1")
+  table = lambda i: tensors[f"layers.{i}.blocks.0.attn.relative_position_bias_table"]
+  source_window = (math.isqrt(table(0).shape[0]) + 1) // 2
+  embed_dim = patch.shape[0]
+  return {"image_size": image_size, "patch_size": patch.shape[2], "embed_dim": embed_dim,
+          "depths": tuple(len(blocks[i]) for i in sorted(blocks)),
+          "num_heads": tuple(table(i).shape[1] for i in sorted(blocks)),
+          "window_size": window_size or source_window,
+          "mlp_ratio": tensors["layers.0.blocks.0.mlp.fc1.weight"].shape[0] / embed_dim}
+
+
+def _swin_rules(config, interpolation: str):
+  """Rules over Swin release names (layers.N.blocks.M...)."""
+  kind = r"(?P<kind>weight|bias)"
+  leaf = lambda m: "scale" if m.group("kind") == "weight" else "bias"
+  block = lambda m: f"stage{m.group(1)}_block{m.group(2)}"
+  windows = [w for _, w in config.stage_windows()]
+
+  def linear(name):
+    def to_ours(m, x):
+      ours, value = _from_linear(x, m.group("kind"), "plain", 1)
+      return {f"{name(m)}/{ours}": value}
+    return to_ours
+
+  def table(m, x):
+    return {f"{block(m)}/attention/relative_position_bias_table":
+            resize_relative_position_table(x, windows[int(m.group(1))], interpolation)}
+
+  blocks = r"layers\.(\d+)\.blocks\.(\d+)"
+  return [
+      (r"patch_embed\.proj\.weight", lambda m, x: {"patch_embed/kernel": x.transpose(2, 3, 1, 0)}),
+      (r"patch_embed\.proj\.bias", lambda m, x: {"patch_embed/bias": x}),
+      (rf"patch_embed\.norm\.{kind}", lambda m, x: {f"patch_norm/{leaf(m)}": x}),
+      (rf"{blocks}\.(norm[12])\.{kind}", lambda m, x: {f"{block(m)}/{m.group(3)}/{leaf(m)}": x}),
+      (rf"{blocks}\.attn\.(qkv|proj)\.{kind}",
+       linear(lambda m: f"{block(m)}/attention/{m.group(3)}")),
+      (rf"{blocks}\.attn\.relative_position_bias_table", table),
+      (rf"{blocks}\.mlp\.(fc[12])\.{kind}", linear(lambda m: f"{block(m)}/mlp/{m.group(3)}")),
+      (rf"layers\.(\d+)\.downsample\.norm\.{kind}",
+       lambda m, x: {f"stage{m.group(1)}_merge/norm/{leaf(m)}": x}),
+      (r"layers\.(\d+)\.downsample\.reduction\.(?P<kind>weight)",
+       linear(lambda m: f"stage{m.group(1)}_merge/reduction")),
+      (rf"norm\.{kind}", lambda m, x: {f"norm/{leaf(m)}": x}),
+      (rf"{blocks}\.attn\.relative_position_index|{blocks}\.attn_mask",
+       "a buffer, rebuilt from the window size"),
+      (r"head\..*", "the ImageNet classifier is not part of the image tower"),
+  ]
+
+
+def convert_swin(tensors: dict[str, np.ndarray], image_size: int, window_size: int | None = None,
+                 interpolation: str = "geometric", prefix: str = ""):
+  """(params of the `swin` tower, its fields, {dropped name: reason}) from a Swin release state
+  dict (names under `prefix`), at `image_size`, with the relative-position tables resized to the
+  target window (`interpolation`: "geometric" as the reference's loader, or "bicubic")."""
+  if interpolation not in INTERPOLATIONS:
+    raise InputError(f"--rel_pos_interpolation={interpolation!r} is not one of {INTERPOLATIONS}")
+  own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+  fields = swin_release_fields(own, image_size, window_size)
+  spec = towers.spec_from_config({"kind": "swin", **fields}, "--source", "image")
+  params, dropped = _apply_rules(own, _swin_rules(spec.config, interpolation),
+                                 range(len(fields["depths"])), prefix="")
+  _check_filled(params, _tower_shapes(spec), "swin tower")
+  return _tree(params), fields, {prefix + k: v for k, v in dropped.items()}
+
+
+_FORMAT = flags.DEFINE_enum("format", None, ["hf_bert", "hf_clip_vision", "swin"],
                             "The source checkpoint's format.")
-_SOURCE = flags.DEFINE_string("source", None, "The source checkpoint (hf_bert: a directory).")
+_SOURCE = flags.DEFINE_string("source", None, "The source checkpoint (hf_*: a directory; swin: "
+                              "the release's .pth file).")
 _OUTPUT = flags.DEFINE_string("output", None, "The safetensors file to write.")
 _PART = flags.DEFINE_enum("part", "text", ["text", "fusion"], "hf_bert: convert into the text "
                           "tower or into the fusion encoder (its cross-attention from the "
@@ -291,6 +473,14 @@ _PART = flags.DEFINE_enum("part", "text", ["text", "fusion"], "hf_bert: convert 
 _LAYERS = flags.DEFINE_string("layers", "", "hf_bert: encoder layers START:STOP (default: all).")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 512, "hf_bert: the tower's max_tokens (the "
                                    "position table is cut to it).", lower_bound=1)
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 384, "swin: the tower's input size.",
+                                   lower_bound=1)
+_WINDOW_SIZE = flags.DEFINE_integer("window_size", 0, "swin: the tower's window (0: the "
+                                    "checkpoint's); the relative-position tables are resized.",
+                                    lower_bound=0)
+_INTERPOLATION = flags.DEFINE_enum("rel_pos_interpolation", "geometric", list(INTERPOLATIONS),
+                                   "swin: how the relative-position tables are resized: "
+                                   "'geometric' (the reference's loader) or 'bicubic' (Swin's).")
 
 
 def _layer_range(text: str, num_layers: int) -> range:
@@ -305,37 +495,50 @@ def _layer_range(text: str, num_layers: int) -> range:
   return range(start, stop)
 
 
-def run(format_: str, source: str, output: str, layers: str, max_tokens: int,
-        part: str = "text") -> dict:
+def run(format_: str, source: str, output: str, layers: str = "", max_tokens: int = 512,
+        part: str = "text", image_size: int = 384, window_size: int = 0,
+        interpolation: str = "geometric") -> dict:
   """Converts `source` into `output`; returns the config section it fits."""
-  hf_config, tensors = read_hf_directory(source)
-  if format_ == "hf_clip_vision":
-    params, fields, dropped = convert_hf_clip_vision(hf_config, tensors)
-    part = "image"
-  elif part == "text":
-    span = _layer_range(layers, hf_config.get("num_hidden_layers", 0))
-    params, fields, dropped = convert_hf_bert_text(hf_config, tensors, span, max_tokens)
+  if format_ == "swin":
+    params, fields, dropped = convert_swin(read_pytorch(source)[0], image_size,
+                                           window_size or None, interpolation)
+    section, kind = "model.image", "swin"
   else:
-    span = _layer_range(layers, hf_config.get("num_hidden_layers", 0))
-    params, fields, dropped = convert_hf_bert_fusion(hf_config, tensors, span)
+    hf_config, tensors = read_hf_directory(source)
+    span = lambda: _layer_range(layers, hf_config.get("num_hidden_layers", 0))
+    if format_ == "hf_clip_vision":
+      (params, fields, dropped), section, kind = (
+          convert_hf_clip_vision(hf_config, tensors), "model.image", "clip_vit")
+    elif part == "text":
+      (params, fields, dropped), section, kind = (
+          convert_hf_bert_text(hf_config, tensors, span(), max_tokens), "model.text", "")
+    else:
+      (params, fields, dropped), section, kind = (
+          convert_hf_bert_fusion(hf_config, tensors, span()), "model.fusion", "")
   weights.save_safetensors(output, params)
   print(f"wrote {output}: {len(traverse_util.flatten_dict(params))} tensors; dropped "
         f"{len(dropped)} ({', '.join(sorted(set(dropped.values())))})")
-  section = {"text": "model.text", "fusion": "model.fusion", "image": "model.image"}[part]
-  overrides = " ".join(f"--config.{section}.{k}={v}" for k, v in fields.items())
+  overrides = " ".join(f"--config.{section}.{k}={_flag_value(v)}" for k, v in fields.items())
+  if kind:
+    overrides = f"--config.{section}.kind={kind} " + overrides
   vocab = os.path.join(source, "vocab.txt")
-  if part == "image":
-    overrides = "--config.model.image.kind=clip_vit " + overrides
   print(f"use it with: --config.{section}.init={output} {overrides}"
         + (f" --config.tokenizer.vocab_file={vocab}"
-           if part == "text" and os.path.exists(vocab) else ""))
+           if section == "model.text" and os.path.exists(vocab) else ""))
   return {"init": output, **fields}
+
+
+def _flag_value(value) -> str:
+  """A field value as a --config override takes it (tuples as '(2,2,18,2)')."""
+  if isinstance(value, tuple):
+    return "(" + ",".join(str(v) for v in value) + ")"
+  return str(value)
 
 
 def main(argv):
   cli.run_guarded("rebalance_jax.convert", argv, lambda: run(
       _FORMAT.value, _SOURCE.value, _OUTPUT.value, _LAYERS.value, _MAX_TOKENS.value,
-      _PART.value))
+      _PART.value, _IMAGE_SIZE.value, _WINDOW_SIZE.value, _INTERPOLATION.value))
 
 
 if __name__ == "__main__":

@@ -132,7 +132,24 @@ def test_cli_converts_and_prints_the_config_fields(bert_dir, tmp_path):
   bad = subprocess.run(
       [sys.executable, "-m", "rebalance_jax.convert", "--format=hf_bert", f"--source={tmp_path}",
        f"--output={output}"], cwd=REPO, capture_output=True, text=True, timeout=120)
-  assert "it has pytorch_model.bin, a PyTorch pickle" in bad.stderr
+  assert "pytorch_model.bin: not a loadable PyTorch checkpoint" in bad.stderr
+
+
+def test_pytorch_model_bin_converts_like_safetensors(bert_dir, tmp_path):
+  torch = pytest.importorskip("torch", reason="reading pytorch_model.bin needs torch (the "
+                              "convert extra)")
+  directory, _ = bert_dir
+  config, tensors = convert.read_hf_directory(str(directory))
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, tmp_path / "pytorch_model.bin")
+  from_pickle = convert.convert_hf_bert_text(*convert.read_hf_directory(str(tmp_path)), range(3),
+                                             16)[0]
+  from_safetensors = convert.convert_hf_bert_text(config, tensors, range(3), 16)[0]
+  jax.tree.map(np.testing.assert_array_equal, from_pickle, from_safetensors)
+  # Arbitrary objects are never unpickled (weights_only=True).
+  torch.save({"model": {"w": torch.zeros(1)}, "hook": print}, tmp_path / "pytorch_model.bin")
+  with pytest.raises(InputError, match="not a loadable PyTorch checkpoint of tensors"):
+    convert.read_hf_directory(str(tmp_path))
 
 
 FUSION_CONFIG = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=4,

@@ -1,0 +1,217 @@
+"""Swin Transformer image tower (the paper's student backbone, METHOD.md §2), in the layout of
+Microsoft's release so its checkpoints convert name by name (`convert --format=swin`).
+
+Patch embedding (conv + LayerNorm), then stages of blocks that attend within non-overlapping
+windows (with a learned relative-position bias), every second block on windows shifted by half a
+window (with the mask that keeps wrapped-around regions apart); a patch merging between stages
+halves the resolution and doubles the width. Where a stage's resolution is not larger than the
+window, the window is that resolution and nothing is shifted (as the reference). The output tokens
+are [average of the final normed tokens; the final tokens], so the pooled [CLS] is the average.
+Stochastic depth (`drop_path`, rising linearly over the blocks) as the reference's 0.1.
+"""
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rebalance_jax.models import towers
+from rebalance_jax.models.layers import Mlp, block_class, default_kernel_init, embedding_init
+from rebalance_jax.models.towers.clip_vit import CLIP_MEAN, CLIP_STD
+
+_EPS = 1e-5  # PyTorch's LayerNorm default, used throughout the release
+
+
+@dataclasses.dataclass(frozen=True)
+class SwinConfig:
+  image_size: int = 384
+  patch_size: int = 4
+  embed_dim: int = 128
+  depths: tuple[int, ...] = (2, 2, 18, 2)
+  num_heads: tuple[int, ...] = (4, 8, 16, 32)
+  window_size: int = 12
+  mlp_ratio: float = 4.0
+  dropout: float = 0.0
+  drop_path: float = 0.1
+  mean: tuple[float, float, float] = CLIP_MEAN
+  std: tuple[float, float, float] = CLIP_STD
+  dtype: str = "float32"
+  remat: bool = False
+
+  def __post_init__(self):
+    towers.check_patch_grid(self.image_size, self.patch_size)
+    if len(self.depths) != len(self.num_heads) or not self.depths:
+      raise ValueError(f"depths={self.depths} and num_heads={self.num_heads} must name the same "
+                       "number of stages")
+    if not 0.0 <= self.drop_path < 1.0:
+      raise ValueError(f"drop_path={self.drop_path} must lie in [0, 1)")
+    for i, (resolution, window) in enumerate(self.stage_windows()):
+      width = self.embed_dim * 2**i
+      if resolution % window:
+        raise ValueError(f"stage {i}: resolution {resolution} (image_size={self.image_size}) is "
+                         f"not a multiple of window_size={window}")
+      if width % self.num_heads[i]:
+        raise ValueError(f"stage {i}: width {width} is not a multiple of num_heads="
+                         f"{self.num_heads[i]}")
+
+  def stage_windows(self) -> list[tuple[int, int]]:
+    """(resolution, window) per stage: the window is clamped to a smaller resolution."""
+    grid, out = self.image_size // self.patch_size, []
+    for i in range(len(self.depths)):
+      resolution = grid // 2**i
+      if resolution * 2**i != grid or resolution == 0:
+        raise ValueError(f"the {grid}x{grid} patch grid does not halve {len(self.depths) - 1} "
+                         "times evenly")
+      out.append((resolution, min(self.window_size, resolution)))
+    return out
+
+
+@functools.cache
+def relative_position_index(window: int) -> np.ndarray:
+  """(w², w²): the row of the ((2w-1)², heads) bias table for each (query, key) pair of a window."""
+  coords = np.stack(np.meshgrid(np.arange(window), np.arange(window), indexing="ij")).reshape(2, -1)
+  offsets = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0) + (window - 1)
+  return offsets[..., 0] * (2 * window - 1) + offsets[..., 1]
+
+
+@functools.cache
+def shifted_window_mask(resolution: int, window: int, shift: int) -> np.ndarray:
+  """(windows, w², w²) additive mask (0 or -100, as the reference): after the cyclic shift, tokens
+  from regions that were not adjacent in the image must not attend to each other."""
+  regions = np.zeros((resolution, resolution))
+  spans = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+  for label, (rows, cols) in enumerate((r, c) for r in spans for c in spans):
+    regions[rows, cols] = label
+  regions = _partition(regions[None, :, :, None], window)[..., 0]  # (windows, w²)
+  return np.where(regions[:, None, :] != regions[:, :, None], -100.0, 0.0).astype(np.float32)
+
+
+def _partition(x, window: int):
+  """(B, H, W, C) -> (B * windows, w², C), windows in row-major order."""
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // window, window, w // window, window, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(-1, window * window, c)
+
+
+def _merge(windows, window: int, b: int, h: int, w: int):
+  """The inverse of `_partition`."""
+  x = windows.reshape(b, h // window, w // window, window, window, -1).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h, w, -1)
+
+
+def _drop_path(module: nn.Module, x, rate: float, train: bool):
+  """Stochastic depth: the residual branch of a whole example is dropped with probability `rate`."""
+  if not train or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate,
+                              (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class WindowAttention(nn.Module):
+  """Multi-head self-attention within each window, with the relative-position bias."""
+  num_heads: int
+  window: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask=None):
+    n, tokens, width = x.shape
+    head_dim = width // self.num_heads
+    qkv = nn.Dense(3 * width, kernel_init=default_kernel_init, dtype=self.dtype, name="qkv")(x)
+    q, k, v = jnp.moveaxis(qkv.reshape(n, tokens, 3, self.num_heads, head_dim), 2, 0)
+    table = self.param("relative_position_bias_table", embedding_init,
+                       ((2 * self.window - 1) ** 2, self.num_heads))
+    bias = table[relative_position_index(self.window).reshape(-1)]
+    bias = bias.reshape(tokens, tokens, self.num_heads).transpose(2, 0, 1)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k).astype(jnp.float32) + bias
+    if mask is not None:
+      logits = logits.reshape(-1, mask.shape[0], self.num_heads, tokens, tokens)
+      logits = (logits + mask[None, :, None]).reshape(n, self.num_heads, tokens, tokens)
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(n, tokens, width)
+    return nn.Dense(width, kernel_init=default_kernel_init, dtype=self.dtype, name="proj")(out)
+
+
+class SwinBlock(nn.Module):
+  """x + DropPath(W-MSA(LN(x))) on (shifted) windows, then x + DropPath(MLP(LN(x)))."""
+  num_heads: int
+  resolution: int
+  window: int
+  shift: int
+  mlp_dim: int
+  dropout: float = 0.0
+  drop_path: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    b, tokens, width = x.shape
+    r, s = self.resolution, self.shift
+    y = nn.LayerNorm(epsilon=_EPS, dtype=self.dtype, name="norm1")(x).reshape(b, r, r, width)
+    if s:
+      y = jnp.roll(y, (-s, -s), axis=(1, 2))
+    mask = jnp.asarray(shifted_window_mask(r, self.window, s)) if s else None
+    y = WindowAttention(self.num_heads, self.window, self.dtype, name="attention")(
+        _partition(y, self.window), mask)
+    y = _merge(y, self.window, b, r, r)
+    if s:
+      y = jnp.roll(y, (s, s), axis=(1, 2))
+    y = nn.Dropout(self.dropout)(y.reshape(b, tokens, width), deterministic=not train)
+    x = x + _drop_path(self, y, self.drop_path, train)
+    y = Mlp(self.mlp_dim, self.dropout, self.dtype, name="mlp")(
+        nn.LayerNorm(epsilon=_EPS, dtype=self.dtype, name="norm2")(x), train)
+    return x + _drop_path(self, y, self.drop_path, train)
+
+
+class PatchMerging(nn.Module):
+  """Each 2x2 group of tokens -> one token: concatenated (in the release's order), LN, Linear."""
+  resolution: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, _, width = x.shape
+    half = self.resolution // 2
+    x = x.reshape(b, half, 2, half, 2, width)  # (b, row, row parity, col, col parity, c)
+    # The release concatenates (row, col) parities in the order (0,0), (1,0), (0,1), (1,1).
+    x = x.transpose(0, 1, 3, 4, 2, 5).reshape(b, half * half, 4 * width)
+    x = nn.LayerNorm(epsilon=_EPS, dtype=self.dtype, name="norm")(x)
+    return nn.Dense(2 * width, use_bias=False, kernel_init=default_kernel_init, dtype=self.dtype,
+                    name="reduction")(x)
+
+
+class SwinTransformer(nn.Module):
+  """Preprocessed images (B, S, S, 3) -> TowerOutput with 1 + (S / (patch · 2^(stages-1)))² tokens
+  of width embed_dim · 2^(stages-1)."""
+  config: SwinConfig
+
+  @nn.compact
+  def __call__(self, images, train: bool = False) -> towers.TowerOutput:
+    c = self.config
+    towers.check_image_size(c, images)
+    dtype = towers.compute_dtype(c)
+    x = nn.Conv(c.embed_dim, (c.patch_size,) * 2, strides=(c.patch_size,) * 2, padding="VALID",
+                kernel_init=default_kernel_init, dtype=dtype, name="patch_embed")(images)
+    x = x.reshape(x.shape[0], -1, c.embed_dim)
+    x = nn.LayerNorm(epsilon=_EPS, dtype=dtype, name="patch_norm")(x)
+    x = nn.Dropout(c.dropout)(x, deterministic=not train)
+    rates = np.linspace(0.0, c.drop_path, sum(c.depths)).tolist()
+    block = block_class(SwinBlock, c.remat)
+    for i, (resolution, window) in enumerate(c.stage_windows()):
+      width = c.embed_dim * 2**i
+      for j in range(c.depths[i]):
+        shift = window // 2 if j % 2 and resolution > c.window_size else 0
+        x = block(c.num_heads[i], resolution, window, shift, int(width * c.mlp_ratio), c.dropout,
+                  rates.pop(0), dtype, name=f"stage{i}_block{j}")(x, train)
+      if i + 1 < len(c.depths):
+        x = PatchMerging(resolution, dtype, name=f"stage{i}_merge")(x)
+    x = nn.LayerNorm(epsilon=_EPS, dtype=dtype, name="norm")(x).astype(jnp.float32)
+    x = jnp.concatenate([x.mean(axis=1, keepdims=True), x], axis=1)
+    return towers.TowerOutput(x, x[:, 0], jnp.ones(x.shape[:2], jnp.int32))
+
+
+towers.register("swin", towers.TowerKind("image", SwinConfig, SwinTransformer))

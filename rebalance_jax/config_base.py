@@ -94,6 +94,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.text = text(24, 64, 2, 4, 128)
   c.model.fusion = fusion(1, 4, 128)  # its width is the text tower's
   c.model.embed_dim = 64
+  # The whole student's converted weights (convert --format=reference: a model trained with the
+  # reference implementation); '' : random, plus the towers' and fusion's own `init`.
+  c.model.init = ""
   c.model.dual_encoder = False
   c.model.dual_relation = "image"  # dual encoder: student relation from "image", "text" or "both"
   c.model.temp_init = 0.07

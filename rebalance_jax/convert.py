@@ -12,6 +12,10 @@ Formats:
   swin      a Swin release file ({'model': state_dict}, e.g. swin_base_patch4_window7_224_22k.pth)
             -> the `swin` tower at --image_size, its relative-position tables resized to
             --window_size (the paper's: --image_size=384 --window_size=12)
+  reference a trained model of the reference implementation (checkpoint_best.pth) -> the whole
+            student (towers, fusion encoder, projections, ITM head, τ, τ2, λ), for
+            --config.model.init: evaluate it (python -m rebalance_jax.evaluate --weights=...) or
+            continue training from it
 
 A format is a list of explicit name rules: each source tensor is mapped to a parameter or dropped
 by a rule that says why, and every parameter of the target tower must be filled with the shape
@@ -322,6 +326,80 @@ def convert_hf_clip_vision(hf_config: dict, tensors: dict[str, np.ndarray]):
   return _tree(params), fields, dropped
 
 
+# The reference's heads -> the student's parameters (METHOD.md §2; [ref] names, 'lamba' its own).
+_REFERENCE_HEADS = {"vision_proj": "image_proj", "text_proj": "text_proj",
+                    "sig_vision_proj": "teacher_image_proj", "sig_text_proj": "teacher_text_proj",
+                    "itm_head.0": "itm_head/fc1", "itm_head.1": "itm_head/norm",
+                    "itm_head.3": "itm_head/fc2"}
+_REFERENCE_SCALARS = {"temp": "temp", "temp2": "temp2", "lamba": "lam"}
+
+
+def convert_reference(tensors: dict[str, np.ndarray], image_size: int, max_tokens: int,
+                      num_heads: int = 0):
+  """(the whole student's params, {config section: fields}, {dropped name: reason}) from a trained
+  model of the reference implementation (its `checkpoint_best.pth` state dict): the Swin
+  `vision_encoder`, the BERT `text_encoder` whose layers from the first with cross-attention on
+  are the fusion encoder, the projections, the teacher projections (`sig_*`), the ITM head and
+  the scalars τ, τ2 and the raw λ. `num_heads`: the BERT's heads (0: width / 64, BERT's)."""
+  vision = {k: v for k, v in tensors.items() if k.startswith("vision_encoder.")}
+  if "vision_encoder.patch_embed.proj.weight" not in vision:
+    raise InputError("no vision_encoder.patch_embed.proj.weight: the reference checkpoint's image "
+                     "tower is not a Swin (only Swin reference checkpoints are converted)")
+  image, image_fields, dropped = convert_swin(vision, image_size, prefix="vision_encoder.")
+  text = {re.sub(r"^text_encoder\.(bert\.)?", "", k): v for k, v in tensors.items()
+          if k.startswith("text_encoder.")}
+  layers = {int(m.group(1)) for k in text if (m := re.match(r"encoder\.layer\.(\d+)\.", k))}
+  cross = {int(m.group(1)) for k in text
+           if (m := re.match(r"encoder\.layer\.(\d+)\.crossattention\.", k))}
+  if not layers or not cross or cross != set(range(min(cross), max(layers) + 1)):
+    raise InputError(f"text_encoder: layers {sorted(layers)} with cross-attention in "
+                     f"{sorted(cross)}; expected the fusion layers to be the last ones")
+  width = text["embeddings.word_embeddings.weight"].shape[1]
+  bert = {"hidden_size": width, "num_attention_heads": num_heads or width // 64,
+          "intermediate_size": text["encoder.layer.0.intermediate.dense.weight"].shape[0],
+          "hidden_act": "gelu",
+          "max_position_embeddings": text["embeddings.position_embeddings.weight"].shape[0]}
+  fusion_start = min(cross)
+  text_params, text_fields, text_dropped = convert_hf_bert_text(
+      bert, {k: v for k, v in text.items() if not _in_layers(k, range(fusion_start, 1 + max(layers)))},
+      range(fusion_start), max_tokens)
+  fusion_params, fusion_fields, fusion_dropped = convert_hf_bert_fusion(
+      bert, {k: v for k, v in text.items() if not k.startswith("embeddings.")
+             and not _in_layers(k, range(fusion_start))}, range(fusion_start, max(layers) + 1))
+  heads, head_dropped = _apply_rules(
+      {k: v for k, v in tensors.items() if not k.startswith(("vision_encoder.", "text_encoder."))},
+      _reference_head_rules(), range(0), prefix="")
+  missing = sorted(set(_REFERENCE_SCALARS.values()) - set(heads)) + sorted(
+      ours for ours in _REFERENCE_HEADS.values() if not any(k.startswith(ours + "/") for k in heads))
+  if missing:
+    raise InputError(f"the reference checkpoint has nothing for the student's {missing}")
+  params = {**_tree(heads), "image_encoder": image, "text_encoder": text_params,
+            "fusion_encoder": fusion_params}
+  sections = {"model.image": {"kind": "swin", **image_fields}, "model.text": text_fields,
+              "model.fusion": fusion_fields,
+              "model": {"embed_dim": heads["image_proj/kernel"].shape[1]}}
+  return params, sections, {**dropped, **text_dropped, **fusion_dropped, **head_dropped}
+
+
+def _reference_head_rules():
+  def head(ours):
+    def to_ours(m, x):
+      if m.group("kind") == "bias":
+        return {f"{ours}/bias": x}
+      return {f"{ours}/scale": x} if ours.endswith("norm") else {f"{ours}/kernel": x.T}
+    return to_ours
+
+  scalar = lambda ours: lambda m, x: {ours: x.reshape(())}
+  return ([(rf"{re.escape(ref)}\.(?P<kind>weight|bias)", head(ours))
+           for ref, ours in _REFERENCE_HEADS.items()] +
+          [(re.escape(ref), scalar(ours)) for ref, ours in _REFERENCE_SCALARS.items()])
+
+
+def _in_layers(name: str, span: range) -> bool:
+  match = re.match(r"encoder\.layer\.(\d+)\.", name)
+  return bool(match) and int(match.group(1)) in span
+
+
 INTERPOLATIONS = ("geometric", "bicubic")
 
 
@@ -462,10 +540,10 @@ def convert_swin(tensors: dict[str, np.ndarray], image_size: int, window_size: i
   return _tree(params), fields, {prefix + k: v for k, v in dropped.items()}
 
 
-_FORMAT = flags.DEFINE_enum("format", None, ["hf_bert", "hf_clip_vision", "swin"],
+_FORMAT = flags.DEFINE_enum("format", None, ["hf_bert", "hf_clip_vision", "swin", "reference"],
                             "The source checkpoint's format.")
 _SOURCE = flags.DEFINE_string("source", None, "The source checkpoint (hf_*: a directory; swin: "
-                              "the release's .pth file).")
+                              "the release's .pth file; reference: its checkpoint_best.pth).")
 _OUTPUT = flags.DEFINE_string("output", None, "The safetensors file to write.")
 _PART = flags.DEFINE_enum("part", "text", ["text", "fusion"], "hf_bert: convert into the text "
                           "tower or into the fusion encoder (its cross-attention from the "
@@ -473,8 +551,11 @@ _PART = flags.DEFINE_enum("part", "text", ["text", "fusion"], "hf_bert: convert 
 _LAYERS = flags.DEFINE_string("layers", "", "hf_bert: encoder layers START:STOP (default: all).")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 512, "hf_bert: the tower's max_tokens (the "
                                    "position table is cut to it).", lower_bound=1)
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 384, "swin: the tower's input size.",
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 384, "swin, reference: the image tower's input "
+                                   "size (reference: the checkpoint's config image_res wins).",
                                    lower_bound=1)
+_NUM_HEADS = flags.DEFINE_integer("num_heads", 0, "reference: the BERT's attention heads (0: "
+                                  "width / 64, as BERT's).", lower_bound=0)
 _WINDOW_SIZE = flags.DEFINE_integer("window_size", 0, "swin: the tower's window (0: the "
                                     "checkpoint's); the relative-position tables are resized.",
                                     lower_bound=0)
@@ -497,8 +578,10 @@ def _layer_range(text: str, num_layers: int) -> range:
 
 def run(format_: str, source: str, output: str, layers: str = "", max_tokens: int = 512,
         part: str = "text", image_size: int = 384, window_size: int = 0,
-        interpolation: str = "geometric") -> dict:
+        interpolation: str = "geometric", num_heads: int = 0) -> dict:
   """Converts `source` into `output`; returns the config section it fits."""
+  if format_ == "reference":
+    return _run_reference(source, output, image_size, max_tokens, num_heads)
   if format_ == "swin":
     params, fields, dropped = convert_swin(read_pytorch(source)[0], image_size,
                                            window_size or None, interpolation)
@@ -528,6 +611,23 @@ def run(format_: str, source: str, output: str, layers: str = "", max_tokens: in
   return {"init": output, **fields}
 
 
+def _run_reference(source: str, output: str, image_size: int, max_tokens: int,
+                   num_heads: int) -> dict:
+  tensors, extra = read_pytorch(source)
+  reference_config = extra.get("config")
+  if isinstance(reference_config, dict) and "image_res" in reference_config:
+    image_size = int(reference_config["image_res"])
+  params, sections, dropped = convert_reference(tensors, image_size, max_tokens, num_heads)
+  weights.save_safetensors(output, params)
+  print(f"wrote {output}: the whole student, {len(traverse_util.flatten_dict(params))} tensors; "
+        f"dropped {len(dropped)} ({', '.join(sorted(set(dropped.values())))})")
+  overrides = " ".join(f"--config.{section}.{k}={_flag_value(v)}"
+                       for section, fields in sections.items() for k, v in fields.items())
+  print(f"use it with: --config.model.init={output} {overrides} (and the reference's "
+        "bert-base-uncased vocab.txt as --config.tokenizer.vocab_file)")
+  return {"init": output, **sections}
+
+
 def _flag_value(value) -> str:
   """A field value as a --config override takes it (tuples as '(2,2,18,2)')."""
   if isinstance(value, tuple):
@@ -538,7 +638,7 @@ def _flag_value(value) -> str:
 def main(argv):
   cli.run_guarded("rebalance_jax.convert", argv, lambda: run(
       _FORMAT.value, _SOURCE.value, _OUTPUT.value, _LAYERS.value, _MAX_TOKENS.value,
-      _PART.value, _IMAGE_SIZE.value, _WINDOW_SIZE.value, _INTERPOLATION.value))
+      _PART.value, _IMAGE_SIZE.value, _WINDOW_SIZE.value, _INTERPOLATION.value, _NUM_HEADS.value))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
   python -m rebalance_jax.evaluate --config=configs/demo.py --workdir=runs/demo
 
 Evaluates the checkpoint each stage selected (config.eval.select_on: by default the best on the
-validation split; or --stages, --step), restoring only its parameters, and
+validation split; or --stages, --step), restoring only its parameters, or with --weights a
+whole student's converted weights (a model trained with the reference implementation), and
 writes <workdir>/eval/results.json, results.md (a paper-shaped table) and results.png (recall@K
 curves and NDCG bars). The config must be the one the run was trained with.
 """
@@ -21,13 +22,18 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.")
 _STAGES = flags.DEFINE_list("stages", None, "Stages to evaluate (default: every stage of the "
                             "config).")
+_WEIGHTS = flags.DEFINE_string("weights", None, "Evaluate this whole-student weights file instead "
+                                "of the run's checkpoints (python -m rebalance_jax.convert "
+                                "--format=reference: a model trained with the reference "
+                                "implementation); the workdir only receives eval/.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the one each stage selected "
                              "by config.eval.select_on).", lower_bound=0)
 
 
 def main(argv):
   cli.run_guarded("rebalance_jax.evaluate", argv,
-                  lambda: evaluate_run(_CONFIG.value, _WORKDIR.value, _STAGES.value, _STEP.value))
+                  lambda: evaluate_run(_CONFIG.value, _WORKDIR.value, _STAGES.value, _STEP.value,
+                                       _WEIGHTS.value))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ and the checkpoint each stage selects. Shared by `train` and `evaluate`."""
 import contextlib
 import os
 
+import jax
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
@@ -173,6 +174,11 @@ def check_stage_checkpoints(workdir: str, stage: str) -> None:
   directory = checkpoint_directory(workdir, stage)
   if not os.path.isdir(directory):
     raise InputError(f"no {stage} checkpoints in {directory}: is --workdir the run's workdir?")
+
+
+def place_params(exp: Experiment, params, mesh):
+  """Host parameters on the devices, laid out by the sharding rules as a restore lays them."""
+  return jax.device_put(params, exp.param_rules.param_shardings(params, mesh))
 
 
 def load_stage_params(exp: Experiment, workdir: str, stage: str, params_like, mesh, vocab: dict,

@@ -270,7 +270,11 @@ def _student(config: ml_collections.ConfigDict, teachers: "TeachersSpec") -> Stu
     fusion = FusionConfig(**fusion_fields)
   except (TypeError, ValueError) as e:
     raise InputError(f"config.model.fusion: {e}") from None
+  own_inits = [f"config.model.{k}.init" for k in ("image", "text", "fusion") if m[k].init]
+  if m.init and own_inits:
+    raise InputError(f"config.model.init={m.init!r} holds the whole student: unset {own_inits}")
   return StudentConfig(
+      init=m.init,
       image=_tower(m.image, "config.model.image", "image"),
       text=_tower(m.text, "config.model.text", "text", vocab_size=1),
       fusion=fusion, fusion_init=fusion_init, embed_dim=m.embed_dim, dual_encoder=m.dual_encoder,
@@ -439,7 +443,7 @@ def _fingerprints(config: ml_collections.ConfigDict, stages, student: StudentCon
   for stage in stages:
     distills = stage.objective.uses_teachers
     model = {k: v for k, v in config.model.to_dict().items()
-             if distills or k not in _DISTILLATION_MODEL}
+             if (distills or k not in _DISTILLATION_MODEL) and not (k == "init" and not v)}
     # The shapes of U_v, U_t: every stage's parameters have them.
     model["teacher_dims"] = [student.image_teacher_dim, student.text_teacher_dim]
     loss = {k: v for k, v in config.loss.to_dict().items()

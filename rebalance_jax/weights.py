@@ -14,8 +14,9 @@ from rebalance_jax.errors import InputError
 
 def save_safetensors(path: str, params) -> None:
   """Writes `params` (a nested dict of arrays) atomically, with its content hash."""
-  # Contiguous: safetensors writes an array's buffer as is, so a transposed view would be garbled.
-  flat = {"/".join(k): np.ascontiguousarray(v) for k, v in
+  # Contiguous: safetensors writes an array's buffer as is, so a transposed view would be garbled
+  # (np.require, not np.ascontiguousarray, which turns scalars into shape (1,)).
+  flat = {"/".join(k): np.require(v, requirements="C") for k, v in
           traverse_util.flatten_dict(params).items()}
   files.write_checked(path, lambda f: f.write(safetensors.numpy.save(flat)))
 

@@ -1,5 +1,6 @@
 """End-to-end runs of the tiny config: both stages, resume equivalence, and bad input."""
 
+import copy
 import json
 import os
 import re
@@ -14,14 +15,14 @@ import pytest
 
 from conftest import REPO, saved_state
 from rebalance_jax import (checkpointing, experiment, files, frozen_teachers, interrupts,
-                           objective, spec, teacher_features, train, trainer)
+                           objective, spec, teacher_features, train, trainer, weights)
 from rebalance_jax.checkpointing import ConfigMismatchError
 from rebalance_jax.data import pipeline
 from rebalance_jax.data.dataset import load_dataset
 from rebalance_jax.errors import InputError
 from rebalance_jax.evaluators import retrieval
 from rebalance_jax.evaluators.suite import Evaluator, evaluate_run
-from rebalance_jax.models.student import init_student
+from rebalance_jax.models.student import init_student, with_tower_weights
 
 
 @pytest.fixture(scope="module")
@@ -557,3 +558,32 @@ def test_a_damaged_best_checkpoint_gives_way_to_the_next_best(finished_run, tmp_
   assert step != best and step in (2, 4)
   assert record["selected_by"].startswith("best val r_mean (")
   assert record["selected_by"].endswith(f"after the damaged step {best}")
+
+
+def test_a_whole_student_weights_file_scores_like_its_checkpoint(finished_run, tmp_path):
+  # What convert --format=reference writes (the whole student as one safetensors tree), evaluated
+  # with --weights: here stage 2's selected parameters, which must give stage 2's numbers.
+  config, workdir, results = finished_run
+  exp = spec.from_config(config)
+  data = load_dataset(exp.data)
+  model = experiment.student_model(exp, data.vocab_size)
+  like = jax.eval_shape(lambda r: init_student(model, r), jax.random.key(0))
+  mesh = experiment.make_mesh(exp)
+  _, params, _ = experiment.load_stage_params(exp, workdir, "stage2", like, mesh, data.vocab)
+  path = str(tmp_path / "stage2.safetensors")
+  weights.save_safetensors(path, jax.tree.map(np.asarray, params))
+  rows = evaluate_run(config, str(tmp_path / "eval_only"), weights_file=path)
+  numbers = lambda m: {k: v for k, v in m.items() if isinstance(v, float)}
+  assert numbers(rows["weights:stage2.safetensors"]) == pytest.approx(numbers(results["stage2"]))
+  assert os.path.exists(tmp_path / "eval_only" / "eval" / "results.md")
+  with pytest.raises(InputError, match="--weights evaluates a weights file, not a stage"):
+    evaluate_run(config, str(tmp_path / "eval_only"), ["stage1"], weights_file=path)
+  # Training from it: config.model.init is the whole initial student, exclusive of tower inits.
+  config = copy.deepcopy(config)
+  config.model.init = path
+  model = experiment.student_model(spec.from_config(config), data.vocab_size)
+  started = with_tower_weights(model, init_student(model, jax.random.key(1)))
+  jax.tree.map(np.testing.assert_array_equal, started, jax.tree.map(np.asarray, params))
+  config.model.text.init = path
+  with pytest.raises(InputError, match=r"holds the whole student: unset \['config.model.text.init'"):
+    spec.from_config(config)

@@ -11,7 +11,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from rebalance_jax import experiment, interrupts, predict, reporting, spec
+from rebalance_jax import experiment, interrupts, predict, reporting, spec, weights
 from rebalance_jax.data.dataset import load_dataset
 from rebalance_jax.data.sources import Split
 from rebalance_jax.errors import InputError
@@ -113,12 +113,16 @@ def relevance_cache(exp: spec.Experiment) -> str:
 
 
 def evaluate_run(config: ml_collections.ConfigDict, workdir: str, stages=None,
-                 step: int | None = None) -> dict:
+                 step: int | None = None, weights_file: str | None = None) -> dict:
   """Evaluates each stage's checkpoint (default: every stage) into <workdir>/eval; returns
-  {'<stage>@<step>': metrics} of this call. Reads the run's checkpoints and writes nothing else."""
+  {'<stage>@<step>': metrics} of this call. Reads the run's checkpoints and writes nothing else.
+  With `weights_file` (a whole student's converted weights, e.g. a model trained with the
+  reference implementation) it evaluates that file instead, as the row 'weights:<file name>'."""
   exp = spec.from_config(config)
-  stages = exp.stage_names if stages is None else stages
-  workdir = experiment.check_workdir(workdir, must_exist=True)
+  if weights_file and (stages is not None or step is not None):
+    raise InputError("--weights evaluates a weights file, not a stage: drop --stages and --step")
+  stages = [] if weights_file else exp.stage_names if stages is None else stages
+  workdir = experiment.check_workdir(workdir, must_exist=not weights_file)
   unknown = set(stages) - set(exp.stage_names)
   if unknown:
     raise InputError(f"--stages: unknown {sorted(unknown)}; known: {exp.stage_names}")
@@ -136,6 +140,11 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str, stages=None,
     evaluator = Evaluator(exp.eval, predict.student_predictor(model, data.eval_encoder),
                           data.test, mesh, output, relevance_cache(exp))
     names = []
+    if weights_file:
+      names.append(f"weights:{os.path.basename(weights_file)}")
+      params = experiment.place_params(exp, weights.load_safetensors(weights_file, params_like),
+                                       mesh)
+      evaluator.add(names[-1], params, {"weights": os.path.abspath(weights_file)})
     for stage in stages:
       loaded_step, params, record = experiment.load_stage_params(
           exp, workdir, stage, params_like, mesh, data.vocab, step)

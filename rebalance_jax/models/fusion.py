@@ -39,11 +39,12 @@ class FusionEncoder(nn.Module):
 
 
 class ItmHead(nn.Module):
-  """Linear(w -> 2w) -> LayerNorm -> GELU -> Linear(2w -> 2), on the fusion [CLS]."""
+  """Linear(w -> 2w) -> LayerNorm -> GELU -> Linear(2w -> 2), on the fusion [CLS] (the
+  reference's `itm_head`)."""
 
   @nn.compact
   def __call__(self, x):
     w = x.shape[-1]
     x = nn.Dense(2 * w, kernel_init=default_kernel_init, name="fc1")(x)
-    x = nn.gelu(nn.LayerNorm(epsilon=1e-12, name="norm")(x), approximate=False)
+    x = nn.gelu(nn.LayerNorm(epsilon=1e-5, name="norm")(x), approximate=False)  # [ref]'s eps
     return nn.Dense(2, kernel_init=default_kernel_init, name="fc2")(x)

@@ -33,6 +33,7 @@ class StudentConfig:
   text: towers.TowerSpec
   fusion: FusionConfig = FusionConfig()
   fusion_init: str = ""  # converted fusion weights (convert --part=fusion); '' = random
+  init: str = ""  # the whole student's converted weights (convert --format=reference)
   embed_dim: int = 256
   dual_encoder: bool = False
   image_teacher_dim: int = 1024
@@ -116,8 +117,14 @@ def init_student(model: Student, rng: jax.Array, batch_size: int = 2):
 
 
 def with_tower_weights(model: Student, params, field_prefix: str = "config.model"):
-  """`params` with each tower whose spec has `init` replaced by its converted weights, and the
-  fusion encoder's (its cross-attention kept fresh when the file has none)."""
+  """`params` replaced by the whole student's converted weights (`init`), or else with each tower
+  whose spec has `init` replaced by its converted weights, and the fusion encoder's (its
+  cross-attention kept fresh when the file has none)."""
+  if model.config.init:
+    try:
+      return weights.load_safetensors(model.config.init, params)
+    except InputError as e:
+      raise InputError(f"{field_prefix}.init={model.config.init!r}: {e}") from None
   params = dict(params)
   for modality, subtree in TOWER_PARAMS.items():
     spec = getattr(model.config, modality)

@@ -165,19 +165,31 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+# The converted checkpoints the paper's student starts from (METHOD.md §2), relative to the
+# working directory; configs/flickr.py's docstring gives the commands that write them.
+SWIN_B_384 = "weights/swin_base_patch4_window12_384_22k.safetensors"
+BERT_VOCAB = "weights/bert-base-uncased-vocab.txt"
+BERT_FUSION = "weights/bert_base_uncased_fusion.safetensors"
+
+
+def bert_text_weights(max_tokens: int) -> str:
+  return f"weights/bert_base_uncased_text_{max_tokens}.safetensors"
+
+
 def reference_config(name: str, lr: float, max_tokens: int):
-  """The [ref] recipe shared by the three datasets."""
+  """The [ref] recipe shared by the three datasets: Swin-B/384 (window 12, from ImageNet-22k)
+  and BERT-base layers 0-5 (text) and 6-11 (fusion, fresh cross-attention), from the converted
+  checkpoints (configs/flickr.py's docstring; each path can be overridden)."""
   c = base_config()
   c.data.name = name
   c.data.image_size = 384
   c.data.max_tokens = max_tokens
   c.data.augment_shift = 0  # [ref] RandomResizedCrop/RandAugment arrive with the real pipeline
   c.tokenizer.append_sep = False
-  # Stand-ins of the paper's towers until Swin-B / BERT-base import lands: ViT-B/16 at 384 px,
-  # BERT-base layers 0-5 for text and 6-11 (with cross-attention) for fusion.
-  c.model.image = vit(384, 16, 768, 12, 12, 3072, dropout=0.0)
-  c.model.text = text(max_tokens, 768, 6, 12, 3072, dropout=0.1)
-  c.model.fusion = fusion(6, 12, 3072, dropout=0.1)
+  c.tokenizer.vocab_file = BERT_VOCAB
+  c.model.image = tower("swin", init=SWIN_B_384)  # the kind's defaults are Swin-B/384 window 12
+  c.model.text = text(max_tokens, 768, 6, 12, 3072, dropout=0.1, init=bert_text_weights(max_tokens))
+  c.model.fusion = fusion(6, 12, 3072, dropout=0.1, init=BERT_FUSION)
   c.model.embed_dim = 256
   c.teachers.image = vit(384, 16, 1024, 24, 16, 4096)  # 1024-d image teacher
   c.teachers.text = text(max_tokens, 768, 12, 12, 3072)  # 768-d text teacher

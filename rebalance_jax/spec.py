@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
 from collections.abc import Mapping
 
@@ -259,7 +260,16 @@ def _plain(node):
 
 
 def _tower(section, field: str, modality: str, **fixed) -> towers.TowerSpec:
-  return towers.spec_from_config(_plain(section), field, modality, **fixed)
+  tower = towers.spec_from_config(_plain(section), field, modality, **fixed)
+  _check_weights_file(f"{field}.init", tower.init)
+  return tower
+
+
+def _check_weights_file(field: str, path: str) -> None:
+  """Converted weights a config names exist, before anything runs."""
+  if path and not os.path.isfile(os.path.expanduser(path)):
+    raise InputError(f"{field}={path!r} does not exist: convert the checkpoint into it first "
+                     "(python -m rebalance_jax.convert; README, 'Converted weights')")
 
 
 def _student(config: ml_collections.ConfigDict, teachers: "TeachersSpec") -> StudentConfig:
@@ -273,10 +283,12 @@ def _student(config: ml_collections.ConfigDict, teachers: "TeachersSpec") -> Stu
   own_inits = [f"config.model.{k}.init" for k in ("image", "text", "fusion") if m[k].init]
   if m.init and own_inits:
     raise InputError(f"config.model.init={m.init!r} holds the whole student: unset {own_inits}")
+  _check_weights_file("config.model.init", m.init)
+  image = _tower(m.image, "config.model.image", "image")
+  text = _tower(m.text, "config.model.text", "text", vocab_size=1)
+  _check_weights_file("config.model.fusion.init", fusion_init)
   return StudentConfig(
-      init=m.init,
-      image=_tower(m.image, "config.model.image", "image"),
-      text=_tower(m.text, "config.model.text", "text", vocab_size=1),
+      init=m.init, image=image, text=text,
       fusion=fusion, fusion_init=fusion_init, embed_dim=m.embed_dim, dual_encoder=m.dual_encoder,
       image_teacher_dim=towers.output_dim(teachers.image.tower),
       text_teacher_dim=towers.output_dim(teachers.text.tower),

@@ -214,3 +214,42 @@ def test_shifted_window_mask_separates_wrapped_regions():
   np.testing.assert_array_equal(mask[3], np.where(np.eye(4), 0.0, -100.0))
   index = swin.relative_position_index(2)
   np.testing.assert_array_equal(index[0], [4, 3, 1, 0])  # offsets (0,0), (0,-1), (-1,0), (-1,-1)
+
+
+def test_swin_student_in_bfloat16_with_remat_matches_float32(tiny_config):
+  """A swin image tower in the student: the stage-2 loss and its gradients in float32 against
+  bf16 compute with remat and stochastic depth (float32 parameters and gradients)."""
+  from rebalance_jax import config_base, objective, spec  # pylint: disable=import-outside-toplevel
+  from rebalance_jax.models.student import Student, init_student  # pylint: disable=import-outside-toplevel
+
+  def loss_and_grads(c, train):
+    exp = spec.from_config(c)
+    model = Student(exp.student_config(vocab_size=50))
+    params = init_student(model, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.random((8, 16, 16, 3), np.float32),
+             "ids": rng.integers(1, 50, (8, 16)).astype(np.int32),
+             "mask": np.ones((8, 16), np.int32), "image_id": np.arange(8, dtype=np.int32)}
+    teacher = (rng.normal(size=(8, 24)).astype(np.float32),
+               rng.normal(size=(8, 40)).astype(np.float32))
+    fn = lambda p: objective.stage_loss(p, batch, teacher, jax.random.key(1), model=model,
+                                        objective=exp.stage("stage2").objective,
+                                        num_negative_groups=1, train=train)[0]
+    return jax.jit(jax.value_and_grad(fn))(params)
+
+  # 16 px, patch 2: stages at 8 and 4 tokens a side, window 4 (stage 0 shifts its second block).
+  tiny_config.model.image = config_base.tower(
+      "swin", image_size=16, patch_size=2, embed_dim=16, depths=(2, 2), num_heads=(1, 2),
+      window_size=4, drop_path=0.2)
+  exact, exact_grads = loss_and_grads(tiny_config.copy_and_resolve_references(), train=True)
+  tiny_config.model.image.remat = True
+  recomputed, recomputed_grads = loss_and_grads(tiny_config.copy_and_resolve_references(), True)
+  np.testing.assert_allclose(recomputed, exact, rtol=1e-5)
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(exact_grads["image_encoder"]))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale),
+               exact_grads["image_encoder"], recomputed_grads["image_encoder"])
+  tiny_config.model.image.dtype = "bfloat16"
+  low, grads = loss_and_grads(tiny_config, train=True)
+  assert all(g.dtype == np.float32 and np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  np.testing.assert_allclose(low, exact, rtol=0.05)
+  assert low != exact  # it did compute in bfloat16

@@ -11,6 +11,7 @@ the query itself zeroed (the reference) and removed (the fix); mixed NDCG in its
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -93,17 +94,24 @@ def encode_split(predictor: Predictor, params, split: Split, batch_size: int, me
   return images, texts
 
 
-def itm_logits(predictor: Predictor, params, images: Encoded, texts: Encoded,
-               image_index: np.ndarray, text_index: np.ndarray, batch_size: int,
-               mesh: Mesh) -> np.ndarray:
-  """Matching logit of each (image_index[p], text_index[p]) pair: only the indices go to the
-  devices, which gather the pairs' states from where they lie (`gather_rows`)."""
+@functools.lru_cache(maxsize=8)
+def itm_score_fn(predictor: Predictor, mesh: Mesh):
+  """The jitted block function of `itm_logits`, (params, image_states, text_states, pair_images,
+  pair_texts) -> logits: each device gathers the pairs' states from where they lie
+  (`gather_rows`). Cached per predictor and mesh, so repeated evaluations reuse its compilation."""
   def score(params, image_states, text_states, pair_images, pair_texts):
     take = lambda states, index: jax.tree.map(lambda x: gather_rows(x, index, mesh), states)
     i, t = take(image_states, pair_images), take(text_states, pair_texts)
     return predictor.match_logits(params, i["tokens"], i["mask"], t["tokens"], t["mask"])
+  return jax.jit(score)
 
-  jitted = jax.jit(score)
+
+def itm_logits(predictor: Predictor, params, images: Encoded, texts: Encoded,
+               image_index: np.ndarray, text_index: np.ndarray, batch_size: int,
+               mesh: Mesh) -> np.ndarray:
+  """Matching logit of each (image_index[p], text_index[p]) pair: only the indices go to the
+  devices, which gather the pairs' states from where they lie (`itm_score_fn`)."""
+  jitted = itm_score_fn(predictor, mesh)
   logits = []
   for _, rows, _ in pipeline.padded_batches(len(image_index), batch_size):
     interrupts.check("ITM re-ranking")

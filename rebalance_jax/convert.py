@@ -1,10 +1,11 @@
 """Weight conversion: other frameworks' checkpoints -> safetensors trees of our towers.
 
-  python -m rebalance_jax.convert --format=hf_bert --source=/models/bert-base-uncased \
+  python -m rebalance_jax.convert --format=hf_bert --source=/models/bert-base-uncased \\
       --output=weights/bert_text.safetensors --layers=0:6 --max_tokens=40
 
 Formats:
-  hf_bert   a Hugging Face BERT directory (config.json + model.safetensors) -> the `text` tower
+  hf_bert   a Hugging Face BERT directory (config.json + model.safetensors or pytorch_model.bin)
+            -> the `text` tower
             (--layers selects the encoder layers, e.g. 0:6 for the paper's text encoder; the
             position table is cut to --max_tokens), or with --part=fusion the fusion encoder
             (e.g. --layers=6:12; cross-attention from the checkpoint if it has one, else fresh)

@@ -191,7 +191,7 @@ def _bert_rules(layers: range, num_heads: int, max_tokens: int, part: str = "tex
       (rf"encoder\.layer\.(\d+)\.intermediate\.dense\.{kind}", dense(("mlp/fc1", "plain"))),
       (rf"encoder\.layer\.(\d+)\.output\.dense\.{kind}", dense(("mlp/fc2", "plain"))),
       (rf"encoder\.layer\.(\d+)\.output\.LayerNorm\.{kind}", norm("mlp_norm")),
-      (r"pooler\..*", f"the pooler is not part of the {part} tower (its [CLS] is position 0)"),
+      (r"pooler\..*", f"the pooler is not part of the {part} tower (it pools on its own)"),
       (r"cls\..*", f"pre-training heads are not part of the {part} tower"),
       (r"embeddings\.position_ids", "a buffer, not a weight"),
   ]

@@ -91,9 +91,10 @@ def test_a_later_distilling_stage_may_inherit_trained_distillation_parameters(ti
   assert spec.from_config(tiny_config).stage("stage3").fresh_params == ()
 
 
-def test_teachers_are_pretrained_only_when_used_and_without_weights(tiny_config):
+def test_teachers_are_pretrained_only_when_used_and_without_weights(tiny_config, tmp_path):
   assert spec.from_config(tiny_config).pretrained_teachers() == ("image", "text")
-  tiny_config.teachers.image.init = "/converted/vit.safetensors"
+  (tmp_path / "vit.safetensors").write_bytes(b"")  # the spec checks that it exists, not reads it
+  tiny_config.teachers.image.init = str(tmp_path / "vit.safetensors")
   assert spec.from_config(tiny_config).pretrained_teachers() == ("text",)
   del tiny_config.stages["stage2"]
   assert spec.from_config(tiny_config).pretrained_teachers() == ()

@@ -162,13 +162,13 @@ def test_non_finite_loss_stops_the_run(tiny_config, tmp_path):
     ("stages.stage2.fresh_params", ("teacher_image_proj", "teacher_text_proj", "lam", "temp2",
                                     "lambda"),
      r"config\.stages\.stage2\.fresh_params: \['lambda'\] are not parameter subtrees"),
-    ("model.image.kind", "swin", r"config\.model\.image\.kind: tower kind 'swin' is not "
-                                 r"registered; known: \['clip_vit', 'text', 'vit'\]"),
+    ("model.image.kind", "swin_v2", r"config\.model\.image\.kind: tower kind 'swin_v2' is not "
+                                    r"registered; known: \['clip_vit', 'swin', 'text', 'vit'\]"),
     ("model.image.kind", "text", r"config\.model\.image\.kind='text' is a text tower"),
     ("teachers.image.dtype", "float16", r"config\.teachers\.image\.dtype='float16' is not one"),
     ("model.image.init", "/nonexistent.safetensors",
-     r"config\.model\.image\.init='/nonexistent\.safetensors': /nonexistent\.safetensors does "
-     r"not exist"),
+     r"config\.model\.image\.init='/nonexistent\.safetensors' does not exist: convert the "
+     r"checkpoint into it first"),
 ])
 def test_invalid_config_values(tiny_config, tmp_path, field, value, match):
   *path, key = field.split(".")

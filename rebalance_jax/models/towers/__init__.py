@@ -31,7 +31,7 @@ MODALITIES = ("image", "text")
 
 class TowerOutput(NamedTuple):
   tokens: jax.Array  # (B, N, W) float32 token states
-  pooled: jax.Array  # (B, W) float32: the tower's [CLS] (its pooling of the tokens)
+  pooled: jax.Array  # (B, W) float32: the tower's pooling of the tokens (its [CLS], or a mean)
   mask: jax.Array    # (B, N) int32: 1 for real tokens
 
 

@@ -1,6 +1,8 @@
 """Text tower in BERT's layout (word/position/type embeddings, post-norm layers), so that BERT
-checkpoints convert into it; its pooled output is position 0 ([CLS]). `vocab_size` always comes
-from the tokenizer, never from the config."""
+checkpoints convert into it. Its pooled output is `pooling`: "cls", position 0 ([CLS], BERT's and
+the reference's), or "mean", the mean of the hidden states over the real tokens (mask 1), as
+sentence-transformers pools all-MiniLM-L6-v2. `vocab_size` always comes from the tokenizer, never
+from the config."""
 
 import dataclasses
 
@@ -9,6 +11,8 @@ import jax.numpy as jnp
 
 from rebalance_jax.models import towers
 from rebalance_jax.models.layers import PostNormBlock, block_class, embedding_init
+
+POOLINGS = ("cls", "mean")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +26,18 @@ class TextConfig:
   dropout: float = 0.0
   dtype: str = "float32"
   remat: bool = False
+  pooling: str = "cls"  # the pooled output: "cls" (position 0) or "mean" (over real tokens)
+
+  def __post_init__(self):
+    if self.pooling not in POOLINGS:
+      raise ValueError(f"pooling={self.pooling!r} is not one of {POOLINGS}")
+
+
+def mean_pool(x, mask):
+  """(B, L, W) states, (B, L) mask -> (B, W): the mean over the positions where mask is 1 (a row
+  without any is 0)."""
+  weights = mask.astype(x.dtype)[..., None]
+  return (x * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
 
 
 class TextEncoder(nn.Module):
@@ -45,7 +61,8 @@ class TextEncoder(nn.Module):
     for i in range(c.depth):
       x = layer(c.num_heads, c.mlp_dim, c.dropout, dtype=dtype, name=f"layer{i}")(x, train, mask)
     x = x.astype(jnp.float32)
-    return towers.TowerOutput(x, x[:, 0], mask)
+    pooled = mean_pool(x, mask) if c.pooling == "mean" else x[:, 0]
+    return towers.TowerOutput(x, pooled, mask)
 
 
 towers.register("text", towers.TowerKind("text", TextConfig, TextEncoder))

@@ -66,7 +66,7 @@ def test_converted_bert_matches_transformers_bert(bert_dir, tmp_path):
   directory, reference = bert_dir
   config, tensors = convert.read_hf_directory(str(directory))
   params, fields, dropped = convert.convert_hf_bert_text(config, tensors, range(3), max_tokens=16)
-  pooler = "the pooler is not part of the text tower (its [CLS] is position 0)"
+  pooler = "the pooler is not part of the text tower (it pools on its own)"
   assert dropped == {"bert.pooler.dense.weight": pooler, "bert.pooler.dense.bias": pooler,
                      "cls.predictions.bias": "pre-training heads are not part of the text tower"}
   ids, mask = _inputs()

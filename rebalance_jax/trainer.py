@@ -68,6 +68,17 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation) -> Call
   return train_step
 
 
+def jit_train_step(loss_fn: Callable, tx: optax.GradientTransformation, mesh: Mesh, target):
+  """The jitted train step for states laid out as `target` (`abstract_state`): the batch split
+  over the mesh, frozen inputs and the rng replicated, the state donated."""
+  replicated = sharding.replicated(mesh)
+  state_shardings = jax.tree.map(lambda s: s.sharding, target)
+  return jax.jit(make_train_step(loss_fn, tx),
+                 in_shardings=(state_shardings, sharding.batch_sharding(mesh), replicated,
+                               replicated),
+                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+
 def _initial_state(params, tx: optax.GradientTransformation):
   return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
@@ -140,12 +151,7 @@ def run_stage(stage: Stage, init_params, frozen, mesh: Mesh, until_step: int | N
   if step >= end:
     return state
 
-  replicated = sharding.replicated(mesh)
-  state_shardings = jax.tree.map(lambda s: s.sharding, target)
-  train_step = jax.jit(make_train_step(stage.loss_fn, stage.tx),
-                       in_shardings=(state_shardings, sharding.batch_sharding(mesh), replicated,
-                                     replicated),
-                       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  train_step = jit_train_step(stage.loss_fn, stage.tx, mesh, target)
   rng = jax.random.key(stage.seed)
   stage.writer.start(step)
   progress = reporting.Progress(stage.name, stage.total_steps, step)

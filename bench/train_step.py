@@ -1,0 +1,289 @@
+"""Times one stage's jitted train step (compilation, steady-state steps), measures its memory and
+the student's parameters, and prints the figures.
+
+  python bench/train_step.py --config=configs/demo.py --batch_size=64 --stage=stage2 --threads=2
+  python bench/train_step.py --config=configs/flickr.py --batch_size=4 --stage=stage2 \
+      --threads=2 --steps=2
+  python bench/train_step.py --config=configs/bench_tiny.py --batch_size=8 --stage=stage2 \
+      --threads=1
+
+Builds the stage as `train.py` does, with the same library pieces (`objective.batch_loss`,
+`optim.make_optimizer`, `trainer.abstract_state`/`create_state`, `trainer.jit_train_step` with
+`trainer.run_stage`'s shardings and donation), but with nothing read from disk: random student
+parameters (every `init` of the config, config.model.init included, is set to ''), and a random
+host batch of the stage's global batch size (uint8 images, token ids and mask, image ids, and for
+a distilling stage precomputed teacher features of the teachers' widths). Any
+--config.<field>=<value> applies.
+
+Reports: lowering and compilation of the step (separately; the persistent compilation cache is
+off), the compiled step's memory analysis (arguments, outputs, temporaries), the median and spread
+of --steps compiled steps after --warmup steps (each blocked on), examples/s, the process's peak
+RSS, the CPU time of this and of other processes during the timed steps (this machine is shared:
+other processes' load slows the steps), and the student's parameter count by top-level subtree.
+
+--threads=N pins the process to N CPUs (`os.sched_setaffinity`) before JAX is imported: XLA:CPU
+sizes its thread pools from the CPUs it may run on, and the threads it runs cannot use more than
+those N cores (compilation included). The text tower's vocabulary: --vocab_size, else the size of
+config.tokenizer.vocab_file if that file exists, else config.tokenizer.vocab_size (the WordPiece
+vocabulary train.py trains when vocab_file is ''; its real size can be a little smaller). The
+reference configs name bert-base-uncased's vocab.txt: without it, pass --vocab_size=30522.
+"""
+
+import os
+import sys
+
+
+def _threads_from_argv(argv: list[str]) -> int:
+  """--threads=N (or --threads N) from the command line, before any flag library is imported."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--threads="):
+      return int(arg.split("=", 1)[1])
+    if arg == "--threads" and i + 1 < len(argv):
+      return int(argv[i + 1])
+  return 0
+
+
+def _limit_threads(threads: int) -> None:
+  if threads <= 0:
+    return
+  cpus = sorted(os.sched_getaffinity(0))
+  if threads > len(cpus):
+    sys.exit(f"--threads={threads}: this process may run on {len(cpus)} CPUs only ({cpus})")
+  os.sched_setaffinity(0, cpus[:threads])
+
+
+if "jax" in sys.modules:  # pragma: no cover - a guard for imports of this file
+  sys.exit("bench/train_step.py: JAX was imported before the thread limit could be set")
+_limit_threads(_threads_from_argv(sys.argv))
+
+import dataclasses  # noqa: E402
+import functools  # noqa: E402
+import resource  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from rebalance_jax import cli, experiment, objective, sharding, spec, trainer  # noqa: E402
+from rebalance_jax.data import text  # noqa: E402
+from rebalance_jax.errors import InputError  # noqa: E402
+from rebalance_jax.models.student import init_student  # noqa: E402
+from rebalance_jax.optim import make_optimizer  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_STAGE = flags.DEFINE_string("stage", "stage2", "The stage whose objective is timed.")
+_BATCH = flags.DEFINE_integer("batch_size", 0, "Global batch size (0: the stage's).")
+_THREADS = flags.DEFINE_integer("threads", 0, "Run on this many CPUs (0: all this process may).")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
+_WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps before them.")
+_VOCAB = flags.DEFINE_integer("vocab_size", 0, "The text tower's vocabulary (0: see above).")
+
+MIB = 2**20
+SUBTREES = ("image_encoder", "text_encoder", "fusion_encoder")
+
+
+def without_init_weights(config):
+  """Every `init` of the config set to '' (random parameters): the whole student's, each
+  tower's, the fusion encoder's and the teachers'."""
+  for section in (config.model, config.model.image, config.model.text, config.model.fusion,
+                  config.teachers.image, config.teachers.text):
+    if "init" in section:
+      section.init = ""
+  return config
+
+
+def vocab_size(config) -> tuple[int, str]:
+  """The text tower's vocabulary size, and where it comes from."""
+  if _VOCAB.value:
+    return _VOCAB.value, "--vocab_size"
+  vocab_file = config.tokenizer.vocab_file
+  if vocab_file and os.path.isfile(os.path.expanduser(vocab_file)):
+    return (text.check_vocab(os.path.expanduser(vocab_file))["size"],
+            f"config.tokenizer.vocab_file={vocab_file!r}")
+  if vocab_file:
+    return config.tokenizer.vocab_size, (
+        f"config.tokenizer.vocab_size: NOTE config.tokenizer.vocab_file={vocab_file!r} is "
+        "absent; pass --vocab_size=N for its size (bert-base-uncased: 30522)")
+  return config.tokenizer.vocab_size, "config.tokenizer.vocab_size"
+
+
+def random_batch(exp: spec.Experiment, stage: spec.StageSpec, vocab: int, seed: int = 0):
+  """A host batch shaped as `pipeline.pair_rows` (plus `TeacherFeatures.rows`) makes one."""
+  rng = np.random.default_rng(seed)
+  b, size, tokens = stage.batch_size, exp.data.image_size, exp.data.max_tokens
+  lengths = rng.integers(max(tokens // 2, 1), tokens + 1, b)
+  mask = (np.arange(tokens)[None] < lengths[:, None]).astype(np.int32)
+  batch = {"image": rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8),
+           "ids": (rng.integers(1, vocab, (b, tokens)) * mask).astype(np.int32),
+           "mask": mask, "image_id": np.arange(b, dtype=np.int32)}
+  if stage.objective.uses_teachers:
+    s = exp.student
+    batch["teacher_image"] = rng.normal(size=(b, s.image_teacher_dim)).astype(np.float32)
+    batch["teacher_text"] = rng.normal(size=(b, s.text_teacher_dim)).astype(np.float32)
+  return batch
+
+
+def count(tree) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def tower_line(name: str, tower) -> str:
+  fields = {k: v for k, v in dataclasses.asdict(tower.config).items() if k not in ("mean", "std")}
+  return f"  {name}: {tower.kind} " + " ".join(f"{k}={v}" for k, v in fields.items())
+
+
+def peak_rss_mib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def machine_cpu_seconds() -> tuple[float, float]:
+  """(busy, steal) CPU-seconds of the whole machine since boot, from /proc/stat."""
+  with open("/proc/stat") as f:
+    user, nice, system, _, _, irq, softirq, steal = map(int, f.readline().split()[1:9])
+  hz = os.sysconf("SC_CLK_TCK")
+  return (user + nice + system + irq + softirq) / hz, steal / hz
+
+
+def own_cpu_seconds() -> float:
+  t = os.times()
+  return t.user + t.system
+
+
+def time_steps(compiled, state, args, warmup: int, steps: int):
+  """Runs `warmup` then `steps` steps, each blocked on; returns (state, last metrics, seconds of
+  each timed step, the CPU use of this and of other processes meanwhile)."""
+  seconds, metrics = [], None
+  for i in range(warmup + steps):
+    if i == warmup:
+      (busy0, steal0), own0, wall0 = machine_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
+    start = time.perf_counter()
+    state, metrics = compiled(state, *args)
+    jax.block_until_ready((state, metrics))
+    if i >= warmup:
+      seconds.append(time.perf_counter() - start)
+  wall = time.perf_counter() - wall0
+  (busy1, steal1), own = machine_cpu_seconds(), own_cpu_seconds() - own0
+  if wall < 1.0:  # the counters tick every 10 ms
+    return state, metrics, seconds, f"not measured ({wall:.2f} s is too short)"
+  return state, metrics, seconds, (
+      f"this process {own / wall:.2f} cores, other processes "
+      f"{max(busy1 - busy0 - own, 0.0) / wall:.2f} cores, hypervisor steal "
+      f"{(steal1 - steal0) / wall:.2f} cores")
+
+
+def spread(seconds: list[float]) -> str:
+  s = np.asarray(seconds)
+  out = f"median {np.median(s):.4g} s, min {s.min():.4g}, max {s.max():.4g}"
+  if len(s) >= 4:
+    p25, p75 = np.percentile(s, [25, 75])
+    out += f", p25-p75 {p25:.4g}-{p75:.4g}"
+  return out
+
+
+def main(argv):
+  try:
+    bench(argv)
+  except InputError as e:
+    sys.exit(f"bench/train_step.py: error: {e}")
+
+
+def bench(argv):
+  del argv
+  if _THREADS.value != _threads_from_argv(sys.argv):
+    sys.exit("--threads: give it as --threads=N or --threads N on the command line")
+  jax.config.update("jax_enable_compilation_cache", False)  # compile times are compile times
+  config = without_init_weights(_CONFIG.value)
+  stage_name = _STAGE.value
+  if stage_name not in config.stages:
+    sys.exit(f"--stage={stage_name}: the config's stages are {sorted(config.stages)}")
+  if _BATCH.value:
+    config.stages[stage_name].batch_size = _BATCH.value
+  exp = spec.from_config(config)
+  stage = exp.stage(stage_name)
+  if stage.objective.uses_teachers and exp.teachers.mode != "precomputed":
+    sys.exit(f"config.teachers.mode={exp.teachers.mode!r}: this bench times precomputed teacher "
+             "features; pass --config.teachers.mode=precomputed")
+  mesh = experiment.make_mesh(exp)
+  sharding.check_batch_size(stage.batch_size, mesh, f"{stage.field}.batch_size")
+  vocab, vocab_from = vocab_size(config)
+  model = experiment.student_model(exp, vocab)
+  seed = trainer.stage_seed(exp.seed, stage.name)
+
+  print(f"{stage.name} of {config_flags.get_config_filename(flags.FLAGS['config'])} at global "
+        f"batch {stage.batch_size}; terms {dict(stage.objective.weights)}")
+  print(f"  jax {jax.__version__}, {mesh.devices.size} {jax.default_backend()} device(s), "
+        f"CPUs {sorted(os.sched_getaffinity(0))} (--threads={_THREADS.value or 'unset'}), "
+        f"{len(os.listdir('/proc/self/task'))} threads before compiling")
+  student = model.config
+  print(tower_line("image", student.image))
+  print(tower_line("text", student.text) + f" (vocab_size from {vocab_from})")
+  print(f"  fusion: {' '.join(f'{k}={v}' for k, v in dataclasses.asdict(student.fusion).items())}; "
+        f"embed_dim={student.embed_dim}; teacher widths {student.image_teacher_dim}, "
+        f"{student.text_teacher_dim}")
+
+  abstract_params = jax.eval_shape(functools.partial(init_student, model), jax.random.key(0))
+  total = count(abstract_params)
+  heads = {k: count(v) for k, v in abstract_params.items() if k not in SUBTREES}
+  print(f"parameters: {total:,} ({total / 1e6:.2f}M)")
+  for name in SUBTREES:
+    if name in abstract_params:
+      print(f"  {name:<15s} {count(abstract_params[name]):>13,}")
+  print(f"  {'heads':<15s} {sum(heads.values()):>13,}  (" +
+        ", ".join(f"{k} {v:,}" for k, v in heads.items()) + ")")
+
+  # The stage as train.train_student_stage and trainer.run_stage build it.
+  total_steps = stage.num_steps if stage.num_steps > 0 else 10_000  # only the lr schedule's shape
+  tx, _ = make_optimizer(exp.optim, abstract_params, total_steps)
+  loss_fn = functools.partial(objective.batch_loss, model=model, objective=stage.objective,
+                              augment_shift=exp.data.augment_shift, online_teachers=None,
+                              mesh=mesh)
+  target = trainer.abstract_state(abstract_params, tx, mesh, exp.param_rules)
+  train_step = trainer.jit_train_step(loss_fn, tx, mesh, target)
+  batch = sharding.to_global(random_batch(exp, stage, vocab), mesh)
+  rng = jax.random.key(seed)
+  frozen = None
+
+  rss_before = peak_rss_mib()
+  start = time.perf_counter()
+  lowered = train_step.lower(target, batch, frozen, rng)
+  lower_s = time.perf_counter() - start
+  start = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start
+  print(f"lower   {lower_s:8.2f} s")
+  print(f"compile {compile_s:8.2f} s")
+  rss_compile = peak_rss_mib()
+  memory = compiled.memory_analysis()
+  if memory is None:
+    print("memory analysis: not available on this backend")
+  else:
+    print(f"compiled step memory: arguments {memory.argument_size_in_bytes / MIB:.1f} MiB, "
+          f"outputs {memory.output_size_in_bytes / MIB:.1f} MiB (aliased with arguments "
+          f"{memory.alias_size_in_bytes / MIB:.1f} MiB), temporaries "
+          f"{memory.temp_size_in_bytes / MIB:.1f} MiB")
+
+  if _STEPS.value <= 0:
+    print("steps: none run (--steps=0)")
+  else:
+    params = jax.jit(functools.partial(init_student, model))(jax.random.key(seed))
+    state = trainer.create_state(params, tx, mesh, exp.param_rules)
+    del params
+    state, metrics, seconds, cpu = time_steps(compiled, state, (batch, frozen, rng), _WARMUP.value,
+                                              _STEPS.value)
+    median = float(np.median(seconds))
+    print(f"step ({len(seconds)} after {_WARMUP.value} warm-up): {spread(seconds)}")
+    print(f"  {stage.batch_size / median:.2f} examples/s at the median")
+    print(f"  CPU during the timed steps: {cpu}")
+    fetched = jax.device_get(metrics)
+    print(f"  after step {int(state['step'])}: loss/total {float(fetched['loss/total']):.4f}, "
+          f"grad_norm {float(fetched['grad_norm']):.4f}")
+  print(f"peak RSS: {rss_before:.0f} MiB before compiling, {rss_compile:.0f} MiB after, "
+        f"{peak_rss_mib():.0f} MiB at the end")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main, flags_parser=cli.parse_flags)

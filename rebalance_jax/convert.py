@@ -580,53 +580,45 @@ def _layer_range(text: str, num_layers: int) -> range:
 def run(format_: str, source: str, output: str, layers: str = "", max_tokens: int = 512,
         part: str = "text", image_size: int = 384, window_size: int = 0,
         interpolation: str = "geometric", num_heads: int = 0) -> dict:
-  """Converts `source` into `output`; returns the config section it fits."""
+  """Converts `source` into `output`; returns its `init` and the config fields it fits (for
+  `reference`: {section: fields} of the whole student)."""
+  vocab = os.path.join(source, "vocab.txt")
   if format_ == "reference":
-    return _run_reference(source, output, image_size, max_tokens, num_heads)
-  if format_ == "swin":
-    params, fields, dropped = convert_swin(read_pytorch(source)[0], image_size,
-                                           window_size or None, interpolation)
-    section, kind = "model.image", "swin"
+    tensors, extra = read_pytorch(source)
+    reference_config = extra.get("config")
+    if isinstance(reference_config, dict) and "image_res" in reference_config:
+      image_size = int(reference_config["image_res"])
+    params, sections, dropped = convert_reference(tensors, image_size, max_tokens, num_heads)
+    init_field, fields, vocab = "model.init", sections, "<the reference's bert vocab.txt>"
   else:
-    hf_config, tensors = read_hf_directory(source)
-    span = lambda: _layer_range(layers, hf_config.get("num_hidden_layers", 0))
-    if format_ == "hf_clip_vision":
-      (params, fields, dropped), section, kind = (
-          convert_hf_clip_vision(hf_config, tensors), "model.image", "clip_vit")
-    elif part == "text":
-      (params, fields, dropped), section, kind = (
-          convert_hf_bert_text(hf_config, tensors, span(), max_tokens), "model.text", "")
+    if format_ == "swin":
+      params, fields, dropped = convert_swin(read_pytorch(source)[0], image_size,
+                                             window_size or None, interpolation)
+      section, kind = "model.image", "swin"
     else:
-      (params, fields, dropped), section, kind = (
-          convert_hf_bert_fusion(hf_config, tensors, span()), "model.fusion", "")
+      hf_config, tensors = read_hf_directory(source)
+      if format_ == "hf_clip_vision":
+        params, fields, dropped = convert_hf_clip_vision(hf_config, tensors)
+        section, kind = "model.image", "clip_vit"
+      else:
+        span = _layer_range(layers, hf_config.get("num_hidden_layers", 0))
+        if part == "text":
+          params, fields, dropped = convert_hf_bert_text(hf_config, tensors, span, max_tokens)
+        else:
+          params, fields, dropped = convert_hf_bert_fusion(hf_config, tensors, span)
+        section, kind = f"model.{part}", ""
+    sections = {section: {"kind": kind, **fields} if kind else fields}
+    init_field = f"{section}.init"
+    if section != "model.text" or not os.path.exists(vocab):
+      vocab = ""
   weights.save_safetensors(output, params)
   print(f"wrote {output}: {len(traverse_util.flatten_dict(params))} tensors; dropped "
         f"{len(dropped)} ({', '.join(sorted(set(dropped.values())))})")
-  overrides = " ".join(f"--config.{section}.{k}={_flag_value(v)}" for k, v in fields.items())
-  if kind:
-    overrides = f"--config.{section}.kind={kind} " + overrides
-  vocab = os.path.join(source, "vocab.txt")
-  print(f"use it with: --config.{section}.init={output} {overrides}"
-        + (f" --config.tokenizer.vocab_file={vocab}"
-           if section == "model.text" and os.path.exists(vocab) else ""))
-  return {"init": output, **fields}
-
-
-def _run_reference(source: str, output: str, image_size: int, max_tokens: int,
-                   num_heads: int) -> dict:
-  tensors, extra = read_pytorch(source)
-  reference_config = extra.get("config")
-  if isinstance(reference_config, dict) and "image_res" in reference_config:
-    image_size = int(reference_config["image_res"])
-  params, sections, dropped = convert_reference(tensors, image_size, max_tokens, num_heads)
-  weights.save_safetensors(output, params)
-  print(f"wrote {output}: the whole student, {len(traverse_util.flatten_dict(params))} tensors; "
-        f"dropped {len(dropped)} ({', '.join(sorted(set(dropped.values())))})")
   overrides = " ".join(f"--config.{section}.{k}={_flag_value(v)}"
-                       for section, fields in sections.items() for k, v in fields.items())
-  print(f"use it with: --config.model.init={output} {overrides} (and the reference's "
-        "bert-base-uncased vocab.txt as --config.tokenizer.vocab_file)")
-  return {"init": output, **sections}
+                       for section, values in sections.items() for k, v in values.items())
+  print(f"use it with: --config.{init_field}={output} {overrides}"
+        + (f" --config.tokenizer.vocab_file={vocab}" if vocab else ""))
+  return {"init": output, **fields}
 
 
 def _flag_value(value) -> str:

@@ -61,3 +61,23 @@ def saved_state(workdir, stage):
   as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
                           checkpointer.metadata(path).item_metadata.tree)
   return step, checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+
+
+def stage2_loss_and_grads(config, train: bool = False):
+  """((stage-2 loss, metrics), gradients) of a fresh student of `config` (its towers at 16 px and
+  16 tokens, teachers 24- and 40-wide, as the tiny config's) on a fixed random batch of 8."""
+  from rebalance_jax import objective, spec  # pylint: disable=import-outside-toplevel
+  from rebalance_jax.models.student import Student, init_student  # pylint: disable=import-outside-toplevel
+  exp = spec.from_config(config)
+  model = Student(exp.student_config(vocab_size=50))
+  params = init_student(model, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.random((8, 16, 16, 3), np.float32),
+           "ids": rng.integers(1, 50, (8, 16)).astype(np.int32),
+           "mask": np.ones((8, 16), np.int32), "image_id": np.arange(8, dtype=np.int32)}
+  teacher = (rng.normal(size=(8, 24)).astype(np.float32),
+             rng.normal(size=(8, 40)).astype(np.float32))
+  fn = lambda p: objective.stage_loss(p, batch, teacher, jax.random.key(1), model=model,
+                                      objective=exp.stage("stage2").objective,
+                                      num_negative_groups=1, train=train)
+  return jax.jit(jax.value_and_grad(fn, has_aux=True))(params)

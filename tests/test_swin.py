@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from rebalance_jax import convert, weights
+from conftest import stage2_loss_and_grads
+from rebalance_jax import config_base, convert, weights
 from rebalance_jax.errors import InputError
 from rebalance_jax.models import towers
 from rebalance_jax.models.towers import swin
@@ -219,23 +220,9 @@ def test_shifted_window_mask_separates_wrapped_regions():
 def test_swin_student_in_bfloat16_with_remat_matches_float32(tiny_config):
   """A swin image tower in the student: the stage-2 loss and its gradients in float32 against
   bf16 compute with remat and stochastic depth (float32 parameters and gradients)."""
-  from rebalance_jax import config_base, objective, spec  # pylint: disable=import-outside-toplevel
-  from rebalance_jax.models.student import Student, init_student  # pylint: disable=import-outside-toplevel
-
   def loss_and_grads(c, train):
-    exp = spec.from_config(c)
-    model = Student(exp.student_config(vocab_size=50))
-    params = init_student(model, jax.random.key(0))
-    rng = np.random.default_rng(0)
-    batch = {"image": rng.random((8, 16, 16, 3), np.float32),
-             "ids": rng.integers(1, 50, (8, 16)).astype(np.int32),
-             "mask": np.ones((8, 16), np.int32), "image_id": np.arange(8, dtype=np.int32)}
-    teacher = (rng.normal(size=(8, 24)).astype(np.float32),
-               rng.normal(size=(8, 40)).astype(np.float32))
-    fn = lambda p: objective.stage_loss(p, batch, teacher, jax.random.key(1), model=model,
-                                        objective=exp.stage("stage2").objective,
-                                        num_negative_groups=1, train=train)[0]
-    return jax.jit(jax.value_and_grad(fn))(params)
+    (loss, _), grads = stage2_loss_and_grads(c, train)
+    return loss, grads
 
   # 16 px, patch 2: stages at 8 and 4 tokens a side, window 4 (stage 0 shifts its second block).
   tiny_config.model.image = config_base.tower(

@@ -18,7 +18,7 @@ from rebalance_jax.evaluators import ranking, retrieval
 from rebalance_jax.models import towers
 from rebalance_jax.models.student import Student, init_student, with_tower_weights
 from rebalance_jax.models.teachers import Teacher
-from conftest import saved_state
+from conftest import saved_state, stage2_loss_and_grads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,27 +169,10 @@ def test_two_teachers_are_each_evaluated_on_their_own_modality(tiny_config):
 def test_a_bfloat16_rematerialized_student_matches_float32(tiny_config):
   """Every tower and the fusion encoder in bf16 with remat: float32 parameters and gradients, and
   the stage-2 loss within bf16 rounding of the float32 one."""
-  from rebalance_jax import objective
-
-  def loss_and_grads(c):
-    exp = spec.from_config(c)
-    model = Student(exp.student_config(vocab_size=50))
-    params = init_student(model, jax.random.key(0))
-    rng = np.random.default_rng(0)
-    batch = {"image": rng.random((8, 16, 16, 3), np.float32),
-             "ids": rng.integers(1, 50, (8, 16)).astype(np.int32),
-             "mask": np.ones((8, 16), np.int32), "image_id": np.arange(8, dtype=np.int32)}
-    teacher = (rng.normal(size=(8, 24)).astype(np.float32),
-               rng.normal(size=(8, 40)).astype(np.float32))
-    fn = lambda p: objective.stage_loss(p, batch, teacher, jax.random.key(1), model=model,
-                                        objective=exp.stage("stage2").objective,
-                                        num_negative_groups=1, train=False)
-    return jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
-
-  (exact, _), _ = loss_and_grads(tiny_config.copy_and_resolve_references())
+  (exact, _), _ = stage2_loss_and_grads(tiny_config.copy_and_resolve_references())
   for section in (tiny_config.model.image, tiny_config.model.text, tiny_config.model.fusion):
     section.update(dtype="bfloat16", remat=True)
-  (low, metrics), grads = loss_and_grads(tiny_config)
+  (low, metrics), grads = stage2_loss_and_grads(tiny_config)
   assert all(g.dtype == jnp.float32 and np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
   assert metrics["loss/itc"].dtype == jnp.float32
   np.testing.assert_allclose(low, exact, rtol=0.05)

@@ -50,6 +50,15 @@ class Mlp(nn.Module):
     return nn.Dropout(self.dropout)(y, deterministic=not train)
 
 
+def patch_tokens(images, width: int, patch_size: int, dtype, use_bias: bool = True):
+  """Images (B, S, S, 3) -> (B, (S / patch)², width): a patch-sized, patch-strided conv named
+  `patch_embed` (call it inside a tower's compact method; its kernel is (p, p, 3, width))."""
+  x = nn.Conv(width, (patch_size,) * 2, strides=(patch_size,) * 2, padding="VALID",
+              use_bias=use_bias, kernel_init=default_kernel_init, dtype=dtype,
+              name="patch_embed")(images)
+  return x.reshape(x.shape[0], -1, width)
+
+
 def _attention(num_heads: int, dropout: float, dtype, name: str) -> nn.MultiHeadDotProductAttention:
   return nn.MultiHeadDotProductAttention(
       num_heads=num_heads, kernel_init=default_kernel_init, dropout_rate=dropout, dtype=dtype,

@@ -9,8 +9,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from rebalance_jax.models import towers
-from rebalance_jax.models.layers import (PreNormBlock, block_class, default_kernel_init,
-                                         embedding_init)
+from rebalance_jax.models.layers import PreNormBlock, block_class, embedding_init, patch_tokens
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -43,10 +42,7 @@ class ClipVisionTransformer(nn.Module):
     c = self.config
     towers.check_image_size(c, images)
     dtype = towers.compute_dtype(c)
-    x = nn.Conv(c.width, (c.patch_size,) * 2, strides=(c.patch_size,) * 2, padding="VALID",
-                use_bias=False, kernel_init=default_kernel_init, dtype=dtype,
-                name="patch_embed")(images)
-    x = x.reshape(x.shape[0], -1, c.width)
+    x = patch_tokens(images, c.width, c.patch_size, dtype, use_bias=False)
     cls = self.param("cls", embedding_init, (c.width,)).astype(x.dtype)
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, c.width)), x], axis=1)
     x = x + self.param("pos_embed", embedding_init, (x.shape[1], c.width)).astype(x.dtype)

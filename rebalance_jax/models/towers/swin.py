@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rebalance_jax.models import towers
-from rebalance_jax.models.layers import Mlp, block_class, default_kernel_init, embedding_init
+from rebalance_jax.models.layers import (Mlp, block_class, default_kernel_init, embedding_init,
+                                         patch_tokens)
 from rebalance_jax.models.towers.clip_vit import CLIP_MEAN, CLIP_STD
 
 _EPS = 1e-5  # PyTorch's LayerNorm default, used throughout the release
@@ -194,9 +195,7 @@ class SwinTransformer(nn.Module):
     c = self.config
     towers.check_image_size(c, images)
     dtype = towers.compute_dtype(c)
-    x = nn.Conv(c.embed_dim, (c.patch_size,) * 2, strides=(c.patch_size,) * 2, padding="VALID",
-                kernel_init=default_kernel_init, dtype=dtype, name="patch_embed")(images)
-    x = x.reshape(x.shape[0], -1, c.embed_dim)
+    x = patch_tokens(images, c.embed_dim, c.patch_size, dtype)
     x = nn.LayerNorm(epsilon=_EPS, dtype=dtype, name="patch_norm")(x)
     x = nn.Dropout(c.dropout)(x, deterministic=not train)
     rates = np.linspace(0.0, c.drop_path, sum(c.depths)).tolist()

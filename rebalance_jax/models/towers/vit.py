@@ -10,8 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from rebalance_jax.models import towers
-from rebalance_jax.models.layers import (PreNormBlock, block_class, default_kernel_init,
-                                         embedding_init)
+from rebalance_jax.models.layers import PreNormBlock, block_class, embedding_init, patch_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,9 +40,7 @@ class VisionTransformer(nn.Module):
     c = self.config
     towers.check_image_size(c, images)
     dtype = towers.compute_dtype(c)
-    x = nn.Conv(c.width, (c.patch_size,) * 2, strides=(c.patch_size,) * 2, padding="VALID",
-                kernel_init=default_kernel_init, dtype=dtype, name="patch_embed")(images)
-    x = x.reshape(x.shape[0], -1, c.width)
+    x = patch_tokens(images, c.width, c.patch_size, dtype)
     cls = self.param("cls", nn.initializers.zeros, (1, 1, c.width))
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, c.width)).astype(x.dtype), x],
                         axis=1)

@@ -16,6 +16,8 @@ setup(
         "orbax-checkpoint>=0.12.8,<0.13",
         "ml_collections>=1.1.0",
         "tensorflow-datasets>=4.9.10",
+        "array_record>=0.8.6",  # the prepared datasets' file format (data/prepared.py)
+        "importlib_resources>=7.1.0",  # TFDS builders need it and do not declare it
         "grain>=0.2.18,<0.3",  # the input pipeline (data/pipeline.py)
         "safetensors>=0.8.0",  # converted weights (weights.py)
         # 4.57.x is the last transformers with Flax code; used for tokenizers and weight reading.

@@ -51,7 +51,7 @@ def main():
   images = np.asarray(data.train.images[:1]).nbytes * data.train.num_images
   print(f"training images on disk:             {images / 2**20:8.1f} MiB "
         f"({data.train.num_images} images, {data.train.num_captions} pairs)")
-  batches = pipeline.TrainBatches(data.train.num_captions, 64, 0, pipeline.pair_rows(data))
+  batches = pipeline.TrainBatches(data.train.num_captions, 64, 0, pipeline.pair_rows(data, 0))
   start = time.perf_counter()
   for _ in batches.iterate(0, args.steps):
     pass

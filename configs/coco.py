@@ -17,5 +17,4 @@ from rebalance_jax import config_base as common
 
 
 def get_config(arg: str = ""):
-  del arg
-  return common.reference_config("coco", lr=3e-5, max_tokens=40)
+  return common.reference_config("coco", lr=3e-5, max_tokens=40, variant=arg)

@@ -30,5 +30,4 @@ from rebalance_jax import config_base as common
 
 
 def get_config(arg: str = ""):
-  del arg
-  return common.reference_config("flickr30k", lr=5e-5, max_tokens=60)
+  return common.reference_config("flickr30k", lr=5e-5, max_tokens=60, variant=arg)

@@ -18,5 +18,4 @@ from rebalance_jax import config_base as common
 
 
 def get_config(arg: str = ""):
-  del arg
-  return common.reference_config("vizwiz", lr=5e-5, max_tokens=40)
+  return common.reference_config("vizwiz", lr=5e-5, max_tokens=40, variant=arg)

@@ -21,6 +21,7 @@ import dataclasses
 
 import ml_collections
 
+from rebalance_jax.data import real
 from rebalance_jax.models import towers
 from rebalance_jax.models.student import DISTILLATION_PARAMS
 
@@ -75,14 +76,31 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.name = "synthetic"
   c.data.cache_dir = "~/.cache/rebalance_jax"
+  # A real dataset (flickr30k, coco, vizwiz; data/real.py) from local files: the images, and the
+  # Karpathy split file (annotation_file) or the train/val/test annotation files (the
+  # reference's JSON lists; VizWiz-Captions' train.json and val.json).
   c.data.image_root = ""
+  c.data.annotation_file = ""
   c.data.train_file = ""
+  c.data.val_file = ""
   c.data.test_file = ""
+  # Where `python -m rebalance_jax.prepare` writes it ('': <cache_dir>/prepared/<name>-<hash of
+  # the annotations>), and what preparing does with a bad example: "error" or "skip" (counted
+  # and reported).
+  c.data.prepared_dir = ""
+  c.data.on_bad_example = "error"
+  c.data.num_workers = 0  # training batches: > 0 worker processes decode and augment them
   c.data.image_size = 32
   c.data.max_tokens = 24
   c.data.max_words_train = 60
   c.data.max_words_eval = 30
-  c.data.augment_shift = 2  # random translation of training images, in pixels (0: none)
+  # Training augmentation: "shift" (a random translation of up to augment_shift pixels, on the
+  # device; the synthetic data) or "reference" ([ref]: RandomResizedCrop(crop_scale), horizontal
+  # flip, RandAugment(randaugment = (ops, magnitude)); records of encoded images only).
+  c.data.augment = "shift"
+  c.data.augment_shift = 2
+  c.data.crop_scale = (0.5, 1.0)
+  c.data.randaugment = (2, 7)
   c.data.synthetic = ml_collections.ConfigDict(dict(
       num_train=3000, num_val=200, num_test=1000, captions_per_image=5, max_objects=3,
       caption_keep_prob=0.6, degrade_fraction=0.2, seed=0))
@@ -108,6 +126,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.teachers.image = vit(32, 4, 64, 2, 4, 128)
   c.teachers.text = text(24, 80, 2, 4, 160)
   c.teachers.vocab_file = ""  # the text teacher's tokenizer ('': the student's)
+  # Precomputed features (python -m rebalance_jax.teachers writes them; training computes any
+  # that are missing): their directory ('': <workdir>/teacher_features) and stored dtype.
+  c.teachers.features_dir = ""
+  c.teachers.feature_dtype = "float32"
   # A teacher without `init` weights is pre-trained on the dataset's scene attributes (synthetic
   # data only), for num_steps at batch_size and lr.
   c.teachers.num_steps = 400
@@ -176,23 +198,39 @@ def bert_text_weights(max_tokens: int) -> str:
   return f"weights/bert_base_uncased_text_{max_tokens}.safetensors"
 
 
-def reference_config(name: str, lr: float, max_tokens: int):
+CLIP_L14_VISION = "weights/clip_vit_large_patch14_vision.safetensors"
+
+
+def bert_teacher_weights(max_tokens: int) -> str:
+  return f"weights/bert_base_uncased_teacher_{max_tokens}.safetensors"
+
+
+def reference_config(name: str, lr: float, max_tokens: int, variant: str = ""):
   """The [ref] recipe shared by the three datasets: Swin-B/384 (window 12, from ImageNet-22k)
   and BERT-base layers 0-5 (text) and 6-11 (fusion, fresh cross-attention), from the converted
-  checkpoints (configs/flickr.py's docstring; each path can be overridden)."""
+  checkpoints (configs/flickr.py's docstring; each path can be overridden). The frozen teachers:
+  CLIP ViT-L/14's vision tower (1024-d, its own 224 px view and normalization) and BERT-base
+  (768-d, all 12 layers). Variant "tiny": the same data pipeline with tiny towers
+  (`tiny_reference_model`)."""
+  if variant not in ("", "tiny"):
+    raise ValueError(f"configs/{name}: unknown variant {variant!r} (it has 'tiny')")
   c = base_config()
   c.data.name = name
   c.data.image_size = 384
   c.data.max_tokens = max_tokens
-  c.data.augment_shift = 0  # [ref] RandomResizedCrop/RandAugment arrive with the real pipeline
+  c.data.augment = "reference"
+  c.data.augment_shift = 0
+  c.data[name] = real.OPTIONS[name]
+  del c.data.synthetic
   c.tokenizer.append_sep = False
   c.tokenizer.vocab_file = BERT_VOCAB
   c.model.image = tower("swin", init=SWIN_B_384)  # the kind's defaults are Swin-B/384 window 12
   c.model.text = text(max_tokens, 768, 6, 12, 3072, dropout=0.1, init=bert_text_weights(max_tokens))
   c.model.fusion = fusion(6, 12, 3072, dropout=0.1, init=BERT_FUSION)
   c.model.embed_dim = 256
-  c.teachers.image = vit(384, 16, 1024, 24, 16, 4096)  # 1024-d image teacher
-  c.teachers.text = text(max_tokens, 768, 12, 12, 3072)  # 768-d text teacher
+  c.teachers.image = tower("clip_vit", init=CLIP_L14_VISION, image_size=224, patch_size=14,
+                           width=1024, depth=24, num_heads=16, mlp_dim=4096)
+  c.teachers.text = text(max_tokens, 768, 12, 12, 3072, init=bert_teacher_weights(max_tokens))
   c.optim.lr = lr
   for stage_config in c.stages.values():
     stage_config.update(num_epochs=10, num_steps=0, batch_size=36)
@@ -202,4 +240,30 @@ def reference_config(name: str, lr: float, max_tokens: int):
   # [ref] selects each epoch's best r_mean on the test split: --config.eval.select_on=test
   # reproduces that (optimistic); the default selects on the validation split.
   c.eval.subsets = (1000,) if name == "coco" else ()
+  if variant == "tiny":
+    tiny_reference_model(c)
   return c
+
+
+def tiny_reference_model(c: ml_collections.ConfigDict) -> None:
+  """Tiny towers on a real dataset's pipeline, for trying it on small data in minutes on a CPU
+  (e.g. the miniature trees of `python -m rebalance_jax.data.miniature`): a 64 px ViT student
+  with 2-layer text and 1-layer fusion encoders, a WordPiece vocabulary trained on the training
+  captions, and tiny frozen teachers (a 32 px ViT; a 1-layer text tower with its own
+  tokenizer, teachers.vocab_file) whose weights must be given: the miniature tool writes random
+  stand-ins (`miniature.write_tiny_teachers`). Nothing here is meant to reach the paper's
+  numbers."""
+  c.data.image_size = 64
+  c.tokenizer.vocab_file = ""
+  c.model.image = vit(64, 16, 64, 2, 4, 128)
+  c.model.text = text(c.data.max_tokens, 64, 2, 4, 128)
+  c.model.fusion = fusion(1, 4, 128)
+  c.model.embed_dim = 32
+  c.teachers.image = vit(32, 8, 48, 1, 4, 96, init="")
+  c.teachers.text = text(60, 40, 1, 4, 80, init="")
+  for stage_config in c.stages.values():
+    stage_config.update(num_epochs=2, batch_size=8)
+  c.optim.lr = 1e-3
+  c.checkpoint.every_steps = 50
+  c.log_every = 5
+  c.eval.update(batch_size=8, itm_k=16, subsets=())

@@ -90,14 +90,14 @@ def checkpoint_directory(workdir: str, phase: str) -> str:
   return os.path.join(workdir, TEACHER_PHASES.get(phase, os.path.join(phase, "checkpoints")))
 
 
-def checkpointer(exp: Experiment, workdir: str, phase: str, vocab: dict, keep: int | None = None,
+def checkpointer(exp: Experiment, workdir: str, phase: str, content: dict, keep: int | None = None,
                  read_only: bool = False) -> checkpointing.Checkpointer:
   """The Checkpointer of `phase` in `workdir`, with its fingerprint; a student stage's also keeps
   its best checkpoint by config.eval.select_metric, unless select_on='last'."""
   selects = phase not in TEACHER_PHASES and exp.eval.select_on != "last"
   return checkpointing.Checkpointer(
       checkpoint_directory(workdir, phase),
-      exp.fingerprint("teachers" if phase in TEACHER_PHASES else phase, vocab),
+      exp.fingerprint("teachers" if phase in TEACHER_PHASES else phase, content),
       exp.checkpoint_keep if keep is None else keep, read_only=read_only,
       best_metric=exp.eval.select_metric if selects else None)
 
@@ -157,12 +157,12 @@ def _selected_by(exp: Experiment, reader, step, chosen, damaged) -> str:
   return how + (", optimistic: selected on the test split" if e.select_on == "test" else "")
 
 
-def check_checkpoint_configs(exp: Experiment, workdir: str, vocab: dict) -> None:
+def check_checkpoint_configs(exp: Experiment, workdir: str, content: dict) -> None:
   """Refuses, before any work, a workdir whose checkpoints another config wrote (any phase)."""
   teachers = [f"teacher_{modality}" for modality in exp.pretrained_teachers()]
   for phase in (*teachers, *exp.stage_names):
     if os.path.isdir(checkpoint_directory(workdir, phase)):
-      reader = checkpointer(exp, workdir, phase, vocab, read_only=True)
+      reader = checkpointer(exp, workdir, phase, content, read_only=True)
       try:
         reader.check_config()
       finally:
@@ -181,11 +181,11 @@ def place_params(exp: Experiment, params, mesh):
   return jax.device_put(params, exp.param_rules.param_shardings(params, mesh))
 
 
-def load_stage_params(exp: Experiment, workdir: str, stage: str, params_like, mesh, vocab: dict,
+def load_stage_params(exp: Experiment, workdir: str, stage: str, params_like, mesh, content: dict,
                       step: int | None = None):
   """(step, params, record) of a stage's selected checkpoint (`select_checkpoint`), read-only."""
   check_stage_checkpoints(workdir, stage)
-  reader = checkpointer(exp, workdir, stage, vocab, read_only=True)
+  reader = checkpointer(exp, workdir, stage, content, read_only=True)
   try:
     return select_checkpoint(exp, reader, params_like, mesh, step)
   finally:

@@ -35,6 +35,7 @@ class FrozenTeacher:
   model: Teacher
   params: Any
   weights_sha256: str
+  preprocessing: dict  # what turns a record into its input (recorded with its features)
   # A text teacher: (captions, train) -> {"ids", "mask"} of its tokenizer, cleaned to the
   # training or evaluation word limit.
   encode: Callable | None = None
@@ -75,8 +76,14 @@ def obtain_teachers(exp: Experiment, data: Dataset, mesh, workdir: str) -> dict[
     encode = lambda captions, train: dict(zip(("ids", "mask"), text.tokenize(
         tokenizer, captions, max_tokens, data.max_words_train if train else data.max_words_eval,
         data.append_sep)))
+    vocab = text.check_vocab(t.vocab_file)
   else:
-    encode = data.encode
+    encode, max_tokens, vocab = data.encode, data.max_tokens, data.vocab
+  preprocessing = {
+      "text": {"vocab_sha256": vocab["sha256"], "max_tokens": max_tokens,
+               "max_words": data.max_words_train, "append_sep": data.append_sep},
+      "image": {"view": "resize", "resize": "bicubic", **{
+          k: getattr(t.image.tower.config, k) for k in ("image_size", "mean", "std")}}}
   text_tower = with_vocab_size(t.text.tower, vocab_size)
   teachers = {}
   for spec, tower in ((t.image, t.image.tower), (t.text, text_tower)):
@@ -89,6 +96,7 @@ def obtain_teachers(exp: Experiment, data: Dataset, mesh, workdir: str) -> dict[
       model, params = _pretrained(exp, spec, tower, data, encode, mesh, workdir)
     teachers[spec.modality] = FrozenTeacher(spec.modality, tower, model, params,
                                             weights_sha256(params),
+                                            preprocessing[spec.modality],
                                             encode if spec.modality == "text" else None)
   return teachers
 
@@ -107,13 +115,13 @@ def _pretrained(exp: Experiment, spec: TeacherSpec, tower, data: Dataset, encode
   else:
     num_examples = train.num_captions
     captions = pipeline.caption_rows(train, functools.partial(encode, train=True))
-    rows = lambda r: {**captions(r), "attributes":
+    rows = lambda r, step: {**captions(r), "attributes":
                       train.attributes[train.caption_image[r]].astype(np.float32)}
   name = f"teacher_{spec.modality}"
   seed = trainer.stage_seed(exp.seed, name)
   init = model.init(jax.random.key(seed), *towers.dummy_inputs(tower))["params"]
   schedule = optax.warmup_cosine_decay_schedule(0.0, t.lr, max(t.num_steps // 10, 1), t.num_steps)
-  checkpointer = experiment.checkpointer(exp, workdir, name, data.vocab, keep=1)
+  checkpointer = experiment.checkpointer(exp, workdir, name, data.content, keep=1)
   stage = trainer.Stage(
       name=name, loss_fn=functools.partial(_attribute_loss, model, tower), tx=optax.adamw(
           schedule, weight_decay=1e-4), schedule=schedule, total_steps=t.num_steps,

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 import ml_collections
 
 from rebalance_jax import sharding
+from rebalance_jax.data.sources import REAL_DATASETS
 from rebalance_jax.errors import InputError
 from rebalance_jax.evaluators import ranking, retrieval
 from rebalance_jax.models import towers
@@ -35,14 +36,17 @@ _CHOICES = {
     "loss.distance": ("mae", "mse"),
     "loss.itm_negatives": ("device", "global"),
     "teachers.mode": ("precomputed", "online"),
+    "teachers.feature_dtype": ("float32", "float16"),
     "model.dual_relation": ("image", "text", "both"),
     "eval.single_modal_self": ranking.SELF_RULES,
     "eval.select_on": ("val", "test", "last"),
+    "data.on_bad_example": ("error", "skip"),
+    "data.augment": ("shift", "reference"),
 }
-# Where the data lies does not change what it is.
-_LOCATION_FIELDS = ("cache_dir", "image_root")
+# Where the data lies, and how many processes read it, do not change what it is.
+_LOCATION_FIELDS = ("cache_dir", "image_root", "prepared_dir", "num_workers")
 # Data fields only the evaluation splits or the student's augmentation depend on.
-_EVAL_ONLY_DATA = ("max_words_eval", "augment_shift")
+_EVAL_ONLY_DATA = ("max_words_eval", "augment", "augment_shift", "crop_scale", "randaugment")
 _EVAL_ONLY_SYNTHETIC = ("num_val", "num_test")
 # Fields of the objective and the model that only matter to a stage with distillation terms: the
 # distillation parameters (student.DISTILLATION_PARAMS) a stage without them holds are never read
@@ -50,7 +54,7 @@ _EVAL_ONLY_SYNTHETIC = ("num_val", "num_test")
 _DISTILLATION_LOSS = ("lambda_mode", "tau2_mode", "tau2_range", "tau2_fixed", "distance")
 _DISTILLATION_MODEL = ("dual_relation", "lam_init", "temp2_init")
 # Teacher fields that change neither the teachers' weights nor their features.
-_TEACHER_USE = ("mode",)
+_TEACHER_USE = ("mode", "features_dir")
 # Model selection decides which checkpoints a stage keeps and what their saved metrics mean.
 _SELECTION = ("select_on", "select_metric", "every_steps", "itm_k", "single_modal_self")
 # A stage's name is a directory of the workdir; these are taken.
@@ -63,13 +67,21 @@ class DataSpec:
   name: str
   cache_dir: str
   image_root: str
+  annotation_file: str
   train_file: str
+  val_file: str
   test_file: str
+  prepared_dir: str
+  on_bad_example: str
+  num_workers: int
   image_size: int
   max_tokens: int
   max_words_train: int
   max_words_eval: int
+  augment: str
   augment_shift: int
+  crop_scale: tuple[float, float]
+  randaugment: tuple[int, int]
   vocab_file: str      # '' trains a WordPiece vocabulary on the training captions
   vocab_size: int      # of that trained vocabulary
   append_sep: bool
@@ -147,6 +159,8 @@ class TeachersSpec:
   image: TeacherSpec
   text: TeacherSpec
   vocab_file: str         # the text teacher's tokenizer ('' : the student's)
+  features_dir: str       # precomputed features ('' : <workdir>/teacher_features)
+  feature_dtype: str      # of the stored features: float32 or float16
   num_steps: int          # attribute pre-training of a teacher without `init` weights
   batch_size: int
   lr: float
@@ -200,9 +214,10 @@ class Experiment:
       return ()
     return tuple(t.modality for t in (self.teachers.image, self.teachers.text) if not t.tower.init)
 
-  def fingerprint(self, phase: str, vocab: dict) -> dict:
-    """What `phase` depends on, with the vocabulary's real size and content hash."""
-    return {**self.fingerprints[phase], "vocab": vocab}
+  def fingerprint(self, phase: str, content: dict) -> dict:
+    """What `phase` depends on, with what only the loaded data knows (`Dataset.content`: the
+    vocabulary's size and hash, a real dataset's annotation hashes)."""
+    return {**self.fingerprints[phase], **content}
 
   def student_config(self, vocab_size: int) -> StudentConfig:
     """The student's config with its text tower sized to the tokenizer's vocabulary."""
@@ -323,11 +338,27 @@ def _check_numbers(config: ml_collections.ConfigDict) -> None:
 def _data(config: ml_collections.ConfigDict) -> DataSpec:
   d, t = config.data, config.tokenizer
   options = d.get(d.name, {})  # the source's own section, e.g. config.data.synthetic
+  if d.augment == "reference" and d.name not in REAL_DATASETS:
+    raise InputError(f"config.data.augment='reference' needs images as files (a real dataset), "
+                     f"not config.data.name={d.name!r}")
+  low, high = d.crop_scale
+  if not 0 < low <= high <= 1:
+    raise InputError(f"config.data.crop_scale={tuple(d.crop_scale)} must be (low, high) with "
+                     "0 < low <= high <= 1")
+  ops, magnitude = d.randaugment
+  if ops < 0 or not 0 <= magnitude <= 10:
+    raise InputError(f"config.data.randaugment={tuple(d.randaugment)} must be (ops >= 0, "
+                     "magnitude in [0, 10])")
+  if d.num_workers < 0:
+    raise InputError(f"config.data.num_workers={d.num_workers} must be >= 0")
   return DataSpec(
-      name=d.name, cache_dir=d.cache_dir, image_root=d.image_root, train_file=d.train_file,
-      test_file=d.test_file, image_size=d.image_size, max_tokens=d.max_tokens,
-      max_words_train=d.max_words_train, max_words_eval=d.max_words_eval,
-      augment_shift=d.augment_shift, vocab_file=t.vocab_file, vocab_size=t.vocab_size,
+      name=d.name, cache_dir=d.cache_dir, image_root=d.image_root,
+      annotation_file=d.annotation_file, train_file=d.train_file, val_file=d.val_file,
+      test_file=d.test_file, prepared_dir=d.prepared_dir, on_bad_example=d.on_bad_example,
+      num_workers=d.num_workers, image_size=d.image_size, max_tokens=d.max_tokens,
+      max_words_train=d.max_words_train, max_words_eval=d.max_words_eval, augment=d.augment,
+      augment_shift=d.augment_shift, crop_scale=tuple(d.crop_scale),
+      randaugment=tuple(d.randaugment), vocab_file=t.vocab_file, vocab_size=t.vocab_size,
       append_sep=t.append_sep, options=_plain(options))
 
 
@@ -338,6 +369,7 @@ def _teachers(config: ml_collections.ConfigDict) -> TeachersSpec:
   text = TeacherSpec("text", _tower(t.text, "config.teachers.text", "text", vocab_size=1),
                      "config.teachers.text")
   return TeachersSpec(mode=t.mode, image=image, text=text, vocab_file=t.vocab_file,
+                      features_dir=t.features_dir, feature_dtype=t.feature_dtype,
                       num_steps=t.num_steps, batch_size=t.batch_size, lr=t.lr)
 
 

@@ -1,13 +1,17 @@
 """The teacher-feature job: the frozen teachers run once over the training set (METHOD.md §3).
 
 Features are stored per image (one row per training image) and per caption (one row per training
-caption), not one row per pair. The job runs sharded over devices and processes in padded global
-batches (`pipeline.padded_batches`); each process streams the rows it computed into its own shard
-file, `<modality>-<process>-of-<processes>.npy` (no file is written by two processes, so any
-shared filesystem works), with its content hash. Process 0 then writes the manifest that marks the
-set complete: it names the teachers (config and weight hashes), the vocabulary, the split's size
-and the layout (batch size, process count) that maps a global row to its shard.
-`TeacherFeatures.rows` reads a training batch's rows by index from the memory-mapped shards.
+caption), not one row per pair, in chunks of `chunk_rows` global rows: `<modality>-<chunk>.npy`
+(float32 or float16), each written atomically by process 0 with its content hash, so a killed job
+resumes at the first missing chunk. Every process runs every batch (sharded over all devices);
+the features come back replicated and process 0 writes them.
+
+The manifest, written before the first chunk, names what the features are made from: the
+teachers' config fingerprint and weight hashes, each teacher's preprocessing (image size and
+normalization; tokenizer vocabulary and limits), the training data's identity (its annotation
+files' hashes, or the synthetic cache key), the row counts, dimensions and dtype. Features whose
+manifest names anything else are refused, never overwritten. `TeacherFeatures.rows` reads a
+training batch's rows by global index from the memory-mapped chunks.
 """
 
 import json
@@ -17,45 +21,60 @@ import jax
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
-from rebalance_jax import files, interrupts, reporting, sharding
+from rebalance_jax import (experiment, files, frozen_teachers, interrupts, reporting, sharding,
+                           spec)
 from rebalance_jax.data import pipeline
-from rebalance_jax.data.dataset import Dataset
+from rebalance_jax.data.dataset import Dataset, load_dataset
+from rebalance_jax.errors import InputError
 
 MODALITIES = ("image", "text")
 MANIFEST = "manifest.json"
-_LAYOUT = "per-image and per-caption rows, float32, one shard per process"
-# How the rows are split into shards: any layout is read back, whatever the process count now.
-_LAYOUT_FIELDS = ("batch_size", "num_processes")
+FORMAT = "per-image and per-caption rows in chunks of chunk_rows global rows"
+CHUNK_ROWS = 16384
+DTYPES = ("float32", "float16")
 
 
-def shard_path(directory: str, modality: str, process: int, num_processes: int) -> str:
-  return os.path.join(directory, f"{modality}-{process:05d}-of-{num_processes:05d}.npy")
+def chunk_path(directory: str, modality: str, chunk: int) -> str:
+  return os.path.join(directory, f"{modality}-{chunk:05d}.npy")
+
+
+def num_chunks(num_rows: int, chunk_rows: int) -> int:
+  return -(-num_rows // chunk_rows)
 
 
 class TeacherFeatures:
-  """The feature shards of a complete job in `directory`, memory-mapped."""
+  """The feature chunks of a complete job in `directory`, memory-mapped when first read.
+  Picklable: a copy (e.g. in a grain worker process) maps the files again."""
 
   def __init__(self, directory: str):
+    self.directory = directory
     with open(os.path.join(directory, MANIFEST)) as f:
       manifest = json.load(f)
-    self.batch_size, self.num_processes = manifest["batch_size"], manifest["num_processes"]
-    self.num_rows = manifest["rows"]
-    self._shards = {m: [np.load(shard_path(directory, m, p, self.num_processes), mmap_mode="r")
-                        for p in range(self.num_processes)] for m in MODALITIES}
+    self.num_rows, self.dims = manifest["rows"], manifest["dims"]
+    self.chunk_rows = manifest["chunk_rows"]
+    self._chunks = {}
+
+  def __getstate__(self):
+    return {"directory": self.directory}
+
+  def __setstate__(self, state):
+    self.__init__(state["directory"])
+
+  def _chunk(self, modality: str, chunk: int) -> np.ndarray:
+    if (modality, chunk) not in self._chunks:
+      self._chunks[modality, chunk] = np.load(chunk_path(self.directory, modality, chunk),
+                                              mmap_mode="r")
+    return self._chunks[modality, chunk]
 
   def read(self, modality: str, rows: np.ndarray) -> np.ndarray:
-    """Feature rows of global row indices `rows`."""
-    rows = np.asarray(rows)
-    per_process = self.batch_size // self.num_processes
-    batch, offset = np.divmod(rows, self.batch_size)
-    process, within = np.divmod(offset, per_process)
-    local = batch * per_process + within
-    shards = self._shards[modality]
-    out = np.empty((len(rows), shards[0].shape[1]), np.float32)
-    for p in np.unique(process):
-      take = process == p
-      out[take] = shards[p][local[take]]
+    """float32 feature rows of global row indices `rows`."""
+    chunk, within = np.divmod(np.asarray(rows), self.chunk_rows)
+    out = np.empty((len(chunk), self.dims[modality]), np.float32)
+    for c in np.unique(chunk):
+      take = chunk == c
+      out[take] = self._chunk(modality, int(c))[within[take]]
     return out
 
   def rows(self, image_rows: np.ndarray, caption_rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -64,93 +83,150 @@ class TeacherFeatures:
             "teacher_text": self.read("text", caption_rows)}
 
 
+def manifest_of(teachers: dict, data: Dataset, fingerprint: dict, dtype: str,
+                chunk_rows: int = CHUNK_ROWS) -> dict:
+  """What the features of `teachers` over `data`'s training split are made from."""
+  if dtype not in DTYPES:
+    raise InputError(f"config.teachers.feature_dtype={dtype!r} is not one of {DTYPES}")
+  return json.loads(json.dumps({
+      "format": FORMAT, "teachers": fingerprint,
+      "weights": {m: t.weights_sha256 for m, t in teachers.items()},
+      "preprocessing": {m: t.preprocessing for m, t in teachers.items()},
+      "data": data.identity,
+      "rows": {"image": data.train.num_images, "text": data.train.num_captions},
+      "dims": {m: t.dim for m, t in teachers.items()}, "dtype": dtype,
+      "chunk_rows": chunk_rows}))
+
+
+def run_job(config, workdir: str) -> "TeacherFeatures":
+  """`python -m rebalance_jax.teachers`: the features of a config's teachers, computed (or
+  completed) in its features directory, in a locked workdir."""
+  exp = spec.from_config(config)
+  if not exp.uses_teachers:
+    raise InputError("no stage of config.stages distills (no iic/ttc/kd/kdi/kdt weight): there "
+                     "are no teacher features to compute")
+  workdir = experiment.check_workdir(workdir)
+  mesh = experiment.make_mesh(exp)
+  with interrupts.catching(), experiment.workdir_lock(workdir, "teacher-feature job"):
+    data = load_dataset(exp.data)
+    experiment.check_checkpoint_configs(exp, workdir, data.content)
+    teachers = frozen_teachers.obtain_teachers(exp, data, mesh, workdir)
+    features = for_experiment(exp, teachers, data, mesh, workdir)
+  logging.info("teacher features in %s: %s rows (image %d-d, text %d-d) on %d devices",
+               features.directory, features.num_rows, features.dims["image"],
+               features.dims["text"], jax.device_count())
+  return features
+
+
+def features_dir(exp: spec.Experiment, workdir: str) -> str:
+  """config.teachers.features_dir, or <workdir>/teacher_features."""
+  return os.path.expanduser(exp.teachers.features_dir) or os.path.join(workdir, "teacher_features")
+
+
+def for_experiment(exp: spec.Experiment, teachers: dict, data: Dataset, mesh, workdir: str) -> TeacherFeatures:
+  """`teacher_features` of an Experiment's teachers, in its features directory."""
+  return teacher_features(teachers, data, mesh, features_dir(exp, workdir),
+                          exp.fingerprint("teachers", data.content), exp.eval.batch_size,
+                          exp.teachers.feature_dtype)
+
+
 def teacher_features(teachers: dict, data: Dataset, mesh, directory: str, fingerprint: dict,
-                     batch_size: int) -> TeacherFeatures:
-  """The teachers' features of every training image and caption: read from `directory` if they
-  are there, intact and written by these teachers for this split, else computed sharded over
-  devices and processes and written there."""
-  train = data.train
-  num_processes = jax.process_count()
-  manifest = {"teachers": fingerprint, "layout": _LAYOUT,
-              "weights": {m: t.weights_sha256 for m, t in teachers.items()},
-              "rows": {"image": train.num_images, "text": train.num_captions},
-              "dims": {m: t.dim for m, t in teachers.items()},
-              "batch_size": batch_size, "num_processes": num_processes}
-  problem = _feature_problem(directory, manifest) if reporting.is_main_process() else None
+                     batch_size: int, dtype: str = "float32",
+                     chunk_rows: int = CHUNK_ROWS) -> TeacherFeatures:
+  """The teachers' features of every training image and caption in `directory`: computed there
+  (or the missing chunks of an interrupted job) unless complete. Raises InputError if the
+  directory holds features of other teachers, preprocessing or data."""
+  manifest = manifest_of(teachers, data, fingerprint, dtype, chunk_rows)
+  missing, problem = {}, ""
+  if reporting.is_main_process():
+    try:
+      manifest, missing = _plan(directory, manifest)
+    except InputError as e:
+      problem = str(e)
   # Process 0 decides, so that every process takes the same path through the collectives.
-  if bool(multihost_utils.broadcast_one_to_all(np.array(problem is None))):
-    return TeacherFeatures(directory)
-  if problem != "absent":
-    logging.warning("teacher features in %s: %s; computing them again", directory, problem)
-  if reporting.is_main_process():
-    os.makedirs(directory, exist_ok=True)
-    if os.path.exists(os.path.join(directory, MANIFEST)):
-      os.remove(os.path.join(directory, MANIFEST))  # the shards are about to change
-  multihost_utils.sync_global_devices("teacher features: directory ready")
-  sources = {"image": (train.num_images, pipeline.image_rows(train)),
-             "text": (train.num_captions, pipeline.caption_rows(
-                 train, lambda captions: teachers["text"].encode(captions, train=True)))}
-  for modality, (num_rows, load_rows) in sources.items():
-    teacher = teachers[modality]
-    path = shard_path(directory, modality, jax.process_index(), num_processes)
-    files.atomic_write(path, lambda f, t=teacher, n=num_rows, load=load_rows: _stream_rows(
-        f, jax.jit(t.features), t.params, n, load, batch_size, mesh, manifest["dims"][t.modality]))
-    files.write_digest(path)
-  multihost_utils.sync_global_devices("teacher features: shards written")
-  if reporting.is_main_process():
-    files.atomic_write_text(os.path.join(directory, MANIFEST),
-                            json.dumps(manifest))  # last: marks the shards complete
+  if bool(multihost_utils.broadcast_one_to_all(np.array(bool(problem)))):
+    raise InputError(problem or "process 0 refused the teacher features (its log says why)")
+  todo = np.zeros((len(MODALITIES), num_chunks(max(manifest["rows"].values()), chunk_rows)), bool)
+  for i, modality in enumerate(MODALITIES):
+    todo[i, missing.get(modality, [])] = True
+  todo = np.asarray(multihost_utils.broadcast_one_to_all(todo))
+  if todo.any():
+    if reporting.is_main_process():
+      files.atomic_write_text(os.path.join(directory, MANIFEST), json.dumps(manifest))
+    _compute(teachers, data, mesh, directory, manifest, batch_size, todo)
   multihost_utils.sync_global_devices("teacher features: complete")
   return TeacherFeatures(directory)
 
 
-def _stream_rows(f, fn, params, num_rows: int, load_rows, batch_size: int, mesh, dim: int):
-  """Writes a .npy of this process's rows of each padded global batch of fn(params, *rows)."""
-  sharding.check_batch_size(batch_size, mesh, "config.eval.batch_size")
-  per_process = batch_size // jax.process_count()
-  num_batches = -(-num_rows // batch_size)
-  np.lib.format.write_array_header_1_0(f, {
-      "descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
-      "shape": (num_batches * per_process, dim)})
-  expected_start = sharding.process_slice(batch_size).start
-  for start, rows, _ in pipeline.padded_batches(num_rows, batch_size):
-    interrupts.check("the teacher-feature job")
-    result = fn(params, *sharding.to_global(load_rows(rows), mesh).values())
-    shards = sorted((s for s in result.addressable_shards if s.replica_id == 0),
-                    key=lambda s: s.index[0].start or 0)
-    if (shards[0].index[0].start or 0) != expected_start:
-      raise RuntimeError("this process's devices do not hold its rows of the batch")
-    block = np.concatenate([np.asarray(s.data) for s in shards])
-    assert block.shape == (per_process, dim), block.shape
-    f.write(np.ascontiguousarray(block, np.float32).tobytes())
-
-
-def _feature_problem(directory: str, manifest: dict) -> str | None:
-  """Why the feature shards in `directory` cannot be used for `manifest` ("absent" when there is
-  no manifest), or None when they can."""
-  manifest_path = os.path.join(directory, MANIFEST)
-  if not os.path.exists(manifest_path):
-    return "absent"
-  try:
-    with open(manifest_path) as f:
-      saved = json.load(f)
-  except (OSError, ValueError) as e:
-    return f"{manifest_path} is unreadable ({e})"
-  content = lambda m: {k: v for k, v in m.items() if k not in _LAYOUT_FIELDS}
-  if not isinstance(saved, dict) or content(saved) != content(json.loads(json.dumps(manifest))):
-    return f"{manifest_path} names other teachers or training rows"
-  try:  # any layout reads back: the one the shards were written with
-    batch_size, num_processes = int(saved["batch_size"]), int(saved["num_processes"])
-  except (KeyError, TypeError, ValueError):
-    return f"{manifest_path} has no valid layout"
-  per_process = batch_size // num_processes
+def _plan(directory: str, manifest: dict) -> tuple[dict, dict[str, list[int]]]:
+  """(the manifest to use, {modality: chunks to compute}) for `directory`; a saved manifest
+  keeps its chunk size."""
+  path = os.path.join(directory, MANIFEST)
+  saved = None
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        saved = json.load(f)
+      if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+        raise ValueError("not a manifest of this format")
+    except (OSError, ValueError) as e:
+      logging.warning("teacher features: %s is unreadable (%s); computing them again", path, e)
+      saved = None
+  if saved is not None:
+    differ = sorted(k for k in set(manifest) | set(saved) if k != "chunk_rows" and
+                    manifest.get(k) != saved.get(k))
+    if differ:
+      raise InputError(
+          f"teacher features in {directory} were made from other {', '.join(differ)} than this "
+          "config's (its manifest.json says what); delete the directory or point "
+          "config.teachers.features_dir elsewhere")
+    manifest = {**manifest, "chunk_rows": saved["chunk_rows"]}
+  os.makedirs(directory, exist_ok=True)
+  missing = {}
   for modality in MODALITIES:
-    num_batches = -(-manifest["rows"][modality] // batch_size)
-    for process in range(num_processes):
-      path = shard_path(directory, modality, process, num_processes)
-      if not files.is_intact(path):
-        return f"{path} is missing or fails its content check"
-      shape = np.load(path, mmap_mode="r").shape
-      if shape != (num_batches * per_process, manifest["dims"][modality]):
-        return f"{path} has shape {shape}, not this process's rows of every batch"
-  return None
+    chunks = range(num_chunks(manifest["rows"][modality], manifest["chunk_rows"]))
+    missing[modality] = [c for c in chunks if saved is None or not _chunk_is_complete(
+        directory, modality, c, manifest)]
+  return manifest, missing
+
+
+def _chunk_is_complete(directory: str, modality: str, chunk: int, manifest: dict) -> bool:
+  path = chunk_path(directory, modality, chunk)
+  if not files.is_intact(path):
+    if os.path.exists(path):
+      logging.warning("teacher features: %s fails its content check; computing it again", path)
+    return False
+  rows = min(manifest["chunk_rows"], manifest["rows"][modality] - chunk * manifest["chunk_rows"])
+  array = np.load(path, mmap_mode="r")
+  return array.shape == (rows, manifest["dims"][modality]) and array.dtype == manifest["dtype"]
+
+
+def _compute(teachers: dict, data: Dataset, mesh, directory: str, manifest: dict,
+             batch_size: int, todo: np.ndarray) -> None:
+  """Computes and (process 0) writes the chunks marked in `todo`."""
+  sharding.check_batch_size(batch_size, mesh, "config.eval.batch_size")
+  train, chunk_rows = data.train, manifest["chunk_rows"]
+  replicated = NamedSharding(mesh, PartitionSpec())
+  for i, modality in enumerate(MODALITIES):
+    teacher = teachers[modality]
+    if modality == "image":
+      load_rows = pipeline.image_rows(train, size=teacher.tower.config.image_size)
+    else:
+      load_rows = pipeline.caption_rows(train, lambda c: teacher.encode(c, train=True))
+    features = jax.jit(teacher.features, out_shardings=replicated)
+    num_rows = manifest["rows"][modality]
+    chunks = np.flatnonzero(todo[i])
+    progress = reporting.Progress(f"teacher features ({modality})", len(chunks), 0)
+    for done, chunk in enumerate(chunks):
+      start = int(chunk) * chunk_rows
+      stop = min(start + chunk_rows, num_rows)
+      blocks = []
+      for first, rows, _ in pipeline.padded_batches(stop, batch_size, start):
+        interrupts.check("the teacher-feature job")
+        out = features(teacher.params, *sharding.to_global(load_rows(rows), mesh).values())
+        blocks.append(np.asarray(out.addressable_data(0))[:stop - first])
+      if reporting.is_main_process():
+        block = np.concatenate(blocks).astype(manifest["dtype"])
+        files.write_checked(chunk_path(directory, modality, int(chunk)),
+                            lambda f, b=block: np.save(f, b, allow_pickle=False))
+      progress.report(done + 1, {}, stop - start)

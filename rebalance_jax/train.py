@@ -45,9 +45,9 @@ def _stage_batches(exp: spec.Experiment, stage: spec.StageSpec, data: Dataset, t
   elif stage.objective.uses_teachers and exp.teachers.vocab_file:  # online, own tokenizer
     extra = lambda _, __, captions: {
         f"teacher_{k}": v for k, v in teachers["text"].encode(captions, train=True).items()}
-  return pipeline.TrainBatches(data.train.num_captions, stage.batch_size,
-                               trainer.stage_seed(exp.seed, stage.name),
-                               pipeline.pair_rows(data, extra))
+  seed = trainer.stage_seed(exp.seed, stage.name)
+  return pipeline.TrainBatches(data.train.num_captions, stage.batch_size, seed,
+                               pipeline.pair_rows(data, seed, extra), exp.data.num_workers)
 
 
 def train_student_stage(exp: spec.Experiment, stage: spec.StageSpec, workdir: str, data: Dataset,
@@ -72,7 +72,7 @@ def train_student_stage(exp: spec.Experiment, stage: spec.StageSpec, workdir: st
       name=stage.name, loss_fn=loss_fn, tx=tx, schedule=schedule, total_steps=total_steps,
       batch_size=stage.batch_size, batch_size_field=f"{stage.field}.batch_size",
       batches=_stage_batches(exp, stage, data, teachers, features),
-      checkpointer=experiment.checkpointer(exp, workdir, stage.name, data.vocab),
+      checkpointer=experiment.checkpointer(exp, workdir, stage.name, data.content),
       writer=reporting.MetricWriter(os.path.join(workdir, stage.name, "logs")),
       checkpoint_every=exp.checkpoint_every, log_every=exp.log_every,
       seed=trainer.stage_seed(exp.seed, stage.name), param_rules=exp.param_rules,
@@ -118,7 +118,7 @@ def run_phases(exp: spec.Experiment, workdir: str, mesh, until=None):
   """`run`'s work on a checked Experiment, in a locked workdir."""
   data = load_dataset(exp.data)
   experiment.check_data_sizes(exp, data.train.num_captions, data.train.num_images)
-  experiment.check_checkpoint_configs(exp, workdir, data.vocab)
+  experiment.check_checkpoint_configs(exp, workdir, data.content)
   logging.info("data: %d training pairs, %d test images, %d test captions, vocabulary %d",
                data.train.num_captions, data.test.num_images, data.test.num_captions,
                data.vocab_size)
@@ -136,9 +136,7 @@ def run_phases(exp: spec.Experiment, workdir: str, mesh, until=None):
   if exp.uses_teachers:
     teachers = frozen_teachers.obtain_teachers(exp, data, mesh, workdir)
     if exp.teachers.mode == "precomputed":
-      features = teacher_features.teacher_features(
-          teachers, data, mesh, os.path.join(workdir, "teacher_features"),
-          exp.fingerprint("teachers", data.vocab), exp.eval.batch_size)
+      features = teacher_features.for_experiment(exp, teachers, data, mesh, workdir)
     interrupts.check("the teacher phases")
 
   evaluator = Evaluator(exp.eval, predict.student_predictor(model, data.eval_encoder), data.test,

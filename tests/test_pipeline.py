@@ -36,7 +36,7 @@ def test_synthetic_splits_are_flickr_shaped_and_memory_mapped(tiny_config):
   assert data.test.num_images == synthetic.num_test
   assert isinstance(data.train.images, np.memmap)  # read by row, never loaded whole
   np.testing.assert_array_equal(data.test.image_to_texts[3], [15, 16, 17, 18, 19])
-  batch = pipeline.pair_rows(data)(np.array([0, 7]))
+  batch = pipeline.pair_rows(data, seed=0)(np.array([0, 7]), 0)
   np.testing.assert_array_equal(batch["image_id"], [0, 1])  # five captions per image
   np.testing.assert_array_equal(batch["image"][1], data.train.images[1])
   assert batch["ids"].shape == (2, tiny_config.data.max_tokens)
@@ -77,7 +77,7 @@ def _toy_source(data):
     splits[name] = sources.Split(_CountingRecords(n, data.image_size), captions,
                                  np.repeat(np.arange(n, dtype=np.int32), 5),
                                  np.arange(n, dtype=np.int32) + 100)
-  return sources.Source(splits, data.options["cache"])
+  return sources.Source(splits, data.options["cache"], identity="toy")
 
 
 @pytest.fixture
@@ -92,7 +92,8 @@ def toy_data(tiny_config, tmp_path, monkeypatch):
 
 def test_a_toy_source_goes_through_the_pipeline(toy_data, monkeypatch):
   assert toy_data.train.num_captions == 120 and toy_data.vocab_size > 5  # vocabulary trained on it
-  batches = pipeline.TrainBatches(120, 8, seed=3, load_rows=pipeline.pair_rows(toy_data))
+  batches = pipeline.TrainBatches(120, 8, seed=3,
+                                  load_rows=pipeline.pair_rows(toy_data, seed=3))
   rows = pipeline.train_batch_indices(120, 8, 5, seed=3)
   batch = batches(5)
   np.testing.assert_array_equal(batch["image"][:, 0, 0, 0], rows // 5)  # caption -> its image

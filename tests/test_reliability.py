@@ -146,7 +146,7 @@ def _quadratic_stage(tmp_path, lr_schedule, steps):
   stage = trainer.Stage(
       name="quadratic", loss_fn=loss_fn, tx=optax.sgd(lr_schedule), schedule=lr_schedule,
       total_steps=steps, batch_size=8, batch_size_field="config.quadratic.batch_size",
-      batches=pipeline.TrainBatches(64, 8, 0, lambda idx: {"x": idx.astype(np.float32)}),
+      batches=pipeline.TrainBatches(64, 8, 0, lambda idx, step: {"x": idx.astype(np.float32)}),
       checkpointer=checkpointer,
       writer=reporting.MetricWriter(str(tmp_path / "logs")), checkpoint_every=1, log_every=1,
       seed=0, param_rules=RULES)

@@ -75,10 +75,10 @@ def test_two_stage_run_writes_results_metrics_and_features(finished_run):
   num_images = config.data.synthetic.num_train
   num_pairs = num_images * config.data.synthetic.captions_per_image
   directory = os.path.join(workdir, "teacher_features")
-  # One process: one shard per modality, a row per training image (48: 3 eval batches of 16) and
-  # per caption (240), not 5x repeated image rows.
-  image = np.load(teacher_features.shard_path(directory, "image", 0, 1))
-  text = np.load(teacher_features.shard_path(directory, "text", 0, 1))
+  # One chunk per modality (fewer rows than a chunk): a row per training image (48) and per
+  # caption (240), not 5x repeated image rows.
+  image = np.load(teacher_features.chunk_path(directory, "image", 0))
+  text = np.load(teacher_features.chunk_path(directory, "text", 0))
   assert image.shape == (num_images, config.teachers.image.width)
   assert text.shape == (num_pairs, config.teachers.text.width)
   assert not np.allclose(image[0], image[1]) and not np.allclose(text[0], text[1])
@@ -367,7 +367,7 @@ def test_two_processes_resume_a_single_process_run_and_match_it(finished_run, tm
   config, full_dir, full_results = finished_run
   workdir, logs = tmp_path / "run", tmp_path / "logs"
   train.run(config, str(workdir), until=("stage2", 2))
-  shutil.rmtree(workdir / "teacher_features")  # written again, each process its own rows
+  shutil.rmtree(workdir / "teacher_features")  # computed again, over both processes
   result = subprocess.run(
       [sys.executable, "launch/local.py", "--num_processes=2", "--devices_per_process=4",
        f"--log_dir={logs}", "--timeout=600", "--", "-m", "rebalance_jax.train",
@@ -382,10 +382,9 @@ def test_two_processes_resume_a_single_process_run_and_match_it(finished_run, tm
     assert f"process {i} of 2, 4 local / 8 global devices" in log
     reported.append(dict(re.findall(rf"process {i}: (stage\d) rsum ([\d.]+)", log)))
   assert reported[0] == reported[1]  # both processes computed the same results
-  # Written again as two shards, one per process; row for row the single process's.
+  # Computed again by two processes; row for row the single process's.
   two = teacher_features.TeacherFeatures(str(workdir / "teacher_features"))
   one = teacher_features.TeacherFeatures(os.path.join(full_dir, "teacher_features"))
-  assert (two.num_processes, one.num_processes) == (2, 1)
   for modality, n in one.num_rows.items():
     np.testing.assert_array_equal(two.read(modality, np.arange(n)), one.read(modality, np.arange(n)))
   assert float(reported[0]["stage2"]) == pytest.approx(full_results["stage2"]["rsum"])
@@ -462,11 +461,11 @@ def test_the_vocabulary_is_in_every_fingerprint(finished_run):
   config, workdir, _ = finished_run
   exp = spec.from_config(config)
   data = load_dataset(exp.data)
-  reader = experiment.checkpointer(exp, workdir, "stage2", data.vocab, read_only=True)
+  reader = experiment.checkpointer(exp, workdir, "stage2", data.content, read_only=True)
   reader.check_config()  # the run's own vocabulary
   other = {"size": data.vocab["size"], "sha256": "0" * 64}
   with pytest.raises(ConfigMismatchError, match=r"vocab\.sha256"):
-    experiment.checkpointer(exp, workdir, "stage2", other, read_only=True).check_config()
+    experiment.checkpointer(exp, workdir, "stage2", {"vocab": other}, read_only=True).check_config()
   reader.close()
 
 
@@ -474,7 +473,7 @@ def test_tampered_or_missing_teacher_features_are_recomputed(finished_run, tmp_p
   config, full_dir, _ = finished_run
   workdir = _copy_of(full_dir, tmp_path)
   directory = os.path.join(workdir, "teacher_features")
-  shard = lambda modality: teacher_features.shard_path(directory, modality, 0, 1)
+  shard = lambda modality: teacher_features.chunk_path(directory, modality, 0)
   expected = {m: np.load(shard(m)) for m in teacher_features.MODALITIES}
   exp = spec.from_config(config)
   data = load_dataset(exp.data)
@@ -489,11 +488,41 @@ def test_tampered_or_missing_teacher_features_are_recomputed(finished_run, tmp_p
                           lambda p: open(p, "w").write("{garbled"))]:
     tamper(target)
     features = teacher_features.teacher_features(
-        teachers, data, mesh, directory, exp.fingerprint("teachers", data.vocab),
+        teachers, data, mesh, directory, exp.fingerprint("teachers", data.content),
         exp.eval.batch_size)
     for modality, array in expected.items():
       np.testing.assert_array_equal(features.read(modality, np.arange(len(array))), array)
       np.testing.assert_array_equal(np.load(shard(modality)), array)
+
+  # Features made from other teachers or preprocessing are refused, never overwritten.
+  manifest_path = os.path.join(directory, "manifest.json")
+  with open(manifest_path) as f:
+    manifest = json.load(f)
+  manifest["weights"]["image"] = "0" * 64
+  manifest["preprocessing"]["text"]["max_words"] = 7
+  with open(manifest_path, "w") as f:
+    json.dump(manifest, f)
+  with pytest.raises(InputError, match=r"teacher features in .* were made from other "
+                                       r"preprocessing, weights than this config's"):
+    teacher_features.teacher_features(teachers, data, mesh, directory,
+                                      exp.fingerprint("teachers", data.content), exp.eval.batch_size)
+  np.testing.assert_array_equal(np.load(shard("image")), expected["image"])
+
+  # A job killed after some chunks resumes at the missing ones, in float16 if asked.
+  chunked = os.path.join(str(tmp_path), "chunked")
+  compute = lambda: teacher_features.teacher_features(
+      teachers, data, mesh, chunked, exp.fingerprint("teachers", data.content),
+      exp.eval.batch_size, dtype="float16", chunk_rows=100)
+  compute()
+  chunk = lambda m, c: teacher_features.chunk_path(chunked, m, c)
+  assert [np.load(chunk("text", c)).shape[0] for c in range(3)] == [100, 100, 40]
+  os.remove(chunk("text", 1))
+  kept = os.stat(chunk("text", 2)).st_mtime_ns
+  features = compute()
+  assert os.stat(chunk("text", 2)).st_mtime_ns == kept  # only the missing chunk is computed
+  for modality, array in expected.items():
+    np.testing.assert_array_equal(features.read(modality, np.arange(len(array))),
+                                  array.astype(np.float16).astype(np.float32))
 
 
 @pytest.mark.parametrize("tamper", ["truncate", "empty"])
@@ -562,7 +591,7 @@ def test_a_damaged_best_checkpoint_gives_way_to_the_next_best(finished_run, tmp_
   model = experiment.student_model(exp, data.vocab_size)
   like = init_student(model, jax.random.key(config.seed))
   step, _, record = experiment.load_stage_params(exp, workdir, "stage1", like,
-                                                 experiment.make_mesh(exp), data.vocab)
+                                                 experiment.make_mesh(exp), data.content)
   assert step != best and step in (2, 4)
   assert record["selected_by"].startswith("best val r_mean (")
   assert record["selected_by"].endswith(f"after the damaged step {best}")
@@ -577,7 +606,7 @@ def test_a_whole_student_weights_file_scores_like_its_checkpoint(finished_run, t
   model = experiment.student_model(exp, data.vocab_size)
   like = jax.eval_shape(lambda r: init_student(model, r), jax.random.key(0))
   mesh = experiment.make_mesh(exp)
-  _, params, _ = experiment.load_stage_params(exp, workdir, "stage2", like, mesh, data.vocab)
+  _, params, _ = experiment.load_stage_params(exp, workdir, "stage2", like, mesh, data.content)
   path = str(tmp_path / "stage2.safetensors")
   weights.save_safetensors(path, jax.tree.map(np.asarray, params))
   rows = evaluate_run(config, str(tmp_path / "eval_only"), weights_file=path)

@@ -25,6 +25,14 @@ class Dataset:
   max_words_train: int
   max_words_eval: int
   append_sep: bool
+  augment: str    # the training view: "shift" (on the device) or "reference" (pipeline.pair_rows)
+  identity: str   # the source's content identity
+
+  @property
+  def content(self) -> dict:
+    """What the phases' fingerprints learn only from the loaded data: the vocabulary, and the
+    identity of a source not fully described by its config (a real dataset's annotations)."""
+    return {"vocab": self.vocab, **({"data": self.identity} if self.identity else {})}
 
   @property
   def vocab_size(self) -> int:
@@ -62,4 +70,4 @@ def load_dataset(data) -> Dataset:
   return Dataset(**source.splits, vocab_file=vocab_file, vocab=text.check_vocab(vocab_file),
                  tokenizer=text.load_tokenizer(vocab_file), max_tokens=data.max_tokens,
                  max_words_train=data.max_words_train, max_words_eval=data.max_words_eval,
-                 append_sep=data.append_sep)
+                 append_sep=data.append_sep, augment=data.augment, identity=source.identity)

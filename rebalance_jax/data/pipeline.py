@@ -17,6 +17,7 @@ import numpy as np
 
 from rebalance_jax import sharding
 from rebalance_jax.data.dataset import Dataset
+from rebalance_jax.data import sources
 from rebalance_jax.data.sources import Split
 
 # Batches assembled ahead of the train step, and the threads assembling them.
@@ -33,15 +34,21 @@ def train_batch_indices(num_examples: int, batch_size: int, step: int, seed: int
   return order[position * batch_size:(position + 1) * batch_size]
 
 
-def pair_rows(data: Dataset, extra: Callable | None = None) -> Callable[[np.ndarray], dict]:
-  """rows (training caption indices) -> host batch of those pairs: image (uint8), ids, mask,
-  image_id, and `extra(image rows, caption rows, captions)` (e.g. teacher features) if given."""
+def pair_rows(data: Dataset, seed: int, extra: Callable | None = None) -> Callable:
+  """(rows, step) -> host batch of those training pairs (rows: caption indices): image (uint8),
+  ids, mask, image_id, and `extra(image rows, caption rows, captions)` (e.g. teacher features)
+  if given. With data.augment='reference' the image is the augmented view drawn from
+  (seed, step, row), so a row's view at a step never depends on the process reading it."""
   split = data.train
 
-  def load(rows):
+  def load(rows, step):
     image_rows = split.caption_image[rows]
+    if data.augment == "reference":
+      images = split.images.train_views(image_rows, [(seed, step, int(r)) for r in rows])
+    else:
+      images = np.asarray(split.images[image_rows])
     captions = [split.captions[c] for c in rows]
-    batch = {"image": np.asarray(split.images[image_rows]), **data.encode(captions, train=True),
+    batch = {"image": images, **data.encode(captions, train=True),
              "image_id": split.image_ids[image_rows]}
     if extra is not None:
       batch.update(extra(image_rows, rows, captions))
@@ -49,27 +56,34 @@ def pair_rows(data: Dataset, extra: Callable | None = None) -> Callable[[np.ndar
   return load
 
 
-def image_rows(split: Split, with_attributes: bool = False) -> Callable[[np.ndarray], dict]:
-  """rows (image indices) -> host batch of those images (and their scene attributes)."""
-  def load(rows):
-    batch = {"image": np.asarray(split.images[rows])}
+def image_rows(split: Split, with_attributes: bool = False, size: int | None = None
+               ) -> Callable[..., dict]:
+  """rows (image indices) -> host batch of those images (viewed at `size` if given: see
+  `sources.at_size`), and their scene attributes."""
+  images = split.images if size is None else sources.at_size(split.images, size)
+
+  def load(rows, step=None):
+    del step  # the evaluation view
+    batch = {"image": np.asarray(images[rows])}
     if with_attributes:
       batch["attributes"] = split.attributes[rows].astype(np.float32)
     return batch
   return load
 
 
-def caption_rows(split: Split, encode: Callable[[list[str]], dict]) -> Callable[[np.ndarray], dict]:
+def caption_rows(split: Split, encode: Callable[[list[str]], dict]) -> Callable[..., dict]:
   """rows (caption indices) -> host batch of those captions' tokens (`encode(captions)`)."""
-  return lambda rows: encode([split.captions[c] for c in rows])
+  return lambda rows, step=None: encode([split.captions[c] for c in rows])
 
 
 class TrainBatches:
-  """This process's rows of each step's global batch of `num_examples` examples."""
+  """This process's rows of each step's global batch of `num_examples` examples;
+  `load_rows(rows, step)` reads them."""
 
   def __init__(self, num_examples: int, batch_size: int, seed: int,
-               load_rows: Callable[[np.ndarray], dict]):
+               load_rows: Callable[[np.ndarray, int], dict], num_workers: int = 0):
     self.num_examples, self.batch_size, self.seed = num_examples, batch_size, seed
+    self.num_workers = num_workers
     self._load_rows = load_rows
 
   def local_rows(self, step: int) -> np.ndarray:
@@ -77,20 +91,26 @@ class TrainBatches:
     return indices[sharding.process_slice(self.batch_size)]
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
-    return self._load_rows(self.local_rows(step))
+    return self._load_rows(self.local_rows(step), step)
 
   def iterate(self, start: int, end: int) -> grain.DatasetIterator:
-    """The batches of steps start..end-1, in order, assembled ahead by grain's reader threads
-    (`close()` the iterator to stop them)."""
+    """The batches of steps start..end-1, in order, assembled ahead by grain: in reader threads,
+    or in `num_workers` worker processes (`close()` the iterator to stop them)."""
     steps = grain.MapDataset.range(start, end).map(self)
-    return iter(steps.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS,
-                                                        prefetch_buffer_size=PREFETCH_BATCHES)))
+    batches = steps.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS,
+                                                      prefetch_buffer_size=PREFETCH_BATCHES))
+    if self.num_workers:
+      batches = batches.mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=self.num_workers,
+          per_worker_buffer_size=max(PREFETCH_BATCHES // self.num_workers, 1)))
+    return iter(batches)
 
 
-def padded_batches(num_rows: int, batch_size: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+def padded_batches(num_rows: int, batch_size: int, start: int = 0
+                   ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
   """(first global row, this process's row indices, their validity) of each global batch covering
-  rows 0..num_rows-1; the last batch is padded with copies of the last row (invalid), so every
-  process runs the same number of steps."""
-  for start in range(0, num_rows, batch_size):
-    local = np.arange(start, start + batch_size)[sharding.process_slice(batch_size)]
-    yield start, np.minimum(local, num_rows - 1), local < num_rows
+  rows start..num_rows-1; the last batch is padded with copies of the last row (invalid), so
+  every process runs the same number of steps."""
+  for first in range(start, num_rows, batch_size):
+    local = np.arange(first, first + batch_size)[sharding.process_slice(batch_size)]
+    yield first, np.minimum(local, num_rows - 1), local < num_rows

@@ -20,7 +20,11 @@ SPLITS = ("train", "val", "test")
 
 
 class ImageRecords(Protocol):
-  """Images by row: `records[rows]` -> uint8 (len(rows), S, S, 3), `records[row]` -> (S, S, 3)."""
+  """Images by row: `records[rows]` -> uint8 (len(rows), S, S, 3), `records[row]` -> (S, S, 3).
+
+  Records of encoded images (`prepared.ImageFileRecords`) also have `at_size(size)` (the same
+  records decoded at another size) and `train_views(rows, seeds)` (the training augmentation).
+  """
 
   def __len__(self) -> int: ...
 
@@ -87,12 +91,13 @@ class _FirstRows:
 class Source:
   splits: dict[str, Split]  # "train", "val", "test"
   cache_dir: str            # where derived files (a trained vocabulary) of this data are kept
+  # Content identity of data its config does not describe (a real dataset's annotation files),
+  # part of every phase's fingerprint and the teacher features' manifest; '' if none.
+  identity: str
 
 
 _REGISTRY: dict[str, Callable] = {}
 REAL_DATASETS = ("flickr30k", "coco", "vizwiz")
-# Config fields that hold the local paths of a real dataset.
-REAL_DATASET_PATHS = ("image_root", "train_file", "test_file")
 
 
 def register(name: str, load: Callable) -> None:
@@ -102,30 +107,23 @@ def register(name: str, load: Callable) -> None:
 
 def load(data) -> Source:
   """The source named by `data.name` (a spec.DataSpec)."""
+  if data.name in REAL_DATASETS:
+    from rebalance_jax.data import real  # it builds on this module
+    return real.load(data)
   if data.name in _REGISTRY:
     source = _REGISTRY[data.name](data)
     missing = set(SPLITS) - set(source.splits)
     if missing:
       raise InputError(f"config.data.name={data.name!r}: the source has no {sorted(missing)} split")
     return source
-  if data.name in REAL_DATASETS:
-    _check_real_paths(data)
-    raise InputError(
-        f"config.data.name={data.name!r}: the paths exist, but the {data.name} loader is not part "
-        "of this release yet (it is tracked as the real dataset pipeline issue); use "
-        "configs/demo.py.")
   raise InputError(f"config.data.name={data.name!r} is not one of "
                    f"{tuple(sorted(_REGISTRY)) + REAL_DATASETS}")
 
 
-def _check_real_paths(data) -> None:
-  for field in REAL_DATASET_PATHS:
-    path = getattr(data, field)
-    if not path:
-      raise InputError(
-          f"config.data.{field} is not set: pass --config.data.{field}=/path/on/this/machine")
-    if not os.path.exists(path):
-      raise InputError(f"config.data.{field}={path!r} does not exist")
+def at_size(records: ImageRecords, size: int) -> ImageRecords:
+  """The records viewed at `size` (records of encoded images decode at any size); others as
+  they are (the tower's preprocessing resizes them)."""
+  return records.at_size(size) if hasattr(records, "at_size") else records
 
 
 def _synthetic(data) -> Source:
@@ -144,7 +142,8 @@ def _synthetic(data) -> Source:
     rows = np.arange(num_images, dtype=np.int32)
     splits[name] = Split(split["images"], tuple(c for caps in split["captions"] for c in caps),
                          np.repeat(rows, per_image), rows, split["attributes"])
-  return Source(splits, os.path.join(cache_dir, synthetic.cache_key(scene_config)))
+  key = synthetic.cache_key(scene_config)
+  return Source(splits, os.path.join(cache_dir, key), identity="")  # the config describes it
 
 
 register("synthetic", _synthetic)

@@ -147,7 +147,7 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str, stages=None,
       evaluator.add(names[-1], params, {"weights": os.path.abspath(weights_file)})
     for stage in stages:
       loaded_step, params, record = experiment.load_stage_params(
-          exp, workdir, stage, params_like, mesh, data.vocab, step)
+          exp, workdir, stage, params_like, mesh, data.content, step)
       names.append(f"{stage}@{loaded_step}")
       evaluator.add(names[-1], params, record)
     evaluator.write()

@@ -1,0 +1,231 @@
+"""The real-data pipeline on generated miniature Flickr30K-, COCO- and VizWiz-like trees: parsing
+and split conventions, preparing (TFDS ArrayRecord), per-process rows, resume order, bad input,
+and the teacher-feature job feeding a stage-2 run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO, load_config
+from rebalance_jax import spec, teacher_features, train
+from rebalance_jax.data import miniature, pipeline, prepared, real
+from rebalance_jax.data.dataset import load_dataset
+from rebalance_jax.errors import InputError
+
+CONFIGS = {"flickr30k": "configs/flickr.py:tiny", "coco": "configs/coco.py:tiny",
+           "vizwiz": "configs/vizwiz.py:tiny"}
+
+
+@pytest.fixture(scope="module")
+def trees(tmp_path_factory):
+  return miniature.write_miniatures(str(tmp_path_factory.mktemp("miniature")))
+
+
+def tiny_config(name, paths, cache_dir, annotation="karpathy", **options):
+  """configs/<name>.py:tiny pointed at a miniature tree."""
+  config = load_config(CONFIGS[name])
+  config.data.cache_dir = str(cache_dir)
+  config.data.image_root = paths["image_root"]
+  if name == "vizwiz":
+    config.data.update(train_file=paths["train_file"], val_file=paths["val_file"])
+  elif annotation == "karpathy":
+    config.data.annotation_file = paths["karpathy_file"]
+  else:
+    config.data[name].format = "reference"
+    config.data.update(train_file=paths["train_file"], val_file=paths["val_file"],
+                       test_file=paths["test_file"])
+  config.data[name].update(options)
+  return config
+
+
+def test_karpathy_and_reference_flickr_give_the_same_splits(trees, tmp_path):
+  karpathy = load_dataset(spec.from_config(tiny_config("flickr30k", trees["flickr30k"], tmp_path)).data)
+  lists = load_dataset(spec.from_config(
+      tiny_config("flickr30k", trees["flickr30k"], tmp_path, annotation="reference")).data)
+  for data in (karpathy, lists):
+    assert (data.train.num_images, data.val.num_images, data.test.num_images) == (24, 6, 6)
+    assert data.train.num_captions == 24 * 5 and data.test.num_captions == 6 * 5
+    np.testing.assert_array_equal(data.test.image_to_texts[2], [10, 11, 12, 13, 14])
+  assert karpathy.train.captions == lists.train.captions
+  assert karpathy.test.captions == lists.test.captions
+  # The same decoded pixels whichever annotation format named the file.
+  np.testing.assert_array_equal(karpathy.test.images[[0, 5]], lists.test.images[[0, 5]])
+  assert karpathy.test.images[0].shape == (64, 64, 3)
+  assert karpathy.identity != lists.identity  # other annotation files: another dataset identity
+  # [ref]'s convention: the val images join training.
+  config = tiny_config("flickr30k", trees["flickr30k"], tmp_path, add_val_to_train=True)
+  assert load_dataset(spec.from_config(config).data).train.num_images == 30
+
+
+def test_coco_trains_on_restval_and_tests_on_five_captions(trees, tmp_path):
+  config = tiny_config("coco", trees["coco"], tmp_path)
+  data = load_dataset(spec.from_config(config).data)
+  with open(trees["coco"]["karpathy_file"]) as f:
+    images = json.load(f)["images"]
+  by_split = {s: [i for i in images if i["split"] == s] for s in ("train", "restval", "test")}
+  assert data.train.num_images == len(by_split["train"]) + len(by_split["restval"]) == 26
+  assert data.train.num_captions == sum(len(i["sentences"]) for i in by_split["train"] +
+                                        by_split["restval"])  # all of a training image's 5-7
+  assert data.test.num_captions == 5 * data.test.num_images  # the first 5 of each
+  assert data.test.captions[:5] == tuple(s["raw"] for s in by_split["test"][0]["sentences"][:5])
+  config.data.coco.use_restval = False
+  assert load_dataset(spec.from_config(config).data).train.num_images == 20
+
+
+@pytest.mark.parametrize("val", ["test", "rest"])
+def test_vizwiz_tests_on_the_official_val_split(trees, tmp_path, val):
+  config = tiny_config("vizwiz", trees["vizwiz"], tmp_path, test_images=2, val=val)
+  data = load_dataset(spec.from_config(config).data)
+  directory, record = real.prepare(spec.from_config(config).data)
+  # Rejected and pre-canned captions are excluded; val images left with fewer than 5 are listed.
+  assert record["short_eval_images"]["val"] and not any(
+      "Quality issues" in c for c in data.train.captions)
+  eval_images = record["splits"]["val"]["images"]
+  assert data.test.num_images == 2 and data.test.num_captions == 10
+  if val == "test":
+    assert data.val.captions == data.test.captions  # [ref]: the same file
+  else:
+    assert data.val.num_images == eval_images - 2
+    assert not set(data.val.captions) & set(data.test.captions)
+  config.data.vizwiz.test_images = eval_images + 1
+  with pytest.raises(InputError, match=r"config\.data\.vizwiz\.test_images=\d+ exceeds the \d+ "
+                                       r"images of the official val split"):
+    load_dataset(spec.from_config(config).data)
+
+
+def test_each_process_reads_its_rows_and_resumed_batches_are_the_same(trees, tmp_path,
+                                                                     monkeypatch):
+  data = load_dataset(spec.from_config(tiny_config("flickr30k", trees["flickr30k"],
+                                                   tmp_path)).data)
+  batches = pipeline.TrainBatches(data.train.num_captions, 8, 5, pipeline.pair_rows(data, 5))
+  whole = batches(3)
+  assert whole["image"].shape == (8, 64, 64, 3) and whole["image"].dtype == np.uint8
+  # The augmented view is a function of (seed, step, row): the same batch again, another step
+  # differs, and grain's threads and worker processes replay exactly these batches.
+  np.testing.assert_array_equal(batches(3)["image"], whole["image"])
+  for workers in (0, 1):
+    replay = pipeline.TrainBatches(data.train.num_captions, 8, 5, pipeline.pair_rows(data, 5),
+                                   num_workers=workers).iterate(2, 5)
+    try:
+      for step in range(2, 5):
+        got, expected = next(replay), batches(step)
+        for key in expected:
+          np.testing.assert_array_equal(got[key], expected[key])
+    finally:
+      replay.close()
+  # Two processes: disjoint rows that make up the global batch, each row's view unchanged.
+  halves, rows, evaluated = [], [], []
+  for process in (0, 1):
+    monkeypatch.setattr(pipeline.sharding.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(pipeline.sharding.jax, "process_index", lambda p=process: p)
+    halves.append(batches(3))
+    rows.append(batches.local_rows(3))
+    evaluated += [r[valid] for _, r, valid in pipeline.padded_batches(data.test.num_images, 4)]
+  assert not set(rows[0]) & set(rows[1])
+  # Evaluation: every test image exactly once over both processes (padding rows are invalid).
+  assert sorted(np.concatenate(evaluated).tolist()) == list(range(data.test.num_images))
+  np.testing.assert_array_equal(np.concatenate(rows),
+                                pipeline.train_batch_indices(data.train.num_captions, 8, 3, 5))
+  for key in whole:
+    np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), whole[key])
+
+
+@pytest.fixture(scope="module")
+def tiny_teachers(tmp_path_factory):
+  return miniature.write_tiny_teachers(str(tmp_path_factory.mktemp("tiny_teachers")))
+
+
+def _with_tiny_teachers(config, tiny_teachers):
+  for field, path in tiny_teachers.items():
+    *sections, key = field.split(".")
+    node = config
+    for section in sections:
+      node = node[section]
+    node[key] = path
+  return config
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_a_tiny_model_trains_end_to_end_on_each_miniature(trees, tiny_teachers, tmp_path, name):
+  """prepare, the teacher-feature job, stage 1, stage 2 reading the job's features, evaluation."""
+  config = tiny_config(name, trees[name], tmp_path / "cache",
+                       **({"test_images": 2} if name == "vizwiz" else {}))
+  _with_tiny_teachers(config, tiny_teachers)
+  for stage in config.stages.values():
+    stage.update(num_epochs=0, num_steps=3)
+  config.checkpoint.every_steps = 3
+  config.eval.every_steps = 3
+  shared = tmp_path / "features"
+  config.teachers.features_dir = str(shared)
+  job = teacher_features.run_job(config, str(tmp_path / "job"))
+  data = load_dataset(spec.from_config(config).data)
+  assert job.num_rows == {"image": data.train.num_images, "text": data.train.num_captions}
+  written = {p: os.stat(os.path.join(shared, p)).st_mtime_ns for p in os.listdir(shared)}
+  results = train.run(config, str(tmp_path / "run"))
+  assert set(results) == {"stage1", "stage2"}
+  assert all(np.isfinite(r["rsum"]) for r in results.values())
+  # Stage 2 read the job's features as they were: nothing in the directory was written again.
+  assert {p: os.stat(os.path.join(shared, p)).st_mtime_ns for p in os.listdir(shared)} == written
+  assert not os.path.exists(tmp_path / "run" / "teacher_features")
+
+
+def test_features_of_other_annotations_are_refused(trees, tiny_teachers, tmp_path):
+  tree = dict(trees["flickr30k"])
+  with open(tree["karpathy_file"]) as f:
+    annotations = json.load(f)
+  config = _with_tiny_teachers(tiny_config("flickr30k", tree, tmp_path / "cache"), tiny_teachers)
+  config.teachers.features_dir = str(tmp_path / "features")
+  teacher_features.run_job(config, str(tmp_path / "job"))
+  annotations["images"][0]["sentences"][0]["raw"] = "an edited caption"
+  tree["karpathy_file"] = str(tmp_path / "edited.json")
+  with open(tree["karpathy_file"], "w") as f:
+    json.dump(annotations, f)
+  config.data.annotation_file = tree["karpathy_file"]
+  with pytest.raises(InputError, match=r"teacher features in .* were made from other data, "
+                                       r"teachers than this config's"):
+    teacher_features.run_job(config, str(tmp_path / "job"))
+
+
+def _prepare_cli(config_file, *flags):
+  return subprocess.run([sys.executable, "-m", "rebalance_jax.prepare", f"--config={config_file}",
+                         *flags], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_prepare_names_a_bad_image_or_skips_and_reports_it(trees, tmp_path):
+  tree = trees["flickr30k"]
+  with open(tree["karpathy_file"]) as f:
+    entries = json.load(f)["images"]
+  missing, corrupt = entries[0], entries[7]
+  images = tmp_path / "images"
+  os.makedirs(images)
+  for entry in entries:
+    if entry is not missing:
+      source = os.path.join(tree["image_root"], entry["filename"])
+      os.symlink(source, images / entry["filename"])
+  os.remove(images / corrupt["filename"])
+  (images / corrupt["filename"]).write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+  paths = [f"--config.data.image_root={images}",
+           f"--config.data.annotation_file={tree['karpathy_file']}",
+           f"--config.data.cache_dir={tmp_path / 'cache'}"]
+  failed = _prepare_cli("configs/flickr.py:tiny", *paths)
+  assert failed.returncode == 1
+  assert (f"rebalance_jax.prepare: error: dataset_flickr30k.json: images[0]: "
+          f"{images / missing['filename']}") in failed.stderr
+  skipped = _prepare_cli("configs/flickr.py:tiny", *paths, "--config.data.on_bad_example=skip")
+  assert skipped.returncode == 0, skipped.stderr[-2000:]
+  assert "skipped 2 bad examples" in skipped.stdout
+  assert f"images[7]: {images / corrupt['filename']}" in skipped.stderr
+  config = tiny_config("flickr30k", dict(tree, image_root=str(images)), tmp_path / "cache")
+  config.data.on_bad_example = "skip"
+  data = load_dataset(spec.from_config(config).data)  # the prepared dataset, without the two
+  good = [e for e in entries if e is not missing and e is not corrupt]
+  assert [data.train.num_images, data.val.num_images, data.test.num_images] == [
+      sum(e["split"] == split for e in good) for split in ("train", "val", "test")]
+  directory = real.prepared_dir(spec.from_config(config).data,
+                                real.preparation(spec.from_config(config).data))
+  record = prepared.read_record(directory)
+  assert record["skipped"]["count"] == 2 and len(record["skipped"]["first"]) == 2

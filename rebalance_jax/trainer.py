@@ -70,12 +70,12 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation) -> Call
 
 def jit_train_step(loss_fn: Callable, tx: optax.GradientTransformation, mesh: Mesh, target):
   """The jitted train step for states laid out as `target` (`abstract_state`): the batch split
-  over the mesh, frozen inputs and the rng replicated, the state donated."""
+  over the mesh, frozen inputs (online teachers' parameters) kept as they were placed (e.g.
+  fsdp-sharded by the sharding rules), the rng replicated, the state donated."""
   replicated = sharding.replicated(mesh)
   state_shardings = jax.tree.map(lambda s: s.sharding, target)
   return jax.jit(make_train_step(loss_fn, tx),
-                 in_shardings=(state_shardings, sharding.batch_sharding(mesh), replicated,
-                               replicated),
+                 in_shardings=(state_shardings, sharding.batch_sharding(mesh), None, replicated),
                  out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
 

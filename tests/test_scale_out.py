@@ -59,6 +59,35 @@ def test_state_is_created_sharded_with_adam_moments_following_their_parameter():
   np.testing.assert_array_equal(state["params"]["encoder"]["kernel"], PARAMS["encoder"]["kernel"])
 
 
+def test_frozen_inputs_keep_their_fsdp_sharding_in_the_train_step():
+  """Online teachers' parameters stay split over the fsdp axis (not gathered onto every device)
+  and give the step the same result as replicated ones."""
+  mesh = sharding.make_mesh(fsdp=2)
+  tx = optax.sgd(0.1)
+  params = {"w": np.ones((4,), np.float32)}
+  state = trainer.create_state(params, tx, mesh, RULES)
+  target = trainer.abstract_state(params, tx, mesh, RULES)
+  frozen_host = {"teacher": PARAMS["encoder"]["kernel"]}
+  frozen = jax.device_put(frozen_host, RULES.param_shardings(frozen_host, mesh))
+  assert frozen["teacher"].sharding.spec == P("fsdp", None)
+
+  def loss_fn(params, batch, frozen, rng):
+    del rng
+    loss = (params["w"].sum() * batch["x"].mean() * frozen["teacher"].mean()) ** 2
+    return loss, {"loss/total": loss}
+
+  step = trainer.jit_train_step(loss_fn, tx, mesh, target)
+  batch = sharding.to_global({"x": np.arange(8, dtype=np.float32)}, mesh)
+  compiled = step.lower(state, batch, frozen, jax.random.key(0)).compile()
+  assert compiled.input_shardings[0][2]["teacher"].spec == P("fsdp", None)
+  replicated = jax.device_put(frozen_host, sharding.replicated(mesh))
+  other = trainer.create_state(params, tx, mesh, RULES)
+  (new, metrics), (ref, ref_metrics) = (step(state, batch, frozen, jax.random.key(0)),
+                                        step(other, batch, replicated, jax.random.key(0)))
+  np.testing.assert_allclose(metrics["loss/total"], ref_metrics["loss/total"], rtol=1e-6)
+  np.testing.assert_allclose(new["params"]["w"], ref["params"]["w"], rtol=1e-6)
+
+
 @pytest.mark.parametrize("devices", [4, 1])
 def test_checkpoint_from_8_devices_restores_onto_fewer(tmp_path, devices):
   tx = optax.adamw(1e-3)

@@ -132,7 +132,7 @@ def test_a_teacher_is_evaluated_through_the_predict_contract(tiny_config):
   image_tower = exp.teachers.image.tower
   teacher = frozen_teachers.FrozenTeacher(
       "image", image_tower, Teacher(image_tower),
-      {"encoder": towers.init_params(image_tower, jax.random.key(0))}, "")
+      {"encoder": towers.init_params(image_tower, jax.random.key(0))}, "", {})
   predictor = predict.teacher_predictor(image_teacher=teacher)
   test = data.test
   relevance = retrieval.split_relevance(test, None)
@@ -155,7 +155,7 @@ def test_two_teachers_are_each_evaluated_on_their_own_modality(tiny_config):
     tower = t.tower if t.modality == "image" else spec.with_vocab_size(t.tower, data.vocab_size)
     built[t.modality] = frozen_teachers.FrozenTeacher(
         t.modality, tower, Teacher(tower), {"encoder": towers.init_params(tower, jax.random.key(0))},
-        "", data.encode if t.modality == "text" else None)
+        "", {}, data.encode if t.modality == "text" else None)
   predictor = predict.teacher_predictor(built["image"], built["text"])
   assert not predictor.cross_modal
   metrics, curves = retrieval.evaluate(

@@ -220,20 +220,20 @@ def test_cli_unknown_config_key_is_one_line(tmp_path, flag):
 def test_cli_missing_weights_or_dataset_path_is_one_clear_line(tmp_path):
   result = _cli("--config=configs/flickr.py", f"--workdir={tmp_path}")
   assert result.returncode == 1 and "Traceback" not in result.stderr
-  assert ("config.model.image.init='weights/swin_base_patch4_window12_384_22k.safetensors' does "
+  assert ("config.teachers.image.init='weights/clip_vit_large_patch14_vision.safetensors' does "
           "not exist: convert the checkpoint into it first") in result.stderr
   converted = []
-  for field in ("image", "text", "fusion"):
-    converted.append(f"--config.model.{field}.init={tmp_path / field}.safetensors")
+  for field in ("model.image", "model.text", "model.fusion", "teachers.image", "teachers.text"):
+    converted.append(f"--config.{field}.init={tmp_path / field}.safetensors")
     (tmp_path / f"{field}.safetensors").write_bytes(b"")  # read only once training starts
   result = _cli("--config=configs/flickr.py", f"--workdir={tmp_path}", *converted)
   assert result.returncode == 1
   assert "config.data.image_root is not set" in result.stderr
   assert "Traceback" not in result.stderr
   result = _cli("--config=configs/coco.py", f"--workdir={tmp_path}", *converted,
-                f"--config.data.image_root={tmp_path}", "--config.data.train_file=/nonexistent.json",
-                f"--config.data.test_file={tmp_path}")
-  assert "config.data.train_file='/nonexistent.json' does not exist" in result.stderr
+                f"--config.data.image_root={tmp_path}",
+                "--config.data.annotation_file=/nonexistent.json")
+  assert "config.data.annotation_file='/nonexistent.json' does not exist" in result.stderr
 
 
 def test_dual_encoder_with_online_teachers(tiny_config, tmp_path, monkeypatch):

@@ -192,8 +192,10 @@ def _flag_lines(tree: str, paths: dict) -> list[tuple[str, str]]:
     return " ".join(f"--config.data.{field}={shlex.quote(paths[key])}" for field, key in fields)
   root = ("image_root", "image_root")
   if tree == "vizwiz":
+    # Its val images with 5 captions left after the exclusions are few: test on 2 of them.
     return [("VizWiz-Captions", flags_of(root, ("train_file", "train_file"),
-                                         ("val_file", "val_file")))]
+                                         ("val_file", "val_file")) +
+             " --config.data.vizwiz.test_images=2")]
   lines = [("Karpathy split file", flags_of(root, ("annotation_file", "karpathy_file")))]
   if "train_file" in paths:
     lists = flags_of(root, *((key, key) for key in ("train_file", "val_file", "test_file")))

@@ -1,16 +1,21 @@
-"""MS-COCO (Karpathy split) with the reference's student and hyperparameters (METHOD.md §2, §5, §6).
+"""MS-COCO (Karpathy split) with the reference's student, teachers and hyperparameters
+(METHOD.md §2-§6).
 
-The student is configs/flickr.py's (Swin-B/384 + BERT-base 6+6 from converted checkpoints; see
-its docstring for the convert commands) with captions of at most 40 tokens, so the text tower
-is converted with --max_tokens=40 into weights/bert_base_uncased_text_40.safetensors.
+The student and teachers are configs/flickr.py's (see its docstring for the convert commands)
+with captions of at most 40 tokens, so the text tower and the text teacher are converted with
+--max_tokens=40 (weights/bert_base_uncased_text_40.safetensors,
+weights/bert_base_uncased_teacher_40.safetensors).
 
-Command (paths are local; nothing is downloaded):
-  python -m rebalance_jax.train --config=configs/coco.py --workdir=runs/coco \\
-      --config.data.image_root=/data/coco/images \\
-      --config.data.train_file=/data/coco/train.json --config.data.test_file=/data/coco/test.json
+Command (local paths; nothing is downloaded):
+  python -m rebalance_jax.train --config=configs/coco.py --workdir=runs/coco \
+      --config.data.image_root=/data/coco \
+      --config.data.annotation_file=/data/coco/dataset_coco.json
 
-Expected: the paper's COCO rows once the real data pipeline and teachers land; until then it stops
-with an error naming the missing converted file, path or loader.
+image_root holds train2014/ and val2014/ (the Karpathy file's filepath/filename). Training uses
+the train and restval images (113,287; --config.data.coco.use_restval=False: train only); the test
+split is the 5,000 Karpathy test images with their first 5 captions, and COCO-1K (the first 1,000)
+is reported too (config.eval.subsets). Variant :tiny as configs/flickr.py's. Expected: the paper's
+COCO rows (not yet measured here).
 """
 
 from rebalance_jax import config_base as common

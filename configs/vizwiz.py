@@ -1,17 +1,22 @@
-"""VizWiz-Captions with the reference's student and hyperparameters (METHOD.md §2, §5, §6);
-[ref] tests on 1,000 images of the official val split.
+"""VizWiz-Captions with the reference's student, teachers and hyperparameters (METHOD.md §2-§6).
 
-The student is configs/flickr.py's (Swin-B/384 + BERT-base 6+6 from converted checkpoints; see
-its docstring for the convert commands) with captions of at most 40 tokens, so the text tower
-is converted with --max_tokens=40 into weights/bert_base_uncased_text_40.safetensors.
+The student and teachers are configs/flickr.py's (see its docstring for the convert commands)
+with captions of at most 40 tokens, so the text tower and the text teacher are converted with
+--max_tokens=40 (weights/bert_base_uncased_text_40.safetensors,
+weights/bert_base_uncased_teacher_40.safetensors).
 
-Command (paths are local; nothing is downloaded):
-  python -m rebalance_jax.train --config=configs/vizwiz.py --workdir=runs/vizwiz \\
-      --config.data.image_root=/data/vizwiz/images \\
-      --config.data.train_file=/data/vizwiz/train.json --config.data.test_file=/data/vizwiz/test.json
+Command (local paths; nothing is downloaded):
+  python -m rebalance_jax.train --config=configs/vizwiz.py --workdir=runs/vizwiz \
+      --config.data.image_root=/data/vizwiz \
+      --config.data.train_file=/data/vizwiz/annotations/train.json \
+      --config.data.val_file=/data/vizwiz/annotations/val.json
 
-Expected: the paper's VizWiz rows once the real data pipeline and teachers land; until then it stops
-with an error naming the missing converted file, path or loader.
+image_root holds train/ and val/ (the official layout). Rejected and pre-canned captions are
+excluded (config.data.vizwiz.include_rejected / include_precanned); [ref] tests on 1,000 images of
+the official val split (test_images) and uses the same images as val (val="test"; "rest": the
+remaining val images, disjoint from test). An evaluation image needs 5 captions: val images with
+fewer left after the exclusions are left out of evaluation, and prepare lists them. Variant :tiny
+as configs/flickr.py's. Expected: the paper's VizWiz rows (not yet measured here).
 """
 
 from rebalance_jax import config_base as common

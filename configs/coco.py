@@ -7,8 +7,8 @@ with captions of at most 40 tokens, so the text tower and the text teacher are c
 weights/bert_base_uncased_teacher_40.safetensors).
 
 Command (local paths; nothing is downloaded):
-  python -m rebalance_jax.train --config=configs/coco.py --workdir=runs/coco \
-      --config.data.image_root=/data/coco \
+  python -m rebalance_jax.train --config=configs/coco.py --workdir=runs/coco \\
+      --config.data.image_root=/data/coco \\
       --config.data.annotation_file=/data/coco/dataset_coco.json
 
 image_root holds train2014/ and val2014/ (the Karpathy file's filepath/filename). Training uses

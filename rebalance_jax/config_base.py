@@ -21,7 +21,7 @@ import dataclasses
 
 import ml_collections
 
-from rebalance_jax.data import real
+from rebalance_jax.data import conventions
 from rebalance_jax.models import towers
 from rebalance_jax.models.student import DISTILLATION_PARAMS
 
@@ -220,7 +220,7 @@ def reference_config(name: str, lr: float, max_tokens: int, variant: str = ""):
   c.data.max_tokens = max_tokens
   c.data.augment = "reference"
   c.data.augment_shift = 0
-  c.data[name] = real.OPTIONS[name]
+  c.data[name] = conventions.OPTIONS[name]
   del c.data.synthetic
   c.tokenizer.append_sep = False
   c.tokenizer.vocab_file = BERT_VOCAB

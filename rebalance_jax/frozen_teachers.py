@@ -71,12 +71,12 @@ def obtain_teachers(exp: Experiment, data: Dataset, mesh, workdir: str) -> dict[
     if not os.path.isfile(os.path.expanduser(t.vocab_file)):
       raise InputError(f"config.teachers.vocab_file={t.vocab_file!r} does not exist")
     tokenizer = text.load_tokenizer(t.vocab_file)
-    vocab_size = text.check_vocab(t.vocab_file)["size"]
+    vocab = text.check_vocab(t.vocab_file)
+    vocab_size = vocab["size"]
     max_tokens = t.text.tower.config.max_tokens
     encode = lambda captions, train: dict(zip(("ids", "mask"), text.tokenize(
         tokenizer, captions, max_tokens, data.max_words_train if train else data.max_words_eval,
         data.append_sep)))
-    vocab = text.check_vocab(t.vocab_file)
   else:
     encode, max_tokens, vocab = data.encode, data.max_tokens, data.vocab
   preprocessing = {

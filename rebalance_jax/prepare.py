@@ -1,8 +1,8 @@
 """Prepares a real dataset once: parses its annotations, verifies every image and writes the TFDS
 ArrayRecord dataset that training and evaluation read (data/real.py, data/prepared.py).
 
-  python -m rebalance_jax.prepare --config=configs/flickr.py \
-      --config.data.image_root=/data/flickr30k/images \
+  python -m rebalance_jax.prepare --config=configs/flickr.py \\
+      --config.data.image_root=/data/flickr30k/images \\
       --config.data.annotation_file=/data/flickr30k/dataset_flickr30k.json
 
 Writes config.data.prepared_dir (default <cache_dir>/prepared/<name>-<hash of the annotation
@@ -17,7 +17,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from rebalance_jax import cli, spec
-from rebalance_jax.data import real
+from rebalance_jax.data import conventions, real
 from rebalance_jax.errors import InputError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -28,9 +28,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 def run(config) -> dict:
   """Prepares config.data; returns its prepared.json record."""
   data = spec.from_config(config).data
-  if data.name not in real.OPTIONS:
+  if data.name not in conventions.OPTIONS:
     raise InputError(f"config.data.name={data.name!r} is not a real dataset "
-                     f"{tuple(real.OPTIONS)}: there is nothing to prepare")
+                     f"{tuple(conventions.OPTIONS)}: there is nothing to prepare")
   directory, record = real.prepare(data)
   sizes = ", ".join(f"{name} {s['images']} images / {s['captions']} captions"
                     for name, s in record["splits"].items())

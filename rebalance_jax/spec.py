@@ -21,6 +21,7 @@ from collections.abc import Mapping
 import ml_collections
 
 from rebalance_jax import sharding
+from rebalance_jax.data import annotations
 from rebalance_jax.data.sources import REAL_DATASETS
 from rebalance_jax.errors import InputError
 from rebalance_jax.evaluators import ranking, retrieval
@@ -29,6 +30,7 @@ from rebalance_jax.models.fusion import FusionConfig
 from rebalance_jax.models.student import DISTILLATION_PARAMS, StudentConfig
 
 TEACHER_TERMS = ("iic", "ttc", "kd", "kdi", "kdt")
+FEATURE_DTYPES = ("float32", "float16")  # of precomputed teacher features
 ALL_TERMS = ("itc", "itm") + TEACHER_TERMS
 _CHOICES = {
     "loss.lambda_mode": ("raw", "sigmoid"),
@@ -36,15 +38,17 @@ _CHOICES = {
     "loss.distance": ("mae", "mse"),
     "loss.itm_negatives": ("device", "global"),
     "teachers.mode": ("precomputed", "online"),
-    "teachers.feature_dtype": ("float32", "float16"),
+    "teachers.feature_dtype": FEATURE_DTYPES,
     "model.dual_relation": ("image", "text", "both"),
     "eval.single_modal_self": ranking.SELF_RULES,
     "eval.select_on": ("val", "test", "last"),
-    "data.on_bad_example": ("error", "skip"),
+    "data.on_bad_example": annotations.POLICIES,
     "data.augment": ("shift", "reference"),
 }
 # Where the data lies, and how many processes read it, do not change what it is.
-_LOCATION_FIELDS = ("cache_dir", "image_root", "prepared_dir", "num_workers")
+# A real dataset's annotation files are in the fingerprints by content (Dataset.content).
+_LOCATION_FIELDS = ("cache_dir", "image_root", "prepared_dir", "num_workers", "annotation_file",
+                    "train_file", "val_file", "test_file")
 # Data fields only the evaluation splits or the student's augmentation depend on.
 _EVAL_ONLY_DATA = ("max_words_eval", "augment", "augment_shift", "crop_scale", "randaugment")
 _EVAL_ONLY_SYNTHETIC = ("num_val", "num_test")

@@ -3,7 +3,7 @@
 Features are stored per image (one row per training image) and per caption (one row per training
 caption), not one row per pair, in chunks of `chunk_rows` global rows: `<modality>-<chunk>.npy`
 (float32 or float16), each written atomically by process 0 with its content hash, so a killed job
-resumes at the first missing chunk. Every process runs every batch (sharded over all devices);
+resumes at the missing chunks. Every process runs every batch (sharded over all devices);
 the features come back replicated and process 0 writes them.
 
 The manifest, written before the first chunk, names what the features are made from: the
@@ -14,6 +14,7 @@ manifest names anything else are refused, never overwritten. `TeacherFeatures.ro
 training batch's rows by global index from the memory-mapped chunks.
 """
 
+import contextlib
 import json
 import os
 
@@ -33,7 +34,6 @@ MODALITIES = ("image", "text")
 MANIFEST = "manifest.json"
 FORMAT = "per-image and per-caption rows in chunks of chunk_rows global rows"
 CHUNK_ROWS = 16384
-DTYPES = ("float32", "float16")
 
 
 def chunk_path(directory: str, modality: str, chunk: int) -> str:
@@ -50,8 +50,13 @@ class TeacherFeatures:
 
   def __init__(self, directory: str):
     self.directory = directory
-    with open(os.path.join(directory, MANIFEST)) as f:
-      manifest = json.load(f)
+    try:
+      with open(os.path.join(directory, MANIFEST)) as f:
+        manifest = json.load(f)
+    except FileNotFoundError:
+      raise InputError(f"teacher features in {directory} are not visible to process "
+                       f"{jax.process_index()}: the features directory must be on a filesystem "
+                       "every process shares") from None
     self.num_rows, self.dims = manifest["rows"], manifest["dims"]
     self.chunk_rows = manifest["chunk_rows"]
     self._chunks = {}
@@ -86,8 +91,9 @@ class TeacherFeatures:
 def manifest_of(teachers: dict, data: Dataset, fingerprint: dict, dtype: str,
                 chunk_rows: int = CHUNK_ROWS) -> dict:
   """What the features of `teachers` over `data`'s training split are made from."""
-  if dtype not in DTYPES:
-    raise InputError(f"config.teachers.feature_dtype={dtype!r} is not one of {DTYPES}")
+  if dtype not in spec.FEATURE_DTYPES:
+    raise InputError(f"config.teachers.feature_dtype={dtype!r} is not one of "
+                     f"{spec.FEATURE_DTYPES}")
   return json.loads(json.dumps({
       "format": FORMAT, "teachers": fingerprint,
       "weights": {m: t.weights_sha256 for m, t in teachers.items()},
@@ -123,7 +129,8 @@ def features_dir(exp: spec.Experiment, workdir: str) -> str:
   return os.path.expanduser(exp.teachers.features_dir) or os.path.join(workdir, "teacher_features")
 
 
-def for_experiment(exp: spec.Experiment, teachers: dict, data: Dataset, mesh, workdir: str) -> TeacherFeatures:
+def for_experiment(exp: spec.Experiment, teachers: dict, data: Dataset, mesh,
+                   workdir: str) -> TeacherFeatures:
   """`teacher_features` of an Experiment's teachers, in its features directory."""
   return teacher_features(teachers, data, mesh, features_dir(exp, workdir),
                           exp.fingerprint("teachers", data.content), exp.eval.batch_size,
@@ -143,9 +150,13 @@ def teacher_features(teachers: dict, data: Dataset, mesh, directory: str, finger
       manifest, missing = _plan(directory, manifest)
     except InputError as e:
       problem = str(e)
-  # Process 0 decides, so that every process takes the same path through the collectives.
-  if bool(multihost_utils.broadcast_one_to_all(np.array(bool(problem)))):
+  # Process 0 decides (refusal, chunk size, chunks to compute), so that every process takes the
+  # same path through the collectives and computes the same rows.
+  refused, chunk_rows = (int(x) for x in multihost_utils.broadcast_one_to_all(
+      np.array([bool(problem), manifest["chunk_rows"]], np.int64)))
+  if refused:
     raise InputError(problem or "process 0 refused the teacher features (its log says why)")
+  manifest = {**manifest, "chunk_rows": chunk_rows}
   todo = np.zeros((len(MODALITIES), num_chunks(max(manifest["rows"].values()), chunk_rows)), bool)
   for i, modality in enumerate(MODALITIES):
     todo[i, missing.get(modality, [])] = True
@@ -221,10 +232,12 @@ def _compute(teachers: dict, data: Dataset, mesh, directory: str, manifest: dict
       start = int(chunk) * chunk_rows
       stop = min(start + chunk_rows, num_rows)
       blocks = []
-      for first, rows, _ in pipeline.padded_batches(stop, batch_size, start):
-        interrupts.check("the teacher-feature job")
-        out = features(teacher.params, *sharding.to_global(load_rows(rows), mesh).values())
-        blocks.append(np.asarray(out.addressable_data(0))[:stop - first])
+      batches = list(pipeline.padded_batches(stop, batch_size, start))
+      with contextlib.closing(pipeline.read_ahead(batches, lambda b: load_rows(b[1]))) as loaded:
+        for (first, _, _), batch in zip(batches, loaded):
+          interrupts.check("the teacher-feature job")
+          out = features(teacher.params, *sharding.to_global(batch, mesh).values())
+          blocks.append(np.asarray(out.addressable_data(0))[:stop - first])
       if reporting.is_main_process():
         block = np.concatenate(blocks).astype(manifest["dtype"])
         files.write_checked(chunk_path(directory, modality, int(chunk)),

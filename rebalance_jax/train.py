@@ -43,8 +43,9 @@ def _stage_batches(exp: spec.Experiment, stage: spec.StageSpec, data: Dataset, t
   if stage.objective.uses_teachers and features is not None:
     extra = lambda image_rows, caption_rows, _: features.rows(image_rows, caption_rows)
   elif stage.objective.uses_teachers and exp.teachers.vocab_file:  # online, own tokenizer
+    encode = teachers["text"].encode  # not the teachers: worker processes get a copy of `extra`
     extra = lambda _, __, captions: {
-        f"teacher_{k}": v for k, v in teachers["text"].encode(captions, train=True).items()}
+        f"teacher_{k}": v for k, v in encode(captions, train=True).items()}
   seed = trainer.stage_seed(exp.seed, stage.name)
   return pipeline.TrainBatches(data.train.num_captions, stage.batch_size, seed,
                                pipeline.pair_rows(data, seed, extra), exp.data.num_workers)

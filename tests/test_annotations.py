@@ -88,7 +88,7 @@ def test_vizwiz_excludes_rejected_and_precanned_unless_included(trees):
   paths, bad = trees["vizwiz"], BadExamples("error")
   splits = annotations.read_vizwiz(paths["train_file"], paths["val_file"], bad)
   assert [len(splits["train"]), len(splits["val"])] == [23, 7]  # each split's last: all pre-canned
-  truth = _true_captions("vizwiz", "train", num_train=24, num_val=8)
+  truth = _true_captions("vizwiz", "train", num_train=24, num_val=14)
   for i, entry in enumerate(splits["train"]):
     expected = {0: truth[i], 1: truth[i][:4], 2: truth[i][1:]}[i % 3]
     assert entry.captions == tuple(expected)

@@ -111,7 +111,8 @@ def test_a_toy_source_goes_through_the_pipeline(toy_data, monkeypatch):
   for process in (0, 1):
     monkeypatch.setattr(pipeline.sharding.jax, "process_count", lambda: 2)
     monkeypatch.setattr(pipeline.sharding.jax, "process_index", lambda p=process: p)
-    halves.append(batches(5))
+    halves.append(pipeline.TrainBatches(120, 8, seed=3,
+                                        load_rows=pipeline.pair_rows(toy_data, seed=3))(5))
   for key in batch:
     np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), batch[key])
 

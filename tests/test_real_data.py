@@ -25,7 +25,7 @@ def trees(tmp_path_factory):
   return miniature.write_miniatures(str(tmp_path_factory.mktemp("miniature")))
 
 
-def tiny_config(name, paths, cache_dir, annotation="karpathy", **options):
+def real_config(name, paths, cache_dir, annotation="karpathy", **options):
   """configs/<name>.py:tiny pointed at a miniature tree."""
   config = load_config(CONFIGS[name])
   config.data.cache_dir = str(cache_dir)
@@ -43,9 +43,10 @@ def tiny_config(name, paths, cache_dir, annotation="karpathy", **options):
 
 
 def test_karpathy_and_reference_flickr_give_the_same_splits(trees, tmp_path):
-  karpathy = load_dataset(spec.from_config(tiny_config("flickr30k", trees["flickr30k"], tmp_path)).data)
+  karpathy = load_dataset(spec.from_config(
+      real_config("flickr30k", trees["flickr30k"], tmp_path)).data)
   lists = load_dataset(spec.from_config(
-      tiny_config("flickr30k", trees["flickr30k"], tmp_path, annotation="reference")).data)
+      real_config("flickr30k", trees["flickr30k"], tmp_path, annotation="reference")).data)
   for data in (karpathy, lists):
     assert (data.train.num_images, data.val.num_images, data.test.num_images) == (24, 6, 6)
     assert data.train.num_captions == 24 * 5 and data.test.num_captions == 6 * 5
@@ -57,12 +58,12 @@ def test_karpathy_and_reference_flickr_give_the_same_splits(trees, tmp_path):
   assert karpathy.test.images[0].shape == (64, 64, 3)
   assert karpathy.identity != lists.identity  # other annotation files: another dataset identity
   # [ref]'s convention: the val images join training.
-  config = tiny_config("flickr30k", trees["flickr30k"], tmp_path, add_val_to_train=True)
+  config = real_config("flickr30k", trees["flickr30k"], tmp_path, add_val_to_train=True)
   assert load_dataset(spec.from_config(config).data).train.num_images == 30
 
 
 def test_coco_trains_on_restval_and_tests_on_five_captions(trees, tmp_path):
-  config = tiny_config("coco", trees["coco"], tmp_path)
+  config = real_config("coco", trees["coco"], tmp_path)
   data = load_dataset(spec.from_config(config).data)
   with open(trees["coco"]["karpathy_file"]) as f:
     images = json.load(f)["images"]
@@ -78,7 +79,7 @@ def test_coco_trains_on_restval_and_tests_on_five_captions(trees, tmp_path):
 
 @pytest.mark.parametrize("val", ["test", "rest"])
 def test_vizwiz_tests_on_the_official_val_split(trees, tmp_path, val):
-  config = tiny_config("vizwiz", trees["vizwiz"], tmp_path, test_images=2, val=val)
+  config = real_config("vizwiz", trees["vizwiz"], tmp_path, test_images=2, val=val)
   data = load_dataset(spec.from_config(config).data)
   directory, record = real.prepare(spec.from_config(config).data)
   # Rejected and pre-canned captions are excluded; val images left with fewer than 5 are listed.
@@ -99,7 +100,7 @@ def test_vizwiz_tests_on_the_official_val_split(trees, tmp_path, val):
 
 def test_each_process_reads_its_rows_and_resumed_batches_are_the_same(trees, tmp_path,
                                                                      monkeypatch):
-  data = load_dataset(spec.from_config(tiny_config("flickr30k", trees["flickr30k"],
+  data = load_dataset(spec.from_config(real_config("flickr30k", trees["flickr30k"],
                                                    tmp_path)).data)
   batches = pipeline.TrainBatches(data.train.num_captions, 8, 5, pipeline.pair_rows(data, 5))
   whole = batches(3)
@@ -107,6 +108,8 @@ def test_each_process_reads_its_rows_and_resumed_batches_are_the_same(trees, tmp
   # The augmented view is a function of (seed, step, row): the same batch again, another step
   # differs, and grain's threads and worker processes replay exactly these batches.
   np.testing.assert_array_equal(batches(3)["image"], whole["image"])
+  rows = batches.local_rows(3)
+  assert not np.array_equal(pipeline.pair_rows(data, 5)(rows, 4)["image"], whole["image"])
   for workers in (0, 1):
     replay = pipeline.TrainBatches(data.train.num_captions, 8, 5, pipeline.pair_rows(data, 5),
                                    num_workers=workers).iterate(2, 5)
@@ -117,13 +120,22 @@ def test_each_process_reads_its_rows_and_resumed_batches_are_the_same(trees, tmp
           np.testing.assert_array_equal(got[key], expected[key])
     finally:
       replay.close()
-  # Two processes: disjoint rows that make up the global batch, each row's view unchanged.
+  # Two processes: disjoint rows that make up the global batch, each row's view unchanged, also
+  # when 2 worker processes (outside the JAX job) assemble them.
   halves, rows, evaluated = [], [], []
   for process in (0, 1):
     monkeypatch.setattr(pipeline.sharding.jax, "process_count", lambda: 2)
     monkeypatch.setattr(pipeline.sharding.jax, "process_index", lambda p=process: p)
-    halves.append(batches(3))
-    rows.append(batches.local_rows(3))
+    mine = pipeline.TrainBatches(data.train.num_captions, 8, 5, pipeline.pair_rows(data, 5),
+                                 num_workers=2)
+    halves.append(mine(3))
+    rows.append(mine.local_rows(3))
+    replay = mine.iterate(2, 5)
+    try:
+      for step in range(2, 5):
+        np.testing.assert_array_equal(next(replay)["ids"], mine(step)["ids"])
+    finally:
+      replay.close()
     evaluated += [r[valid] for _, r, valid in pipeline.padded_batches(data.test.num_images, 4)]
   assert not set(rows[0]) & set(rows[1])
   # Evaluation: every test image exactly once over both processes (padding rows are invalid).
@@ -152,7 +164,7 @@ def _with_tiny_teachers(config, tiny_teachers):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_a_tiny_model_trains_end_to_end_on_each_miniature(trees, tiny_teachers, tmp_path, name):
   """prepare, the teacher-feature job, stage 1, stage 2 reading the job's features, evaluation."""
-  config = tiny_config(name, trees[name], tmp_path / "cache",
+  config = real_config(name, trees[name], tmp_path / "cache",
                        **({"test_images": 2} if name == "vizwiz" else {}))
   _with_tiny_teachers(config, tiny_teachers)
   for stage in config.stages.values():
@@ -168,26 +180,99 @@ def test_a_tiny_model_trains_end_to_end_on_each_miniature(trees, tiny_teachers, 
   results = train.run(config, str(tmp_path / "run"))
   assert set(results) == {"stage1", "stage2"}
   assert all(np.isfinite(r["rsum"]) for r in results.values())
+  with open(tmp_path / "run" / "stage2" / "logs" / "metrics.jsonl") as f:
+    last = [json.loads(line) for line in f][-1]
+  assert all(np.isfinite(last[f"loss/{k}"]) for k in ("iic", "ttc", "kd", "kdi", "kdt"))
   # Stage 2 read the job's features as they were: nothing in the directory was written again.
   assert {p: os.stat(os.path.join(shared, p)).st_mtime_ns for p in os.listdir(shared)} == written
   assert not os.path.exists(tmp_path / "run" / "teacher_features")
 
 
 def test_features_of_other_annotations_are_refused(trees, tiny_teachers, tmp_path):
-  tree = dict(trees["flickr30k"])
-  with open(tree["karpathy_file"]) as f:
+  """The same annotation path with other contents (edited in place) is another dataset."""
+  tree = dict(trees["flickr30k"], karpathy_file=str(tmp_path / "dataset_flickr30k.json"))
+  with open(trees["flickr30k"]["karpathy_file"]) as f:
     annotations = json.load(f)
-  config = _with_tiny_teachers(tiny_config("flickr30k", tree, tmp_path / "cache"), tiny_teachers)
+  with open(tree["karpathy_file"], "w") as f:
+    json.dump(annotations, f)
+  config = _with_tiny_teachers(real_config("flickr30k", tree, tmp_path / "cache"), tiny_teachers)
   config.teachers.features_dir = str(tmp_path / "features")
   teacher_features.run_job(config, str(tmp_path / "job"))
   annotations["images"][0]["sentences"][0]["raw"] = "an edited caption"
-  tree["karpathy_file"] = str(tmp_path / "edited.json")
   with open(tree["karpathy_file"], "w") as f:
     json.dump(annotations, f)
-  config.data.annotation_file = tree["karpathy_file"]
   with pytest.raises(InputError, match=r"teacher features in .* were made from other data, "
                                        r"teachers than this config's"):
     teacher_features.run_job(config, str(tmp_path / "job"))
+
+
+def test_records_follow_the_index_and_the_data_config_is_in_the_fingerprint(trees, tmp_path):
+  config = real_config("coco", trees["coco"], tmp_path)
+  exp = spec.from_config(config)
+  data = load_dataset(exp.data)
+  directory, _ = real.prepare(exp.data)
+  for split in ("train", "restval", "val", "test"):
+    index = prepared.read_index(directory, split)
+    source = prepared.open_source(directory, split)
+    assert [source[i]["file"].decode() for i in range(len(source))] == index["files"]
+    assert [[c.decode() for c in source[i]["captions"]] for i in range(len(source))] == \
+        index["captions"]
+  # Checkpoints depend on the annotations' contents and on every data field that shapes a batch.
+  fingerprint = exp.fingerprint("stage1", data.content)
+  assert fingerprint["data_identity"] == data.identity == real.identity(real.preparation(exp.data))
+  assert fingerprint["data"]["image_size"] == 64 and fingerprint["data"]["coco"]["use_restval"]
+  assert "annotation_file" not in fingerprint["data"]  # by content, not by path
+
+
+def test_a_prepared_dir_that_is_not_one_is_refused_and_a_killed_attempt_redone(trees, tmp_path):
+  config = real_config("flickr30k", trees["flickr30k"], tmp_path)
+  target = tmp_path / "user_folder"
+  target.mkdir()
+  (target / "notes.txt").write_text("keep me")
+  config.data.prepared_dir = str(target) + "/"
+  with pytest.raises(InputError, match=r"config\.data\.prepared_dir='.*user_folder' exists and "
+                                       r"is not a prepared dataset"):
+    real.prepare(spec.from_config(config).data)
+  assert (target / "notes.txt").read_text() == "keep me"  # never deleted
+  config.data.prepared_dir = str(tmp_path / "prepared") + "/"
+  staging = tmp_path / "prepared.incomplete"
+  staging.mkdir()
+  (staging / "half-written").write_bytes(b"x")  # what a killed attempt leaves
+  directory, record = real.prepare(spec.from_config(config).data)
+  assert directory == str(tmp_path / "prepared") and not staging.exists()
+  assert record["splits"]["train"]["images"] == 24
+  other = real_config("flickr30k", trees["flickr30k"], tmp_path, annotation="reference")
+  other.data.prepared_dir = directory
+  with pytest.raises(InputError, match=r"holds a dataset prepared from other annotations, "
+                                       r"format"):
+    real.prepare(spec.from_config(other).data)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("data.crop_scale", (0.6, 0.5), r"config\.data\.crop_scale=\(0\.6, 0\.5\) must be"),
+    ("data.randaugment", (2, 11), r"config\.data\.randaugment=\(2, 11\) must be"),
+    ("data.num_workers", -1, r"config\.data\.num_workers=-1 must be >= 0"),
+    ("data.on_bad_example", "ignore", r"config\.data\.on_bad_example='ignore' is not one of"),
+    ("data.flickr30k.format", "vizwiz", r"config\.data\.flickr30k\.format='vizwiz' is not one"),
+    ("data.flickr30k.eval_captions_per_image", 4, r"eval_captions_per_image=4 is below the 5"),
+    ("data.flickr30k.split", "x", r"config\.data\.flickr30k: unknown fields \['split'\]"),
+])
+def test_bad_real_data_settings_name_the_field(trees, tmp_path, field, value, message):
+  config = real_config("flickr30k", trees["flickr30k"], tmp_path)
+  *sections, key = field.split(".")
+  node = config
+  for section in sections:
+    node = node[section]
+  node[key] = value
+  with pytest.raises(InputError, match=message):
+    load_dataset(spec.from_config(config).data)
+
+
+def test_reference_augmentation_needs_image_files(tiny_config):
+  tiny_config.data.augment = "reference"  # configs/demo.py:tiny: the synthetic data
+  with pytest.raises(InputError, match=r"config\.data\.augment='reference' needs images as "
+                                       r"files"):
+    spec.from_config(tiny_config)
 
 
 def _prepare_cli(config_file, *flags):
@@ -219,7 +304,7 @@ def test_prepare_names_a_bad_image_or_skips_and_reports_it(trees, tmp_path):
   assert skipped.returncode == 0, skipped.stderr[-2000:]
   assert "skipped 2 bad examples" in skipped.stdout
   assert f"images[7]: {images / corrupt['filename']}" in skipped.stderr
-  config = tiny_config("flickr30k", dict(tree, image_root=str(images)), tmp_path / "cache")
+  config = real_config("flickr30k", dict(tree, image_root=str(images)), tmp_path / "cache")
   config.data.on_bad_example = "skip"
   data = load_dataset(spec.from_config(config).data)  # the prepared dataset, without the two
   good = [e for e in entries if e is not missing and e is not corrupt]

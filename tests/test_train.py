@@ -505,7 +505,8 @@ def test_tampered_or_missing_teacher_features_are_recomputed(finished_run, tmp_p
   with pytest.raises(InputError, match=r"teacher features in .* were made from other "
                                        r"preprocessing, weights than this config's"):
     teacher_features.teacher_features(teachers, data, mesh, directory,
-                                      exp.fingerprint("teachers", data.content), exp.eval.batch_size)
+                                      exp.fingerprint("teachers", data.content),
+                                      exp.eval.batch_size)
   np.testing.assert_array_equal(np.load(shard("image")), expected["image"])
 
   # A job killed after some chunks resumes at the missing ones, in float16 if asked.

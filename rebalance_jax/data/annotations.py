@@ -45,17 +45,25 @@ class BadExamples:
     if policy not in POLICIES:
       raise InputError(f"config.data.on_bad_example={policy!r} is not one of {POLICIES}")
     self.policy = policy
-    self._messages: list[str] = []
+    self._reports: list[tuple[str, str]] = []
 
   def report(self, where: str, problem: str) -> None:
-    message = f"{where}: {problem}"
     if self.policy == "error":
-      raise InputError(message)
-    self._messages.append(message)
+      raise InputError(f"{where}: {problem}")
+    self._reports.append((where, problem))
+
+  def report_all(self, other: "BadExamples") -> None:
+    """Reports what `other` recorded, in its order (e.g. a worker thread's own collector)."""
+    for where, problem in other._reports:
+      self.report(where, problem)
+
+  @property
+  def _messages(self) -> list[str]:
+    return [f"{where}: {problem}" for where, problem in self._reports]
 
   @property
   def count(self) -> int:
-    return len(self._messages)
+    return len(self._reports)
 
   def first(self, n: int = 5) -> list[str]:
     return self._messages[:n]

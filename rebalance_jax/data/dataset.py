@@ -32,7 +32,7 @@ class Dataset:
   def content(self) -> dict:
     """What the phases' fingerprints learn only from the loaded data: the vocabulary, and the
     identity of a source not fully described by its config (a real dataset's annotations)."""
-    return {"vocab": self.vocab, **({"data": self.identity} if self.identity else {})}
+    return {"vocab": self.vocab, **({"data_identity": self.identity} if self.identity else {})}
 
   @property
   def vocab_size(self) -> int:

@@ -154,7 +154,8 @@ def _vizwiz_annotations(i: int, last: bool, captions) -> list[tuple[str, bool, b
   return rows
 
 
-def write_vizwiz_like(root: str, num_train: int = 24, num_val: int = 8, seed: int = 0) -> dict:
+def write_vizwiz_like(root: str, num_train: int = 24, num_val: int = 14,
+                      seed: int = 0) -> dict:
   """A VizWiz-Captions-like tree under `root`; returns its image_root, train_file and val_file
   ([ref] tests on the official val split)."""
   rng = np.random.default_rng([seed, 2])

@@ -10,7 +10,7 @@ Evaluation reads a split in global batches padded to the batch size (`padded_bat
 padding rows repeat the last row and are marked invalid.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import grain
 import numpy as np
@@ -78,17 +78,19 @@ def caption_rows(split: Split, encode: Callable[[list[str]], dict]) -> Callable[
 
 class TrainBatches:
   """This process's rows of each step's global batch of `num_examples` examples;
-  `load_rows(rows, step)` reads them."""
+  `load_rows(rows, step)` reads them. Which rows are this process's is fixed when it is made (in
+  the process itself: grain's worker processes are not part of the JAX job)."""
 
   def __init__(self, num_examples: int, batch_size: int, seed: int,
                load_rows: Callable[[np.ndarray, int], dict], num_workers: int = 0):
     self.num_examples, self.batch_size, self.seed = num_examples, batch_size, seed
     self.num_workers = num_workers
     self._load_rows = load_rows
+    self._process_rows = sharding.process_slice(batch_size)
 
   def local_rows(self, step: int) -> np.ndarray:
     indices = train_batch_indices(self.num_examples, self.batch_size, step, self.seed)
-    return indices[sharding.process_slice(self.batch_size)]
+    return indices[self._process_rows]
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     return self._load_rows(self.local_rows(step), step)
@@ -96,14 +98,23 @@ class TrainBatches:
   def iterate(self, start: int, end: int) -> grain.DatasetIterator:
     """The batches of steps start..end-1, in order, assembled ahead by grain: in reader threads,
     or in `num_workers` worker processes (`close()` the iterator to stop them)."""
-    steps = grain.MapDataset.range(start, end).map(self)
-    batches = steps.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS,
-                                                      prefetch_buffer_size=PREFETCH_BATCHES))
+    batches = _read_ahead(grain.MapDataset.range(start, end).map(self))
     if self.num_workers:
       batches = batches.mp_prefetch(grain.MultiprocessingOptions(
           num_workers=self.num_workers,
           per_worker_buffer_size=max(PREFETCH_BATCHES // self.num_workers, 1)))
     return iter(batches)
+
+
+def _read_ahead(dataset: grain.MapDataset) -> grain.IterDataset:
+  return dataset.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS,
+                                                   prefetch_buffer_size=PREFETCH_BATCHES))
+
+
+def read_ahead(items: Sequence, load: Callable) -> grain.DatasetIterator:
+  """load(item) of each item, in order, computed ahead by grain's reader threads (`close()` the
+  iterator to stop them)."""
+  return iter(_read_ahead(grain.MapDataset.source(list(items)).map(load)))
 
 
 def padded_batches(num_rows: int, batch_size: int, start: int = 0

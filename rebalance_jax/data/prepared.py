@@ -68,11 +68,11 @@ def write(directory: str, splits: dict[str, list[ImageEntry]], image_root: str,
   """Reads and verifies every image of `splits` under `image_root`, writes the prepared dataset
   into `directory` (replacing an incomplete one) and returns its prepared.json record (`record`
   plus the split sizes and the bad examples skipped)."""
-  if os.path.exists(directory):
-    shutil.rmtree(directory)  # an incomplete attempt: prepared.json is written last
   staging = directory + ".incomplete"
   if os.path.exists(staging):
-    shutil.rmtree(staging)
+    shutil.rmtree(staging)  # a killed attempt's: only the rename below completes one
+  if os.path.isdir(directory):
+    os.rmdir(directory)  # empty (real._complete refuses anything else), or the rename fails
   kept = {name: [] for name in splits}
   with concurrent.futures.ThreadPoolExecutor(_READ_THREADS) as pool:
     examples = {name: _readable(entries, image_root, bad, pool, kept[name])
@@ -97,11 +97,16 @@ def write(directory: str, splits: dict[str, list[ImageEntry]], image_root: str,
 
 def _readable(entries: list[ImageEntry], image_root: str, bad: BadExamples, pool, kept: list):
   """The examples of the entries whose image file is readable (read `_READ_AHEAD` at a time by
-  `pool`, so a split's bytes are never all in memory), appending those entries to `kept`."""
+  `pool`, so a split's bytes are never all in memory), appending those entries to `kept`. Bad
+  images are reported to `bad` in entry order, whichever thread read them."""
+  def read(entry):
+    problems = BadExamples("skip")
+    return read_image(os.path.join(image_root, entry.file), entry.where, problems), problems
+
   for start in range(0, len(entries), _READ_AHEAD):
     chunk = entries[start:start + _READ_AHEAD]
-    read = lambda e: read_image(os.path.join(image_root, e.file), e.where, bad)
-    for entry, data in zip(chunk, pool.map(read, chunk)):
+    for entry, (data, problems) in zip(chunk, pool.map(read, chunk)):
+      bad.report_all(problems)
       if data is not None:
         kept.append(entry)
         yield {"image": data, "file": entry.file, "image_id": entry.image_id,
@@ -117,7 +122,8 @@ def read_record(directory: str) -> dict | None:
     with open(path) as f:
       return json.load(f)
   except (OSError, ValueError) as e:
-    raise InputError(f"{path} is unreadable ({e}); delete {directory} to prepare it again") from None
+    raise InputError(f"{path} is unreadable ({e}); delete {directory} to prepare it "
+                     "again") from None
 
 
 def read_index(directory: str, split: str) -> dict:

@@ -8,61 +8,33 @@ reads it as a `sources.Source`, applying the split conventions of config.data.<n
   flickr30k  Karpathy train / val / test; add_val_to_train: [ref] trains on the val images too
   coco       Karpathy train + restval (use_restval) / val / test; COCO-1K is config.eval.subsets
   vizwiz     official train; test: the first test_images images of the official val split; val:
-             the same images as [ref] (val="test") or the rest of the official val split ("rest")
+             the rest of the official val split (val="rest"), or the test images as [ref] ("test")
 
 Every evaluation image keeps its first eval_captions_per_image captions (5); preparing treats an
-evaluation image with fewer as a bad example.
+evaluation image with fewer as a bad example, except on VizWiz, where the excluded captions make
+that common: those images are left out of evaluation and listed in prepared.json.
 """
 
 import hashlib
 import json
 import os
 
+import jax
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
 from rebalance_jax import files, reporting
 from rebalance_jax.data import annotations, prepared, sources
+from rebalance_jax.data.conventions import options
 from rebalance_jax.errors import InputError
-from rebalance_jax.evaluators import ranking
 
-FORMATS = ("karpathy", "reference", "vizwiz")
 # The config.data fields holding each format's annotation files.
 _ANNOTATION_FIELDS = {"karpathy": ("annotation_file",),
                       "reference": ("train_file", "val_file", "test_file"),
                       "vizwiz": ("train_file", "val_file")}
-# The prepared splits each format has, and those that serve evaluation.
+# The prepared splits of each format that serve evaluation.
 _EVAL_SPLITS = {"karpathy": ("val", "test"), "reference": ("val", "test"), "vizwiz": ("val",)}
-# config.data.<name>: the split conventions, with their defaults.
-OPTIONS = {
-    "flickr30k": dict(format="karpathy", add_val_to_train=False, eval_captions_per_image=5),
-    "coco": dict(format="karpathy", use_restval=True, eval_captions_per_image=5),
-    "vizwiz": dict(format="vizwiz", test_images=1000, val="test", include_rejected=False,
-                   include_precanned=False, eval_captions_per_image=5),
-}
-
-
-def options(data) -> dict:
-  """config.data.<name> over its defaults; unknown or invalid values are an InputError."""
-  field = f"config.data.{data.name}"
-  defaults = OPTIONS[data.name]
-  unknown = sorted(set(data.options) - set(defaults))
-  if unknown:
-    raise InputError(f"{field}: unknown fields {unknown}; it has {sorted(defaults)}")
-  o = {**defaults, **data.options}
-  if o["format"] not in FORMATS or (data.name == "vizwiz") != (o["format"] == "vizwiz"):
-    allowed = ("vizwiz",) if data.name == "vizwiz" else ("karpathy", "reference")
-    raise InputError(f"{field}.format={o['format']!r} is not one of {allowed}")
-  if o["eval_captions_per_image"] < ranking.CAPTIONS_PER_IMAGE:
-    raise InputError(f"{field}.eval_captions_per_image={o['eval_captions_per_image']} is below "
-                     f"the {ranking.CAPTIONS_PER_IMAGE} the evaluation protocols need")
-  if data.name == "vizwiz":
-    if o["val"] not in ("test", "rest"):
-      raise InputError(f"{field}.val={o['val']!r} is not one of ('test', 'rest')")
-    if o["test_images"] <= 0:
-      raise InputError(f"{field}.test_images={o['test_images']} must be positive")
-  return o
 
 
 def annotation_paths(data) -> dict[str, str]:
@@ -83,10 +55,12 @@ def preparation(data) -> dict:
   """What a prepared dataset is made from: format, the annotation files' SHA-256, the
   preparation options. Its hash names the prepared directory and is the data's identity."""
   o = options(data)
-  paths = annotation_paths(data)
+  annotation_files = {field: path for field, path in annotation_paths(data).items()
+                      if field != "image_root"}
   record = {"dataset": data.name, "format": o["format"],
-            "annotations": {field: {"file": os.path.basename(path), "sha256": files.file_digest(path)}
-                            for field, path in paths.items() if field != "image_root"},
+            "annotations": {field: {"file": os.path.basename(path),
+                                    "sha256": files.file_digest(path)}
+                            for field, path in annotation_files.items()},
             "on_bad_example": data.on_bad_example,
             "eval_captions_per_image": o["eval_captions_per_image"]}
   if o["format"] == "vizwiz":
@@ -101,46 +75,58 @@ def identity(record: dict) -> str:
 def prepared_dir(data, record: dict) -> str:
   """config.data.prepared_dir, or <cache_dir>/prepared/<name>-<identity> by default."""
   if data.prepared_dir:
-    return os.path.expanduser(data.prepared_dir)
+    return os.path.normpath(os.path.expanduser(data.prepared_dir))
   return os.path.join(os.path.expanduser(data.cache_dir), "prepared",
                       f"{data.name}-{identity(record)[:16]}")
 
 
-def prepare(data) -> tuple[str, dict]:
+def prepare(data, record: dict | None = None) -> tuple[str, dict]:
   """Writes the prepared dataset of `data` (a spec.DataSpec) unless a complete one made from the
-  same annotations is there. Returns (its directory, its prepared.json record)."""
-  record = preparation(data)
+  same annotations is there (`record`: its `preparation`, if known). Returns (its directory, its
+  prepared.json record)."""
+  record = record or preparation(data)
   directory = prepared_dir(data, record)
+  with files.WorkdirLock(os.path.dirname(directory), "dataset preparation"):
+    existing = _complete(directory, record)
+    if existing is not None:
+      return directory, existing
+    o = options(data)
+    paths = annotation_paths(data)
+    bad = annotations.BadExamples(data.on_bad_example)
+    if o["format"] == "karpathy":
+      splits = annotations.read_karpathy(paths["annotation_file"], bad)
+    elif o["format"] == "reference":
+      splits = annotations.read_reference_lists(paths["train_file"], paths["val_file"],
+                                                paths["test_file"], bad)
+    else:
+      splits = annotations.read_vizwiz(paths["train_file"], paths["val_file"], bad,
+                                       o["include_rejected"], o["include_precanned"])
+    short = {}
+    for name in _EVAL_SPLITS[o["format"]]:
+      splits[name], short[name] = _with_eval_captions(splits[name], o["eval_captions_per_image"],
+                                                      bad, o["format"] == "vizwiz")
+    logging.info("prepare: writing %s (%s) to %s", data.name,
+                 ", ".join(f"{k} {len(v)} images" for k, v in splits.items()), directory)
+    return directory, prepared.write(directory, splits, paths["image_root"], bad,
+                                     {**record, "short_eval_images": short})
+
+
+def _complete(directory: str, record: dict) -> dict | None:
+  """The prepared.json of a complete dataset in `directory` made as `record` says, None if the
+  directory is absent; anything else there is refused (it is never deleted)."""
   existing = prepared.read_record(directory)
-  if existing is not None:
-    made_from = {k: v for k, v in existing.items() if k in record}
-    if made_from != record:
-      raise InputError(f"config.data.prepared_dir={directory!r} holds a dataset prepared from "
-                       f"other annotations or options ({made_from} != {record}); point "
-                       "config.data.prepared_dir elsewhere or delete it")
-    return directory, existing
-  o = options(data)
-  paths = annotation_paths(data)
-  bad = annotations.BadExamples(data.on_bad_example)
-  if o["format"] == "karpathy":
-    splits = annotations.read_karpathy(paths["annotation_file"], bad)
-  elif o["format"] == "reference":
-    splits = annotations.read_reference_lists(paths["train_file"], paths["val_file"],
-                                              paths["test_file"], bad)
-  else:
-    splits = annotations.read_vizwiz(paths["train_file"], paths["val_file"], bad,
-                                     o["include_rejected"], o["include_precanned"])
-  short = {}
-  for name in _EVAL_SPLITS[o["format"]]:
-    splits[name], short[name] = _with_eval_captions(splits[name], o["eval_captions_per_image"],
-                                                    bad, o["format"] == "vizwiz")
-  record["short_eval_images"] = short
-  logging.info("prepare: writing %s (%s) to %s", data.name,
-               ", ".join(f"{k} {len(v)} images" for k, v in splits.items()), directory)
-  record = prepared.write(directory, splits, paths["image_root"], bad, record)
-  if bad.count:
-    logging.warning("prepare: %s", bad.summary())
-  return directory, record
+  if existing is None:
+    if os.path.exists(directory) and os.listdir(directory):
+      raise InputError(f"config.data.prepared_dir={directory!r} exists and is not a prepared "
+                       "dataset (no prepared.json): point it at a new or empty directory")
+    return None
+  made_from = {k: existing.get(k) for k in record}
+  if made_from != record:
+    differ = sorted(k for k in record if made_from[k] != record[k])
+    raise InputError(f"config.data.prepared_dir={directory!r} holds a dataset prepared from other "
+                     f"{', '.join(differ)} (its prepared.json says what); point "
+                     "config.data.prepared_dir elsewhere or delete it")
+  return existing
 
 
 def _with_eval_captions(entries, per_image: int, bad, leave_out: bool) -> tuple[list, list]:
@@ -162,40 +148,54 @@ def _with_eval_captions(entries, per_image: int, bad, leave_out: bool) -> tuple[
   return kept, short
 
 
-def ensure_prepared(data) -> tuple[str, dict]:
-  """`prepare` on process 0 while the others wait; then every process has the directory."""
-  result = prepare(data) if reporting.is_main_process() else None
-  multihost_utils.sync_global_devices("prepared dataset ready")
-  if result is None:
-    record = preparation(data)
-    directory = prepared_dir(data, record)
-    result = directory, prepared.read_record(directory)
-  return result
+def ensure_prepared(data, record: dict) -> tuple[str, dict]:
+  """`prepare` on process 0 while the others wait; then every process reads the directory (it
+  must be on a filesystem they share)."""
+  problem = ""
+  if reporting.is_main_process():
+    try:
+      prepare(data, record)
+    except InputError as e:
+      problem = str(e)
+  # Process 0 decides, so that every process takes the same path through the collectives.
+  if bool(multihost_utils.broadcast_one_to_all(np.array(bool(problem)))):
+    raise InputError(problem or "process 0 could not prepare the dataset (its log says why)")
+  directory = prepared_dir(data, record)
+  existing = prepared.read_record(directory)
+  if existing is None:
+    raise InputError(f"{directory} is not visible to process {jax.process_index()}: "
+                     "config.data.cache_dir (or prepared_dir) must be on a filesystem every "
+                     "process shares")
+  return directory, existing
 
 
 def load(data) -> sources.Source:
-  directory, record = ensure_prepared(data)
+  record = preparation(data)
+  directory, prepared_record = ensure_prepared(data, record)
+  data_identity = identity(record)
   o = options(data)
   split = lambda spec, first=None: _split(directory, spec, data, first)
+  per_image = o["eval_captions_per_image"]
   if data.name == "vizwiz":
     n = o["test_images"]
-    available = record["splits"]["val"]["images"]
+    available = prepared_record["splits"]["val"]["images"]
     if available < n:
       raise InputError(f"config.data.vizwiz.test_images={n} exceeds the {available} images of "
                        "the official val split")
-    test = split(f"val[:{n}]", o["eval_captions_per_image"])
-    val = test if o["val"] == "test" else split(f"val[{n}:]", o["eval_captions_per_image"])
-    return sources.Source({"train": split("train"), "val": val, "test": test},
-                          cache_dir=directory, identity=identity(preparation(data)))
-  train = "train"
-  if data.name == "coco" and o["use_restval"] and "restval" in record["splits"]:
-    train += "+restval"
-  if data.name == "flickr30k" and o["add_val_to_train"]:
-    train += "+val"
-  per_image = o["eval_captions_per_image"]
-  return sources.Source({"train": split(train), "val": split("val", per_image),
-                         "test": split("test", per_image)},
-                        cache_dir=directory, identity=identity(preparation(data)))
+    train, test = "train", split(f"val[:{n}]", per_image)
+    val = test if o["val"] == "test" else split(f"val[{n}:]", per_image)
+  else:
+    train = "train"
+    if data.name == "coco" and o["use_restval"] and prepared_record["splits"]["restval"]["images"]:
+      train += "+restval"
+    if data.name == "flickr30k" and o["add_val_to_train"]:
+      train += "+val"
+    val, test = split("val", per_image), split("test", per_image)
+  # Derived files (a vocabulary trained on the training captions) depend on the training split.
+  derived = os.path.join(os.path.expanduser(data.cache_dir), "derived",
+                         f"{data.name}-{identity({'data': data_identity, 'train': train})[:16]}")
+  return sources.Source({"train": split(train), "val": val, "test": test}, cache_dir=derived,
+                        identity=data_identity)
 
 
 def _split(directory: str, spec: str, data, captions_per_image: int | None) -> sources.Split:
@@ -211,9 +211,11 @@ def _split(directory: str, spec: str, data, captions_per_image: int | None) -> s
   if not files_:
     raise InputError(f"{directory}: split {spec} has no images")
   source = prepared.open_source(directory, spec)
-  if len(source) != len(files_):
-    raise InputError(f"{directory}: split {spec} has {len(source)} records but its index "
-                     f"{len(files_)} images; delete it to prepare it again")
+  # Record i is index row i: the same count, and the first and last records name its files.
+  if len(source) != len(files_) or any(
+      source[i]["file"].decode() != files_[i] for i in (0, len(files_) - 1)):
+    raise InputError(f"{directory}: split {spec}'s records and its index disagree; delete the "
+                     "directory to prepare it again")
   records = prepared.ImageFileRecords(source, files_, data.image_size, data.crop_scale,
                                       data.randaugment)
   ids = {}

@@ -87,17 +87,17 @@ def test_coco_karpathy_restval_paths_and_caption_counts(trees):
 def test_vizwiz_excludes_rejected_and_precanned_unless_included(trees):
   paths, bad = trees["vizwiz"], BadExamples("error")
   splits = annotations.read_vizwiz(paths["train_file"], paths["val_file"], bad)
-  assert [len(splits["train"]), len(splits["val"])] == [23, 7]  # each split's last: all pre-canned
+  assert [len(splits["train"]), len(splits["val"])] == [23, 13]  # each split's last: pre-canned
   truth = _true_captions("vizwiz", "train", num_train=24, num_val=14)
   for i, entry in enumerate(splits["train"]):
     expected = {0: truth[i], 1: truth[i][:4], 2: truth[i][1:]}[i % 3]
     assert entry.captions == tuple(expected)
     assert entry.file == f"train/VizWiz_train_{i:08d}.jpg" and entry.image_id == str(i)
-  assert [e.image_id for e in splits["val"]] == [str(24 + i) for i in range(7)]  # ids go on
+  assert [e.image_id for e in splits["val"]] == [str(24 + i) for i in range(13)]  # ids go on
   _check_images(splits["train"] + splits["val"], paths["image_root"])
   both = annotations.read_vizwiz(paths["train_file"], paths["val_file"], bad, include_rejected=True,
                                  include_precanned=True)
-  assert [len(both["train"]), len(both["val"])] == [24, 8]
+  assert [len(both["train"]), len(both["val"])] == [24, 14]
   assert both["train"][1].captions[4] == miniature.PRECANNED
   assert both["train"][2].captions[0] == miniature.REJECTED
   assert both["train"][23].captions == (miniature.PRECANNED,) * 5
@@ -237,6 +237,23 @@ def test_karpathy_all_captions_bad_reports_each_and_the_image(tmp_path):
                          "k.json: images[1]: no valid captions (all 2 dropped)"]
 
 
+@pytest.mark.parametrize("policy", ["error", "skip"])
+def test_bytes_that_are_not_utf8_are_a_bad_caption_not_a_bad_file(tmp_path, policy):
+  """A Latin-1 'é' in an otherwise UTF-8 file: that caption is the bad example."""
+  path = tmp_path / "dataset_flickr30k.json"
+  path.write_bytes(b'{"images": [{"filename": "a.jpg", "split": "test", "sentences": '
+                   b'[{"raw": "a caf\xe9"}, {"raw": "a dog"}]}]}')
+  bad = BadExamples(policy)
+  message = (f"{path.name}: images[0].sentences[0].raw: not valid UTF-8 text (surrogates not "
+             "allowed at character 5: 'a caf\\udce9')")
+  if policy == "error":
+    with pytest.raises(InputError, match=f"^{re.escape(message)}$"):
+      annotations.read_karpathy(str(path), bad)
+  else:
+    assert annotations.read_karpathy(str(path), bad)["test"][0].captions == ("a dog",)
+    assert bad.first() == [message]
+
+
 def test_image_id_falls_back_to_the_file(tmp_path):
   doc = {"images": [{"filename": "x.jpg", "split": "train", "sentences": [{"raw": "a cat"}]}]}
   splits = annotations.read_karpathy(_write(tmp_path / "k.json", doc), BadExamples("error"))
@@ -247,8 +264,6 @@ def test_image_id_falls_back_to_the_file(tmp_path):
 
 
 _FILE_CASES = {
-    "non-UTF-8 file": (b'{"images": [{"filename": "a\xff.jpg"}]}',
-                       r"not valid UTF-8 at byte 27 \(invalid start byte\)"),
     "malformed JSON": (b'{"images": [\n  {"filename": "a.jpg",}\n]}',
                        r"malformed JSON at line 2, column 24 \(Expecting property name enclosed in "
                        r"double quotes\)"),

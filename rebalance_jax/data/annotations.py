@@ -7,11 +7,11 @@
   beside them, e.g. `train/VizWiz_train_00000000.jpg`, so `file` is `<split>/<file_name>`
   relative to the dataset's root).
 
-A malformed file (not UTF-8, not JSON, the wrong top-level structure) is always an InputError
-naming it. A bad example inside it (a missing or wrongly typed field, an empty or non-UTF-8
-caption, an image without captions, an unreadable image) goes through `BadExamples.report`, which
-raises under the policy 'error' and records and drops it under 'skip'; messages name the file and
-the JSON path of the field, e.g. `dataset_flickr30k.json: images[3].sentences[1].raw: empty after
+A malformed file (not JSON, the wrong top-level structure) is always an InputError naming it. A
+bad example inside it (a missing or wrongly typed field, an empty caption, a string field with
+bytes that are not UTF-8, an image without captions, an unreadable image) goes through
+`BadExamples.report`, which raises under the policy 'error' and records and drops it under
+'skip'; messages name the file and the JSON path of the field, e.g. `dataset_flickr30k.json: images[3].sentences[1].raw: empty after
 cleaning ('!!!')`.
 """
 
@@ -80,7 +80,9 @@ class BadExamples:
 
 
 def load_json(path: str) -> object:
-  """The JSON value of a strict UTF-8 file; raises InputError naming the file (and where in it)."""
+  """The JSON value of a file; raises InputError naming the file (and where in it). Bytes that
+  are not UTF-8 become lone surrogates (`surrogateescape`), so the string field holding them is
+  a bad example (`_typed`), reported with its JSON path, not the whole file."""
   try:
     with open(path, "rb") as f:
       data = f.read()
@@ -89,11 +91,7 @@ def load_json(path: str) -> object:
   except OSError as e:
     raise InputError(f"annotation file {path} is unreadable ({e.strerror or e})") from None
   try:
-    text = data.decode("utf-8")
-  except UnicodeDecodeError as e:
-    raise InputError(f"{path}: not valid UTF-8 at byte {e.start} ({e.reason})") from None
-  try:
-    return json.loads(text)
+    return json.loads(data.decode("utf-8", errors="surrogateescape"))
   except json.JSONDecodeError as e:
     raise InputError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno} "
                      f"({e.msg})") from None
@@ -140,11 +138,19 @@ def _describe(value) -> str:
 
 
 def _typed(bad: BadExamples, where: str, value, kind):
-  """`value` if it has type `kind` (bools are not integers), else reported -> None."""
-  if isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool):
-    return value
-  bad.report(where, f"expected {_KINDS[kind]}, got {_describe(value)}")
-  return None
+  """`value` if it has type `kind` (bools are not integers) and, if a string, is valid UTF-8
+  text (not a lone surrogate: a "\\ud800" escape, or a byte `load_json` could not decode); else
+  reported -> None."""
+  if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+    bad.report(where, f"expected {_KINDS[kind]}, got {_describe(value)}")
+    return None
+  if isinstance(value, str):
+    try:
+      value.encode("utf-8")
+    except UnicodeEncodeError as e:
+      bad.report(where, f"not valid UTF-8 text ({e.reason} at character {e.start}: {value!r})")
+      return None
+  return value
 
 
 def _field(bad: BadExamples, where: str, entry: dict, key: str, kind, default=None, required=True):
@@ -165,11 +171,6 @@ def _caption(bad: BadExamples, where: str, value) -> str | None:
   """`value` (at JSON path `where`) if it is a caption: a valid UTF-8 string, non-empty after
   cleaning; else reported -> None."""
   if _typed(bad, where, value, str) is None:
-    return None
-  try:
-    value.encode("utf-8")
-  except UnicodeEncodeError as e:
-    bad.report(where, f"not valid UTF-8 text ({e.reason} at character {e.start}: {value!r})")
     return None
   if not clean_caption(value, _ANY_LENGTH):
     bad.report(where, f"empty after cleaning ({value!r})")

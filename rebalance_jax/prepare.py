@@ -25,6 +25,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     "vizwiz.py); override fields with --config.<field>=<value>.", lock_config=True)
 
 
+SHOWN = 10  # bad examples listed at the end
+
+
 def run(config) -> dict:
   """Prepares config.data; returns its prepared.json record."""
   data = spec.from_config(config).data
@@ -37,8 +40,8 @@ def run(config) -> dict:
   logging.info("prepared %s in %s: %s", data.name, directory, sizes)
   skipped = record["skipped"]
   if skipped["count"]:
-    logging.warning("skipped %d bad examples; the first:\n  %s", skipped["count"],
-                    "\n  ".join(skipped["first"]))
+    logging.warning("skipped %d bad examples (all of them in %s/prepared.json); the first:\n  %s",
+                    skipped["count"], directory, "\n  ".join(skipped["messages"][:SHOWN]))
   print(f"{directory}\n{sizes}; skipped {skipped['count']} bad examples")
   return record
 

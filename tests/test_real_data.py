@@ -313,4 +313,4 @@ def test_prepare_names_a_bad_image_or_skips_and_reports_it(trees, tmp_path):
   directory = real.prepared_dir(spec.from_config(config).data,
                                 real.preparation(spec.from_config(config).data))
   record = prepared.read_record(directory)
-  assert record["skipped"]["count"] == 2 and len(record["skipped"]["first"]) == 2
+  assert record["skipped"]["count"] == 2 and len(record["skipped"]["messages"]) == 2

@@ -85,7 +85,7 @@ def write(directory: str, splits: dict[str, list[ImageEntry]], image_root: str,
             "splits": {name: {"images": len(entries),
                               "captions": sum(len(e.captions) for e in entries)}
                        for name, entries in kept.items()},
-            "skipped": {"count": bad.count, "first": bad.first()}}
+            "skipped": {"count": bad.count, "messages": bad.first(bad.count)}}
   for name, entries in kept.items():
     index = {"files": [e.file for e in entries], "image_ids": [e.image_id for e in entries],
              "captions": [list(e.captions) for e in entries]}

@@ -8,8 +8,9 @@ the features come back replicated and process 0 writes them.
 
 The manifest, written before the first chunk, names what the features are made from: the
 teachers' config fingerprint and weight hashes, each teacher's preprocessing (image size and
-normalization; tokenizer vocabulary and limits), the training data's identity (its annotation
-files' hashes, or the synthetic cache key), the row counts, dimensions and dtype. Features whose
+normalization; tokenizer vocabulary and limits), a real dataset's identity (its annotation
+files' hashes; the synthetic data is described by the config), the row counts, dimensions and
+dtype. Features whose
 manifest names anything else are refused, never overwritten. `TeacherFeatures.rows` reads a
 training batch's rows by global index from the memory-mapped chunks.
 """

@@ -183,10 +183,14 @@ def load(data) -> sources.Source:
       raise InputError(f"config.data.vizwiz.test_images={n} exceeds the {available} images of "
                        "the official val split")
     train, test = "train", split(f"val[:{n}]", per_image)
+    if o["val"] == "rest" and available == n:
+      raise InputError(f"config.data.vizwiz.val='rest' leaves no validation images: the official "
+                       f"val split has {available}, all of them test images (test_images={n})")
     val = test if o["val"] == "test" else split(f"val[{n}:]", per_image)
   else:
     train = "train"
-    if data.name == "coco" and o["use_restval"] and prepared_record["splits"]["restval"]["images"]:
+    restval = prepared_record["splits"].get("restval", {}).get("images")  # Karpathy files only
+    if data.name == "coco" and o["use_restval"] and restval:
       train += "+restval"
     if data.name == "flickr30k" and o["add_val_to_train"]:
       train += "+val"

@@ -98,6 +98,19 @@ def test_vizwiz_tests_on_the_official_val_split(trees, tmp_path, val):
     load_dataset(spec.from_config(config).data)
 
 
+def _assert_replays(batches, start, end):
+  """`batches.iterate(start, end)` (grain's threads or worker processes) yields exactly the
+  batches `batches(step)` makes directly."""
+  replay = batches.iterate(start, end)
+  try:
+    for step in range(start, end):
+      got, expected = next(replay), batches(step)
+      for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key])
+  finally:
+    replay.close()
+
+
 def test_each_process_reads_its_rows_and_resumed_batches_are_the_same(trees, tmp_path,
                                                                      monkeypatch):
   data = load_dataset(spec.from_config(real_config("flickr30k", trees["flickr30k"],
@@ -110,14 +123,7 @@ def test_each_process_reads_its_rows_and_resumed_batches_are_the_same(trees, tmp
   np.testing.assert_array_equal(batches(3)["image"], whole["image"])
   rows = batches.local_rows(3)
   assert not np.array_equal(pipeline.pair_rows(data, 5)(rows, 4)["image"], whole["image"])
-  replay = batches.iterate(2, 5)
-  try:
-    for step in range(2, 5):
-      got, expected = next(replay), batches(step)
-      for key in expected:
-        np.testing.assert_array_equal(got[key], expected[key])
-  finally:
-    replay.close()
+  _assert_replays(batches, 2, 5)
   # Two processes: disjoint rows that make up the global batch, each row's view unchanged, also
   # when 2 worker processes (outside the JAX job) assemble process 1's.
   halves, rows, evaluated = [], [], []
@@ -128,14 +134,7 @@ def test_each_process_reads_its_rows_and_resumed_batches_are_the_same(trees, tmp
                                  num_workers=2 * process)
     halves.append(mine(3))
     rows.append(mine.local_rows(3))
-    replay = mine.iterate(2, 5)
-    try:
-      for step in range(2, 5):
-        got, expected = next(replay), mine(step)
-        for key in expected:
-          np.testing.assert_array_equal(got[key], expected[key])
-    finally:
-      replay.close()
+    _assert_replays(mine, 2, 5)
     evaluated += [r[valid] for _, r, valid in pipeline.padded_batches(data.test.num_images, 4)]
   assert not set(rows[0]) & set(rows[1])
   # Evaluation: every test image exactly once over both processes (padding rows are invalid).

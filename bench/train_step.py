@@ -7,7 +7,7 @@ the student's parameters, and prints the figures.
   python bench/train_step.py --config=configs/bench_tiny.py --batch_size=8 --stage=stage2 \
       --threads=1
 
-Builds the stage as `train.py` does, with the same library pieces (`objective.batch_loss`,
+Builds the stage as `phases.py` does, with the same library pieces (`objective.batch_loss`,
 `optim.make_optimizer`, `trainer.abstract_state`/`create_state`, `trainer.jit_train_step` with
 `trainer.run_stage`'s shardings and donation), but with nothing read from disk: random student
 parameters (every `init` of the config, config.model.init included, is set to ''), and a random
@@ -234,7 +234,7 @@ def bench(argv):
   print(f"  {'heads':<15s} {sum(heads.values()):>13,}  (" +
         ", ".join(f"{k} {v:,}" for k, v in heads.items()) + ")")
 
-  # The stage as train.train_student_stage and trainer.run_stage build it.
+  # The stage as phases.train_student_stage and trainer.run_stage build it.
   total_steps = stage.num_steps if stage.num_steps > 0 else 10_000  # only the lr schedule's shape
   tx, _ = make_optimizer(exp.optim, abstract_params, total_steps)
   loss_fn = functools.partial(objective.batch_loss, model=model, objective=stage.objective,

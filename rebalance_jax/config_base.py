@@ -137,7 +137,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.teachers.lr = 1e-3
 
   c.loss = ml_collections.ConfigDict()
-  c.loss.lambda_mode = "raw"       # [ref] raw λ; fixed: "sigmoid"
+  c.loss.lambda_mode = "raw"       # [ref] raw λ; fixed: "sigmoid"; "fixed": λ = lambda_fixed
+  c.loss.lambda_fixed = 0.5        # for "fixed" (an ablation: λ not learned)
   c.loss.tau2_mode = "learned"     # [ref] unclamped; fixed: "clamped" or "fixed"
   c.loss.tau2_range = (0.03, 0.5)  # for "clamped"
   c.loss.tau2_fixed = 0.07         # for "fixed"

@@ -111,13 +111,16 @@ def structure_distillation(student_features: Sequence[jax.Array],
   }
 
 
-def fusion_weight(raw: jax.Array, mode: str) -> jax.Array:
-  """λ from its parameter: "raw" uses it as is (the reference), "sigmoid" keeps it in (0, 1)."""
+def fusion_weight(raw: jax.Array, mode: str, fixed_value: float = 0.5) -> jax.Array:
+  """λ from its parameter: "raw" uses it as is (the reference), "sigmoid" keeps it in (0, 1),
+  "fixed" is the constant `fixed_value` (not learned; an ablation)."""
   if mode == "raw":
     return raw
   if mode == "sigmoid":
     return jax.nn.sigmoid(raw)
-  raise ValueError(f"lambda mode must be 'raw' or 'sigmoid', got {mode!r}")
+  if mode == "fixed":
+    return jnp.asarray(fixed_value, jnp.float32)
+  raise ValueError(f"lambda mode must be 'raw', 'sigmoid' or 'fixed', got {mode!r}")
 
 
 def relation_temperature(raw: jax.Array, mode: str, value_range: tuple[float, float],

@@ -25,7 +25,7 @@ def effective_scalars(raw: Mapping[str, jax.Array], objective: ObjectiveSpec):
       "temp": raw["temp"],
       "temp2": losses.relation_temperature(raw["temp2"], objective.tau2_mode,
                                            tuple(objective.tau2_range), objective.tau2_fixed),
-      "lam": losses.fusion_weight(raw["lam"], objective.lambda_mode),
+      "lam": losses.fusion_weight(raw["lam"], objective.lambda_mode, objective.lambda_fixed),
   }
 
 

@@ -33,7 +33,7 @@ TEACHER_TERMS = ("iic", "ttc", "kd", "kdi", "kdt")
 FEATURE_DTYPES = ("float32", "float16")  # of precomputed teacher features
 ALL_TERMS = ("itc", "itm") + TEACHER_TERMS
 _CHOICES = {
-    "loss.lambda_mode": ("raw", "sigmoid"),
+    "loss.lambda_mode": ("raw", "sigmoid", "fixed"),
     "loss.tau2_mode": ("learned", "clamped", "fixed"),
     "loss.distance": ("mae", "mse"),
     "loss.itm_negatives": ("device", "global"),
@@ -55,7 +55,8 @@ _EVAL_ONLY_SYNTHETIC = ("num_val", "num_test")
 # Fields of the objective and the model that only matter to a stage with distillation terms: the
 # distillation parameters (student.DISTILLATION_PARAMS) a stage without them holds are never read
 # (a distilling stage must start them fresh unless it inherits them trained, see _stages).
-_DISTILLATION_LOSS = ("lambda_mode", "tau2_mode", "tau2_range", "tau2_fixed", "distance")
+_DISTILLATION_LOSS = ("lambda_mode", "lambda_fixed", "tau2_mode", "tau2_range", "tau2_fixed",
+                      "distance")
 _DISTILLATION_MODEL = ("dual_relation", "lam_init", "temp2_init")
 # Teacher fields that change neither the teachers' weights nor their features.
 _TEACHER_USE = ("mode", "features_dir")
@@ -97,6 +98,7 @@ class ObjectiveSpec:
   """A stage's loss: the weight of each term, and the §4 options."""
   weights: Mapping[str, float]
   lambda_mode: str = "raw"
+  lambda_fixed: float = 0.5
   tau2_mode: str = "learned"
   tau2_range: tuple[float, float] = (0.03, 0.5)
   tau2_fixed: float = 0.07
@@ -390,8 +392,9 @@ def _objective(config: ml_collections.ConfigDict, weights, field: str) -> Object
                      "head")
   loss = config.loss
   return ObjectiveSpec(
-      weights=weights, lambda_mode=loss.lambda_mode, tau2_mode=loss.tau2_mode,
-      tau2_range=tuple(loss.tau2_range), tau2_fixed=loss.tau2_fixed, distance=loss.distance,
+      weights=weights, lambda_mode=loss.lambda_mode, lambda_fixed=loss.lambda_fixed,
+      tau2_mode=loss.tau2_mode, tau2_range=tuple(loss.tau2_range), tau2_fixed=loss.tau2_fixed,
+      distance=loss.distance,
       itm_negatives=loss.itm_negatives, chunked=loss.chunked, chunk_tile=loss.chunk_tile,
       dual_relation=config.model.dual_relation)
 

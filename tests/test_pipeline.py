@@ -136,9 +136,9 @@ def test_a_source_without_attributes_trains_a_stage_without_teachers(toy_data, t
                                                                      tmp_path):
   """The path a real dataset takes before it has teachers: no scene attributes, no distillation
   stage, and nothing of the teachers is needed."""
-  from rebalance_jax import train
+  from rebalance_jax import phases
   del tiny_config.stages["stage2"]
-  results = train.run(tiny_config, str(tmp_path / "run"))
+  results = phases.run(tiny_config, str(tmp_path / "run"))
   assert set(results) == {"stage1"} and 0 <= results["stage1"]["rsum"] <= 600
   assert results["stage1"]["t2t_ndcg@10"] > 0
   assert not (tmp_path / "run" / "teachers").exists()

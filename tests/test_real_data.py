@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, load_config
-from rebalance_jax import spec, teacher_features, train
+from rebalance_jax import phases, spec, teacher_features
 from rebalance_jax.data import miniature, pipeline, prepared, real
 from rebalance_jax.data.dataset import load_dataset
 from rebalance_jax.errors import InputError
@@ -176,7 +176,7 @@ def test_a_tiny_model_trains_end_to_end_on_a_miniature(trees, tiny_teachers, tmp
   data = load_dataset(spec.from_config(config).data)
   assert job.num_rows == {"image": data.train.num_images, "text": data.train.num_captions}
   written = {p: os.stat(os.path.join(shared, p)).st_mtime_ns for p in os.listdir(shared)}
-  results = train.run(config, str(tmp_path / "run"))
+  results = phases.run(config, str(tmp_path / "run"))
   assert set(results) == {"stage1", "stage2"}
   assert all(np.isfinite(r["rsum"]) for r in results.values())
   with open(tmp_path / "run" / "stage2" / "logs" / "metrics.jsonl") as f:

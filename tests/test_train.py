@@ -15,7 +15,7 @@ import pytest
 
 from conftest import REPO, saved_state
 from rebalance_jax import (checkpointing, experiment, files, frozen_teachers, interrupts,
-                           objective, spec, teacher_features, train, trainer, weights)
+                           objective, phases, spec, teacher_features, trainer, weights)
 from rebalance_jax.checkpointing import ConfigMismatchError
 from rebalance_jax.data import pipeline
 from rebalance_jax.data.dataset import load_dataset
@@ -32,7 +32,7 @@ def finished_run(tmp_path_factory, data_cache):
   config = load_config("configs/demo.py:tiny")
   config.data.cache_dir = data_cache
   workdir = str(tmp_path_factory.mktemp("full"))
-  return config, workdir, train.run(config, workdir)
+  return config, workdir, phases.run(config, workdir)
 
 
 def test_two_stage_run_writes_results_metrics_and_features(finished_run):
@@ -105,11 +105,11 @@ def test_resume_reproduces_the_uninterrupted_run(finished_run, tmp_path):
   config, full_dir, full_results = finished_run
   resumed_dir = str(tmp_path)
   # Stop mid stage 1, then mid stage 2, as a preemption would; each call resumes.
-  assert train.run(config, resumed_dir, until=("stage1", 2)) == {}
-  assert set(train.run(config, resumed_dir, until=("stage2", 2))) == {"stage1"}
+  assert phases.run(config, resumed_dir, until=("stage1", 2)) == {}
+  assert set(phases.run(config, resumed_dir, until=("stage2", 2))) == {"stage1"}
   with open(os.path.join(resumed_dir, "stage2", "logs", "metrics.jsonl"), "a") as f:
     f.write('{"step": 3, "loss/itc": 0.')  # a kill while writing a line
-  assert train.run(config, resumed_dir) == full_results
+  assert phases.run(config, resumed_dir) == full_results
   with open(os.path.join(resumed_dir, "stage2", "logs", "metrics.jsonl")) as f:
     assert [json.loads(line)["step"] for line in f] == [2, 4]
   for stage in ("stage1", "stage2"):
@@ -123,19 +123,19 @@ def test_checkpoint_from_another_config_is_rejected(finished_run):
   other = config.copy_and_resolve_references()
   other.model.embed_dim = 32
   with pytest.raises(ConfigMismatchError, match=r"model\.embed_dim"):
-    train.run(other, workdir)
+    phases.run(other, workdir)
 
 
 def test_batch_size_not_divisible_by_devices(tiny_config, tmp_path):
   tiny_config.stages.stage1.batch_size = 12
   with pytest.raises(InputError, match=r"config\.stages\.stage1\.batch_size=12 .*8 devices"):
-    train.run(tiny_config, str(tmp_path))
+    phases.run(tiny_config, str(tmp_path))
 
 
 def test_non_finite_loss_stops_the_run(tiny_config, tmp_path):
   tiny_config.optim.lr = 1e30
   with pytest.raises(trainer.NonFiniteLossError, match=r"stage1: non-finite .* at step 2"):
-    train.run(tiny_config, str(tmp_path))
+    phases.run(tiny_config, str(tmp_path))
   assert not os.path.exists(os.path.join(tmp_path, "stage1", "checkpoints", "2"))
 
 
@@ -178,26 +178,26 @@ def test_invalid_config_values(tiny_config, tmp_path, field, value, match):
   node[key] = value
   workdir = tmp_path / "run"
   with pytest.raises(InputError, match=match):
-    train.run(tiny_config, str(workdir))
+    phases.run(tiny_config, str(workdir))
   assert not os.path.exists(workdir / "teachers")  # refused before any work
 
 
 def test_bad_workdirs_and_a_second_run_are_refused(tiny_config, tmp_path):
   (tmp_path / "file").write_text("x")
   with pytest.raises(InputError, match=r"--workdir=.*/file is a file, not a directory"):
-    train.run(tiny_config, str(tmp_path / "file"))
+    phases.run(tiny_config, str(tmp_path / "file"))
   with pytest.raises(InputError, match=r"--workdir is empty"):
-    train.run(tiny_config, "")
+    phases.run(tiny_config, "")
   with files.WorkdirLock(str(tmp_path), "training run"):
     with pytest.raises(InputError, match=r"is in use by another training run"):
-      train.run(tiny_config, str(tmp_path))
+      phases.run(tiny_config, str(tmp_path))
 
 
 def test_dual_encoder_needs_no_itm_weight(tiny_config, tmp_path):
   tiny_config.model.dual_encoder = True
   with pytest.raises(InputError, match=r"config\.stages\.stage1\.loss_weights has an 'itm' "
                                        r"weight"):
-    train.run(tiny_config, str(tmp_path))
+    phases.run(tiny_config, str(tmp_path))
 
 
 def _cli(*args):
@@ -256,7 +256,7 @@ def test_dual_encoder_with_online_teachers(tiny_config, tmp_path, monkeypatch):
   own_vocab = tmp_path / "teacher_vocab.txt"  # the same tokens, read as the teacher's own file
   shutil.copy(load_dataset(spec.from_config(c).data).vocab_file, own_vocab)
   c.teachers.vocab_file = str(own_vocab)
-  results = train.run(c, str(tmp_path))
+  results = phases.run(c, str(tmp_path))
   assert set(results) == {"stage1", "stage2"}
   assert not os.path.exists(os.path.join(tmp_path, "teacher_features"))
   _, state = saved_state(str(tmp_path), "stage2")
@@ -321,7 +321,7 @@ def test_a_rerun_of_a_finished_run_evaluates_nothing(finished_run, tmp_path, mon
 
   monkeypatch.setattr(Evaluator, "add", fail)
   monkeypatch.setattr(Evaluator, "selection_metrics", fail)
-  assert train.run(config, workdir) == full_results
+  assert phases.run(config, workdir) == full_results
 
 
 def test_changing_the_selection_of_a_trained_run_is_refused(finished_run):
@@ -353,10 +353,10 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes_identically(finished_
 
   monkeypatch.setattr(pipeline.TrainBatches, "__call__", batch_with_sigterm)
   with pytest.raises(trainer.Preempted, match=r"stage1: stopped at step 1 \(SIGTERM\)") as stopped:
-    train.run(config, str(tmp_path))
+    phases.run(config, str(tmp_path))
   assert stopped.value.step == 1 and saved_state(str(tmp_path), "stage1")[0] == 1
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
-  assert train.run(config, str(tmp_path)) == full_results
+  assert phases.run(config, str(tmp_path)) == full_results
   (_, full), (_, resumed) = saved_state(full_dir, "stage2"), saved_state(str(tmp_path), "stage2")
   for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(a, b)
@@ -366,7 +366,7 @@ def test_two_processes_resume_a_single_process_run_and_match_it(finished_run, tm
   """2 processes × 4 CPU devices on localhost finish a run that 1 process × 8 devices started."""
   config, full_dir, full_results = finished_run
   workdir, logs = tmp_path / "run", tmp_path / "logs"
-  train.run(config, str(workdir), until=("stage2", 2))
+  phases.run(config, str(workdir), until=("stage2", 2))
   shutil.rmtree(workdir / "teacher_features")  # computed again, over both processes
   result = subprocess.run(
       [sys.executable, "launch/local.py", "--num_processes=2", "--devices_per_process=4",
@@ -415,7 +415,7 @@ def test_an_empty_latest_step_folder_resumes_from_the_previous_step(finished_run
   latest = os.path.join(workdir, "stage2", "checkpoints", "4")
   shutil.rmtree(latest)
   os.mkdir(latest)
-  assert train.run(config, workdir) == full_results  # step 2 restored, steps 3-4 trained again
+  assert phases.run(config, workdir) == full_results  # step 2 restored, steps 3-4 trained again
   assert set(_saved_rows(workdir)) == {"stage1", "stage2"}
   assert os.path.isdir(os.path.join(workdir, "stage2", "checkpoints.damaged", "4"))
   (_, full), (_, resumed) = saved_state(full_dir, "stage2"), saved_state(workdir, "stage2")
@@ -432,7 +432,7 @@ def test_a_refused_stage2_loses_no_results_row(finished_run, tmp_path):
   other.stages.stage2.loss_weights.kd = 3.0
   with pytest.raises(ConfigMismatchError, match=r"stage2/checkpoints/4 was written by another "
                                                 r"config \(stages\.stage2\.loss_weights\.kd"):
-    train.run(other, workdir)
+    phases.run(other, workdir)
   with open(os.path.join(workdir, "results.json"), "rb") as f:
     assert f.read() == before  # refused before stage 1 was evaluated again
 
@@ -449,7 +449,7 @@ def test_a_new_stage_reuses_the_teachers_and_stage1_of_the_run(finished_run, tmp
   arm = config.copy_and_resolve_references()
   arm.stages.stage2_no_kd = arm.stages.stage2.copy_and_resolve_references()
   del arm.stages.stage2_no_kd.loss_weights["kd"]
-  results = train.run(arm, workdir)
+  results = phases.run(arm, workdir)
   assert set(results) == {"stage1", "stage2", "stage2_no_kd"}
   assert results["stage1"] == full_results["stage1"] and results["stage2"] == full_results["stage2"]
   assert listing() == before and logs() == before_logs  # nothing of theirs trained again
@@ -557,10 +557,10 @@ def test_sigint_during_evaluation_stops_cleanly_and_the_rerun_finishes(finished_
 
   monkeypatch.setattr(Evaluator, "add", add_after_ctrl_c)
   with pytest.raises(interrupts.Interrupted, match="SIGINT: stopped during") as stopped:
-    train.run(config, workdir)
+    phases.run(config, workdir)
   assert stopped.value.exit_code == 130
   assert not os.path.exists(os.path.join(workdir, "results.json"))
-  assert train.run(config, workdir) == full_results
+  assert phases.run(config, workdir) == full_results
 
 
 def test_evaluate_refuses_bad_steps_and_workdirs_without_writing(finished_run, tmp_path):

@@ -41,7 +41,7 @@ class StudentConfig:
   temp_init: float = 0.07
   temp2_init: float = 0.07
   lam_init: float = 0.5
-  lambda_mode: str = "raw"  # "raw" or "sigmoid": how λ is read (losses.fusion_weight)
+  lambda_mode: str = "raw"  # "raw", "sigmoid" or "fixed": how λ is read (losses.fusion_weight)
 
 
 def _constant(value: float):
@@ -64,7 +64,7 @@ class Student(nn.Module):
       self.fusion_encoder = FusionEncoder(c.fusion)
       self.itm_head = ItmHead()
     # λ is stored so that the configured mode reads it as lam_init.
-    lam = c.lam_init if c.lambda_mode == "raw" else math.log(c.lam_init / (1.0 - c.lam_init))
+    lam = c.lam_init if c.lambda_mode != "sigmoid" else math.log(c.lam_init / (1.0 - c.lam_init))
     self.temp = self.param("temp", _constant(c.temp_init))
     self.temp2 = self.param("temp2", _constant(c.temp2_init))
     self.lam = self.param("lam", _constant(lam))

@@ -1,0 +1,239 @@
+"""The ablation study's report: per group (student, imbalance level), each arm's test metrics over
+seeds, its paired differences against the equal-compute baseline, verdicts on the headline
+metrics, the matching-head diagnostic, and the figures (`figures`)."""
+
+import json
+import os
+
+import numpy as np
+
+from rebalance_jax.evaluators.report import NDCG_COLUMNS
+from rebalance_jax.files import atomic_write_text
+from rebalance_jax.reporting import format_duration
+from rebalance_jax.study import figures, grid
+from rebalance_jax.study.figures import mean_std
+
+BASELINE = "baseline"
+RECALL_COLUMNS = [f"{mode}/{name}" for mode in ("itc", "itm")
+                  for name in [f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)] + ["rsum"]]
+REPORTED = RECALL_COLUMNS + NDCG_COLUMNS
+HEADLINE = ("itc/rsum", "itm/rsum", "i2i_ndcg@10", "t2t_ndcg@10", "mixed_ndcg@10")
+MATCHING = ("itm_vs_random", "itm_vs_hard", "itc_vs_random", "itc_vs_hard")
+MISSING = "–"
+FIGURES = "figures"  # the figures' directory, under the workdir beside report.md
+FIGURE_CAPTIONS = {
+    "relations": "Relation matrices of one batch: the teachers', the fused target, and the "
+                 "student's at stage 1 and after the full arm.",
+    "trajectories": "λ, τ, τ2 and each loss term against the total step, stage 1 then each arm.",
+    "metric_curves": "NDCG@K per protocol (mean ± std over seeds) and ITC recall@K curves of the "
+                     "main group's arms.",
+    "embeddings": "PCA of the test embeddings per arm, coloured by object count and by a red "
+                  "object's presence.",
+}
+
+
+def _run_name(record: dict) -> str:
+  return f"{record['trunk']}/{record['arm']}"
+
+
+def _values(records: list[dict], section: str, keys) -> dict[str, list[float]]:
+  """Per key present in the section of any record: its value in each; a non-finite value, or a
+  key some records lack, is a ValueError naming the run."""
+  present = [k for k in keys if any(k in r.get(section, {}) for r in records)]
+  values = {}
+  for key in present:
+    for r in records:
+      value = r.get(section, {}).get(key)
+      if value is None or not np.isfinite(value):
+        raise ValueError(f"run {_run_name(r)}: {section}[{key!r}] is {value!r}, not a finite "
+                         "number")
+    values[key] = [float(r[section][key]) for r in records]
+  return values
+
+
+def _stats(values: list[float]) -> dict:
+  mean, std = mean_std(values)
+  return {"mean": mean, "std": std}
+
+
+def _paired(records: list[dict], baselines: dict[int, dict]) -> dict[str, dict]:
+  """Per reported metric: the arm − baseline differences over the seeds both have."""
+  pairs = [(r, baselines[r["seed"]]) for r in records if r["seed"] in baselines]
+  out = {}
+  for key in REPORTED:
+    diffs = [r["metrics"][key] - b["metrics"][key] for r, b in pairs
+             if key in r["metrics"] and key in b["metrics"]]
+    if diffs:
+      out[key] = {**_stats(diffs), "n": len(diffs), "positive": sum(d > 0 for d in diffs),
+                  "negative": sum(d < 0 for d in diffs)}
+  return out
+
+
+def summarize(records: list[dict]) -> dict:
+  """{(student, level, arm): {"n", "seeds", "metrics", "vs_baseline", "matching"}}, in record
+  order. "metrics" and "matching": {key: {"mean", "std"}} over seeds (std with ddof=1 when n > 1,
+  else 0); "vs_baseline" (not for the baseline itself, nor in a group without one): {key: {"mean",
+  "std", "n", "positive", "negative"}} of the paired differences arm − baseline of each seed."""
+  rows = {}
+  for r in records:
+    rows.setdefault((r["student"], r["level"], r["arm"]), []).append(r)
+  summary = {}
+  for (student, level, arm), runs in rows.items():
+    seeds = [r["seed"] for r in runs]
+    if len(set(seeds)) < len(seeds):
+      raise ValueError(f"run {_run_name(runs[0])}: more than one record per seed")
+    baselines = {r["seed"]: r for r in rows.get((student, level, BASELINE), [])}
+    metrics = _values(runs, "metrics", REPORTED)
+    summary[(student, level, arm)] = {
+        "n": len(runs), "seeds": seeds,
+        "metrics": {k: _stats(v) for k, v in metrics.items()},
+        "vs_baseline": _paired(runs, baselines) if baselines and arm != BASELINE else {},
+        "matching": {k: _stats(v) for k, v in _values(runs, "matching", MATCHING).items()}}
+  return summary
+
+
+def verdict(diff: dict) -> str:
+  """The verdict on a paired difference: "better" / "worse" when its mean has that sign and so
+  has every seed's difference, else "no consistent difference"."""
+  if diff["mean"] > 0 and diff["positive"] == diff["n"]:
+    return "better"
+  if diff["mean"] < 0 and diff["negative"] == diff["n"]:
+    return "worse"
+  return "no consistent difference"
+
+
+def _header(column: str) -> str:
+  if column in NDCG_COLUMNS:
+    protocol, k = column.split("_ndcg@")
+    return f"{protocol.replace('_faithful', ' (faithful)')} N@{k}"
+  mode, name = column.split("/")
+  return f"{mode.upper()} {name.replace('_r', ' R@')}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def _groups(summary: dict) -> dict[tuple[str, str], dict[str, dict]]:
+  groups = {}
+  for (student, level, arm), row in summary.items():
+    groups.setdefault((student, level), {})[arm] = row
+  return groups
+
+
+def _mean_cell(stats: dict | None, best: float | None) -> str:
+  if stats is None:
+    return MISSING
+  text = f"{stats['mean']:.2f} ± {stats['std']:.2f}"
+  return f"**{text}**" if stats["mean"] == best else text
+
+
+def _mean_table(arms: dict[str, dict], columns: list[str]) -> str:
+  """Arms × columns of "mean ± std", the best mean of each column in bold."""
+  best = {c: max((row["metrics"][c]["mean"] for row in arms.values() if c in row["metrics"]),
+                 default=None) for c in columns}
+  return _table(["arm", "seeds"] + [_header(c) for c in columns],
+                [[arm, str(row["n"])] + [_mean_cell(row["metrics"].get(c), best[c])
+                                         for c in columns] for arm, row in arms.items()])
+
+
+def _diff_cell(diff: dict | None) -> str:
+  if diff is None:
+    return MISSING
+  return f"{diff['mean']:+.2f} ± {diff['std']:.2f} ({diff['positive']}/{diff['n']})"
+
+
+def _diff_table(arms: dict[str, dict], columns: list[str]) -> str:
+  return _table(["arm"] + [_header(c) for c in columns],
+                [[arm] + [_diff_cell(row["vs_baseline"].get(c)) for c in columns]
+                 for arm, row in arms.items() if row["vs_baseline"]])
+
+
+def _verdicts(groups: dict) -> list[str]:
+  lines = []
+  for (student, level), arms in groups.items():
+    for arm, row in arms.items():
+      parts = [f"{key} {verdict(d)} ({d['mean']:+.2f}, {d['positive']}/{d['n']} seeds positive)"
+               for key in HEADLINE if (d := row["vs_baseline"].get(key))]
+      if parts:
+        lines.append(f"- {student} / {level}, {arm} vs {BASELINE}: " + "; ".join(parts))
+  return lines
+
+
+def _matching_table(groups: dict) -> str:
+  rows = []
+  for (student, level), arms in groups.items():
+    for arm, row in arms.items():
+      if row["matching"]:
+        stats = [row["matching"].get(k) for k in MATCHING]
+        rows.append([f"{student} / {level}", arm] + [
+            MISSING if s is None else f"{s['mean']:.1f} ± {s['std']:.1f}" for s in stats])
+  return _table(["group", "arm"] + list(MATCHING), rows) if rows else ""
+
+
+def markdown(summary: dict, wall_seconds: float, settings_text: str, num_runs: int) -> str:
+  """The report's text, from `summarize`'s summary; it links the figures (FIGURE_CAPTIONS) in
+  FIGURES."""
+  groups = _groups(summary)
+  out = ["# Ablation study: structure-aware distillation against an equal-compute baseline", "",
+         settings_text, "", f"{num_runs} runs; wall time {format_duration(wall_seconds)}.", "",
+         "## Arms", ""]
+  arms = dict.fromkeys(arm for _, _, arm in summary)
+  out += [f"- {arm}: {grid.ARMS[arm].description}" for arm in arms] + [""]
+  out += ["## Results", "", "Test metrics in percent (NDCG × 100), mean ± std over seeds; the "
+          "best mean of each column within a group in bold; – where the student has no such "
+          "metric (a dual encoder has no ITM re-ranking).", ""]
+  for (student, level), rows in groups.items():
+    out += [f"### {student} / {level}", "", _mean_table(rows, RECALL_COLUMNS), "",
+            _mean_table(rows, NDCG_COLUMNS), ""]
+  out += ["## Paired differences against the baseline", "", "Arm − baseline of the same trunk "
+          "(student, level, seed): mean ± std over seeds (the number of seeds with a positive "
+          "difference / the seeds paired).", ""]
+  for (student, level), rows in groups.items():
+    out += [f"### {student} / {level}", ""]
+    if not any(row["vs_baseline"] for row in rows.values()):
+      out += [f"No {BASELINE} arm or no other arm in this group: nothing to pair.", ""]
+      continue
+    out += [_diff_table(rows, RECALL_COLUMNS), "", _diff_table(rows, NDCG_COLUMNS), ""]
+  out += ["## Verdicts", "", f"On {', '.join(HEADLINE)}: better (worse) when the mean paired "
+          "difference is positive (negative) in every seed, else no consistent difference.", ""]
+  out += (_verdicts(groups) or ["No arm has a baseline to compare with."]) + [""]
+  matching = _matching_table(groups)
+  if matching:
+    out += ["## Matching diagnostic", "", "Pairwise accuracy (%) of scoring a test caption's own "
+            "image above one negative image (random, or the hardest by ITC cosine), by the ITM "
+            "logit and by the ITC cosine; 50 = chance.", "", matching, ""]
+  out += ["## Figures", ""]
+  for name, caption in FIGURE_CAPTIONS.items():
+    out += [f"![{name}]({FIGURES}/{name}.png)", "", caption, ""]
+  return "\n".join(out)
+
+
+def _recall_curves(workdir: str, records: list[dict]) -> dict:
+  """{(trunk, arm): the run's recall curves}, from each trunk's results.json."""
+  by_trunk = {}
+  for trunk in dict.fromkeys(r["trunk"] for r in records):
+    with open(os.path.join(workdir, trunk, "results.json")) as f:
+      by_trunk[trunk] = json.load(f)["recall_curves"]
+  return {(r["trunk"], r["arm"]): by_trunk[r["trunk"]][r["arm"]] for r in records}
+
+
+def write_report(workdir: str, records: list[dict], probes: dict, figure_trunk: tuple[str, str],
+                 figure_arms, wall_seconds: float, settings_text: str) -> str:
+  """Writes workdir/report.md and its figures (PNGs in workdir/FIGURES); returns the markdown.
+  `figure_trunk`: (student, level); the trajectories show `figure_arms` on its first record's
+  trunk (the first seed's); `probes`: the figure trunk's relation and embedding probes."""
+  summary = summarize(records)
+  trunk = next((r["trunk"] for r in records if (r["student"], r["level"]) == tuple(figure_trunk)),
+               None)
+  if trunk is None:
+    raise ValueError(f"figure trunk {tuple(figure_trunk)}: no run of that student and level")
+  path = lambda name: os.path.join(workdir, FIGURES, f"{name}.png")
+  figures.relation_heatmaps(probes, path("relations"))
+  figures.trajectories(workdir, trunk, figure_arms, path("trajectories"))
+  figures.metric_curves(records, _recall_curves(workdir, records), path("metric_curves"))
+  figures.embedding_pca(probes, path("embeddings"))
+  text = markdown(summary, wall_seconds, settings_text, len(records))
+  atomic_write_text(os.path.join(workdir, "report.md"), text)
+  return text

@@ -1,0 +1,81 @@
+"""Runs the grid's runs one after another, each with `phases.run` in its trunk's workdir.
+
+A finished run leaves `<trunk>/study/<arm>.json`: its test metrics, stage 1's, the matching
+head's pairwise accuracy (`probes.matching_accuracy`), the fingerprint of its experiment and its
+wall time (training and evaluation). A rerun skips every run whose record matches its config;
+an interrupted one resumes inside `phases.run` (its checkpoints), and a run whose config changed
+is refused there (its checkpoints belong to another config).
+"""
+
+import hashlib
+import json
+import os
+import time
+
+from absl import logging
+
+from rebalance_jax import files, phases, reporting, spec
+from rebalance_jax.study import grid, probes
+
+RECORD_DIR = "study"
+
+
+def run_fingerprint(run: grid.Run) -> str:
+  """A hash of what the run's results depend on: its stage's fingerprint (which holds stage 1's
+  and the teachers') and the evaluation config."""
+  exp = spec.from_config(run.config)
+  what = {"stage": exp.fingerprints[run.arm], "eval": exp.eval.fingerprint}
+  return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def record_path(workdir: str, run: grid.Run) -> str:
+  return os.path.join(workdir, run.trunk, RECORD_DIR, f"{run.arm}.json")
+
+
+def read_record(workdir: str, run: grid.Run, fingerprint: str) -> dict | None:
+  """The run's saved record if it is complete and from this config, else None."""
+  path = record_path(workdir, run)
+  try:
+    with open(path) as f:
+      record = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return record if record.get("fingerprint") == fingerprint else None
+
+
+def run_all(runs: list[grid.Run], workdir: str) -> list[dict]:
+  """Trains and evaluates every run not yet recorded; returns every run's record, in order."""
+  records, pending = [], []
+  for run in runs:
+    fingerprint = run_fingerprint(run)
+    record = read_record(workdir, run, fingerprint)
+    records.append(record)
+    if record is None:
+      pending.append((run, fingerprint))
+  logging.info("study: %d runs, %d recorded before, %d to run", len(runs),
+               len(runs) - len(pending), len(pending))
+  started = time.perf_counter()
+  for done, (run, fingerprint) in enumerate(pending):
+    if done:
+      elapsed = time.perf_counter() - started
+      eta = reporting.format_duration(elapsed / done * (len(pending) - done))
+      logging.info("study: %d/%d runs in %s | ETA %s", done, len(pending),
+                   reporting.format_duration(elapsed), eta)
+    logging.info("study: run %s", run.name)
+    run_start = time.perf_counter()
+    trunk = os.path.join(workdir, run.trunk)
+    rows = phases.run(run.config, trunk)
+    record = {"student": run.student, "level": run.level, "seed": run.seed, "arm": run.arm,
+              "trunk": run.trunk, "fingerprint": fingerprint, "metrics": rows[run.arm],
+              "stage1": rows[grid.FIRST_STAGE],
+              "wall_s": round(time.perf_counter() - run_start, 1)}
+    if not run.config.model.dual_encoder:
+      record["matching"] = probes.matching_accuracy(probes.LoadedRun.open(run.config, trunk),
+                                                    run.arm)
+    if reporting.is_main_process():
+      files.atomic_write_text(record_path(workdir, run), json.dumps(record, indent=1))
+    records[runs.index(run)] = record
+  if pending:
+    logging.info("study: %d runs in %s", len(pending),
+                 reporting.format_duration(time.perf_counter() - started))
+  return records

@@ -29,6 +29,7 @@ setup(
         "absl-py>=2.0",
         "tensorboardX>=2.6.5",
         "matplotlib>=3.10",
+        "scipy>=1.13",  # the ablation report's paired t-tests (jax depends on it too)
     ],
     # convert: reading PyTorch pickles (Swin releases, pytorch_model.bin, the reference's trained
     # checkpoints); only `rebalance_jax.convert` imports torch. 2.13.0 is a CPU build on these

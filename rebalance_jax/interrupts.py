@@ -20,6 +20,7 @@ import jax
 
 _requested: list[int] = []  # signal numbers received while catching
 _deferring: list[bool] = []  # non-empty while `deferred()` is open
+_catching: list[bool] = []  # non-empty while the outermost `catching()` is open
 
 
 class Interrupted(Exception):
@@ -40,10 +41,14 @@ def _request(signum, frame):
 
 @contextlib.contextmanager
 def catching():
-  """Turns SIGTERM and SIGINT into a stop request while open (single process, main thread)."""
-  if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+  """Turns SIGTERM and SIGINT into a stop request while open (single process, main thread).
+  Nested inside another `catching()` (a driver running several runs) it leaves the outer one's
+  handlers and requests in place, so a stop between two runs is not lost."""
+  if (jax.process_count() > 1 or threading.current_thread() is not threading.main_thread() or
+      _catching):
     yield
     return
+  _catching.append(True)
   _requested.clear()
   previous = {s: signal.signal(s, _request) for s in (signal.SIGTERM, signal.SIGINT)}
   try:
@@ -52,6 +57,7 @@ def catching():
     for s, handler in previous.items():
       signal.signal(s, handler)
     _requested.clear()
+    _catching.pop()
 
 
 def requested() -> int | None:

@@ -46,7 +46,7 @@ class MetricWriter:
       return
     path = os.path.join(self._logdir, "metrics.jsonl")
     if os.path.exists(path):
-      atomic_write_text(path, "".join(line for line in _records(path) if
+      atomic_write_text(path, "".join(line for line in read_records(path) if
                                       json.loads(line)["step"] <= step))
     os.makedirs(self._logdir, exist_ok=True)
     self._jsonl = open(path, "a")
@@ -67,7 +67,7 @@ class MetricWriter:
       self._tb.close()
 
 
-def _records(path: str) -> list[str]:
+def read_records(path: str) -> list[str]:
   """The JSON lines of a metrics file; a torn last line (a kill while writing it) is dropped, any
   other unreadable line is an InputError naming it."""
   with open(path, encoding="utf-8", errors="replace") as f:

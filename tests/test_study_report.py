@@ -85,6 +85,7 @@ def _probes() -> dict:
   probes = {f"relation/{k}": rng.normal(size=(6, 6)).astype(np.float32)
             for k in figures.RELATIONS}
   probes.update({"relation/lam": np.float32(0.4), "relation/tau2": np.float32(0.05),
+                 "relation/arm": np.array("full_faithful"),
                  "arms": np.array(FIGURE_ARMS), "attributes": attributes,
                  "attribute_names": names, "caption_image": np.repeat(np.arange(10), 5)})
   for arm in FIGURE_ARMS:
@@ -134,20 +135,29 @@ def test_summarize_of_one_seed_has_zero_std():
       {"mean": -2.0, "std": 0.0, "n": 1, "positive": 0, "negative": 1})
 
 
-def test_verdicts():
-  assert report.verdict({"mean": 4.0, "n": 2, "positive": 2, "negative": 0}) == "better"
-  assert report.verdict({"mean": -3.5, "n": 2, "positive": 0, "negative": 2}) == "worse"
-  assert report.verdict({"mean": 0.5, "n": 2, "positive": 1, "negative": 1}) == (
-      "no consistent difference")
-  assert report.verdict({"mean": 0.0, "n": 2, "positive": 0, "negative": 0}) == (
-      "no consistent difference")
+def test_verdicts_are_paired_t_tests_from_three_seeds():
+  # Differences 1, 2, 3: mean 2, std 1, t = 2 / (1 / sqrt 3) = 3.464 on 2 degrees of freedom:
+  # p = 1 - (t / sqrt(t^2 + 2)) = 0.0742 (the t distribution's closed form for 2 df).
+  diff = {"mean": 2.0, "std": 1.0, "n": 3, "positive": 3, "negative": 0}
+  t = 2 / (1 / math.sqrt(3))
+  assert report.p_value(diff) == pytest.approx(1 - t / math.sqrt(t * t + 2))
+  assert report.verdict(diff) == "no significant difference"
+  strong = {"mean": -2.0, "std": 0.2, "n": 3, "positive": 0, "negative": 3}  # t = -17.3
+  assert report.p_value(strong) == pytest.approx(1 - 17.3205 / math.sqrt(17.3205 ** 2 + 2),
+                                                 rel=1e-3)
+  assert report.verdict(strong) == "worse"
+  assert report.verdict({**strong, "mean": 2.0, "positive": 3, "negative": 0}) == "better"
+  assert report.verdict({"mean": 4.0, "std": 1.0, "n": 2, "positive": 2, "negative": 0}) == (
+      "too few seeds")
+  assert report.verdict({"mean": 0.0, "std": 0.0, "n": 3, "positive": 0, "negative": 0}) == (
+      "no significant difference")
 
 
 @pytest.mark.parametrize("section", ["metrics", "matching"])
 def test_a_non_finite_metric_names_the_run(section):
   records = _records()
   bad = next(r for r in records if r["trunk"] == "fusion/demo/seed1" and r["arm"] == "lambda_0")
-  bad[section]["itc_vs_hard" if section == "matching" else "itc/i2t_r1"] = float("nan")
+  bad[section]["itm_vs_hard" if section == "matching" else "itc/i2t_r1"] = float("nan")
   with pytest.raises(ValueError, match=re.escape("fusion/demo/seed1/lambda_0")):
     report.summarize(records)
 
@@ -202,14 +212,13 @@ def test_write_report(tmp_path):
   assert _row(text, "Paired differences against the baseline", "fusion / demo", 1,
               "lambda_0")[1] == "-3.50 ± 2.12 (0/2)"
   verdicts = text.split("## Verdicts\n")[1].split("\n## ")[0]
-  assert ("- fusion / demo, full_faithful vs baseline: itc/rsum better (+4.00, 2/2 seeds "
-          in verdicts)
-  assert "itm/rsum no consistent difference (+0.50, 1/2 seeds positive)" in verdicts
-  assert "- fusion / demo, lambda_0 vs baseline: itc/rsum worse (-3.50, 0/2 seeds " in verdicts
-  assert "- dual_encoder / demo, full_fixed vs baseline: itc/rsum no consistent difference" in (
+  assert ("- fusion / demo, full_faithful vs baseline: itc/rsum too few seeds (+4.00, 2/2 seeds "
+          "positive); itm/rsum too few seeds (+0.50, 1/2 seeds positive)" in verdicts)
+  assert "- fusion / demo, lambda_0 vs baseline: itc/rsum too few seeds (-3.50, 0/2 seeds " in (
       verdicts)
-  assert "dual_encoder / demo, full_fixed vs baseline: itc/rsum no consistent difference " \
+  assert "dual_encoder / demo, full_fixed vs baseline: itc/rsum too few seeds " \
          "(+0.00, 1/2 seeds positive); i2i_ndcg@10" in verdicts  # no itm/rsum verdict
+  assert "p < 0.05" in verdicts and "uncorrected" in verdicts
 
   # Matching: fusion rows only.
   matching = text.split("## Matching diagnostic\n")[1].split("\n## ")[0]

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rebalance_jax import config_base, frozen_teachers, predict, sharding, spec, train, weights
+from rebalance_jax import config_base, frozen_teachers, phases, predict, sharding, spec, weights
 from rebalance_jax.data.dataset import load_dataset
 from rebalance_jax.errors import InputError
 from rebalance_jax.evaluators import ranking, retrieval
@@ -52,7 +52,7 @@ def test_a_toy_tower_from_the_registry_trains_a_stage(pixel_tower, tiny_config, 
   c = tiny_config
   c.model.image = config_base.tower("pixels", width=24)
   del c.stages["stage2"]  # no distillation stage: no teachers are obtained
-  results = train.run(c, str(tmp_path))
+  results = phases.run(c, str(tmp_path))
   assert set(results) == {"stage1"} and results["stage1"]["score_mode"] == "itm"
   assert not os.path.exists(tmp_path / "teachers")
   _, state = saved_state(str(tmp_path), "stage1")

@@ -8,6 +8,7 @@ import os
 import matplotlib
 import numpy as np
 
+from rebalance_jax import reporting
 from rebalance_jax.evaluators.report import NDCG_KS, NDCG_PROTOCOLS
 from rebalance_jax.files import atomic_write
 from rebalance_jax.study import grid
@@ -42,7 +43,7 @@ def relation_heatmaps(probes: dict, path: str) -> str:
   titles = ["$R^V$: teacher image", "$R^T$: teacher text",
             f"$R^E$: fused target\nλ = {float(probes['relation/lam']):.3g}, "
             f"τ2 = {float(probes['relation/tau2']):.3g}",
-            "$R^M$: student, stage 1", "$R^M$: student, after the full arm"]
+            "$R^M$: student, stage 1", f"$R^M$: student, after {probes['relation/arm']}"]
   fig, axes = plt.subplots(1, len(RELATIONS), figsize=(3.6 * len(RELATIONS), 4),
                            layout="constrained")
   for ax, matrix, title in zip(axes, matrices, titles):
@@ -55,11 +56,9 @@ def relation_heatmaps(probes: dict, path: str) -> str:
 def read_log(path: str) -> list[dict]:
   """A metrics.jsonl's records by step, the last of each step kept (a resume repeats steps)."""
   by_step = {}
-  with open(path) as f:
-    for line in f:
-      if line.strip():
-        record = json.loads(line)
-        by_step[record["step"]] = record
+  for line in reporting.read_records(path):
+    record = json.loads(line)
+    by_step[record["step"]] = record
   return [by_step[step] for step in sorted(by_step)]
 
 

@@ -31,19 +31,23 @@ class Arm:
 
 
 ARMS = {
-    "baseline": Arm("matching", description="ITC + ITM only, as long as stage 1 + stage 2"),
+    "baseline": Arm("matching", description="stage 1's objective again (ITC + ITM; a dual "
+                    "encoder's: ITC), as many steps as stage 1 + any other arm's stage"),
     "repr_only": Arm("representation", description="+ L_iic, L_ttc"),
     "structure_only": Arm("structure", description="+ L_kd, L_kdi, L_kdt"),
     "full_faithful": Arm("all", description="every term; raw λ, learned τ2 ([ref])"),
     "full_fixed": Arm("all", (("loss.lambda_mode", "sigmoid"), ("loss.tau2_mode", "clamped")),
-                      "every term; sigmoid λ, clamped τ2"),
+                      "every term; sigmoid λ, clamped τ2 (L_kdi + L_kdt is then constant in λ "
+                      "under MAE: they only act on τ2)"),
     "lambda_0": Arm("all", (("loss.lambda_mode", "fixed"), ("loss.lambda_fixed", 0.0)),
                     "full_faithful with λ fixed at 0 (image teacher only)"),
     "lambda_half": Arm("all", (("loss.lambda_mode", "fixed"), ("loss.lambda_fixed", 0.5)),
                        "full_faithful with λ fixed at 0.5"),
     "lambda_1": Arm("all", (("loss.lambda_mode", "fixed"), ("loss.lambda_fixed", 1.0)),
                     "full_faithful with λ fixed at 1 (text teacher only)"),
-    "mse": Arm("all", (("loss.distance", "mse"),), "full_faithful with MSE relation distance"),
+    "mse": Arm("all", (("loss.distance", "mse"),),
+               "full_faithful with the MSE relation distance (L_kdi + L_kdt then also pull λ "
+               "towards 0.5)"),
 }
 
 # Students: config fields set on the base (a dual encoder also drops every 'itm' weight).
@@ -115,35 +119,63 @@ def experiment_config(base: ml_collections.ConfigDict, student: str, level: dict
   return config
 
 
-def plan(config: ml_collections.ConfigDict) -> list[Run]:
-  """Every run of config.study, trunk by trunk (seed-major, so that a partial study has whole
-  seeds), each trunk's arms in the order given."""
+def _check_study(config: ml_collections.ConfigDict) -> None:
+  """Everything about config.study that would fail later or silently mislead."""
+  if "study" not in config:
+    raise InputError("the config has no `study` section: pass a study config, e.g. "
+                     "--config=configs/ablation.py")
   s = config.study
-  if not s.seeds:
-    raise InputError("config.study.seeds is empty")
+  if config.data.name != "synthetic":
+    raise InputError(f"config.data.name={config.data.name!r}: the study's levels set the "
+                     "synthetic data's knobs (config.data.synthetic); it runs on 'synthetic'")
+  seeds = tuple(s.seeds)
+  if not seeds or len(set(seeds)) != len(seeds):
+    raise InputError(f"config.study.seeds={seeds} must be distinct seeds, at least one")
   if s.num_steps <= 0:
     raise InputError(f"config.study.num_steps={s.num_steps} must be positive")
   for stage in (FIRST_STAGE, TEMPLATE_STAGE):
     if stage not in config.stages:
       raise InputError(f"config.stages has no {stage!r}: the study starts every arm from "
                        f"{FIRST_STAGE} and takes its arms' settings from {TEMPLATE_STAGE}")
-  runs = []
-  for seed in s.seeds:
-    for index, group in enumerate(s.groups):
-      field = f"config.study.groups[{index}]"
-      if len(group) != 3:
-        raise InputError(f"{field}={group!r} must be (student, level, arms)")
-      student, level, arms = group
-      if student not in STUDENTS:
-        raise InputError(f"{field}: unknown student {student!r} (known: {sorted(STUDENTS)})")
-      if level not in s.levels:
-        raise InputError(f"{field}: unknown level {level!r} (config.study.levels has "
-                         f"{sorted(s.levels)})")
-      unknown = sorted(set(arms) - set(ARMS))
-      if unknown or not arms:
-        raise InputError(f"{field}: unknown arms {unknown} (known: {sorted(ARMS)})")
-      trunk = os.path.join(student, level, f"seed{seed}")
-      for arm in arms:
-        runs.append(Run(student, level, seed, arm, trunk, experiment_config(
-            config, student, s.levels[level].to_dict(), seed, arm, s.num_steps)))
-  return runs
+  for name, level in s.levels.items():
+    unknown = sorted(set(level) - set(config.data.synthetic))
+    if unknown:
+      raise InputError(f"config.study.levels.{name}: {unknown} are not fields of "
+                       f"config.data.synthetic")
+  trunks = set()
+  for index, group in enumerate(s.groups):
+    field = f"config.study.groups[{index}]"
+    if len(group) != 3 or isinstance(group[2], str):
+      raise InputError(f"{field}={group!r} must be (student, level, (arm, ...))")
+    student, level, arms = group
+    if student not in STUDENTS:
+      raise InputError(f"{field}: unknown student {student!r} (known: {sorted(STUDENTS)})")
+    if level not in s.levels:
+      raise InputError(f"{field}: unknown level {level!r} (config.study.levels has "
+                       f"{sorted(s.levels)})")
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown or not arms or len(set(arms)) != len(arms):
+      raise InputError(f"{field}: the arms {tuple(arms)} must be distinct names of "
+                       f"{sorted(ARMS)}")
+    if (student, level) in trunks:
+      raise InputError(f"{field}: ({student!r}, {level!r}) is already a group")
+    trunks.add((student, level))
+  figure_arms = tuple(s.figure_arms)
+  figure_group = [g for g in s.groups if tuple(g[:2]) == tuple(s.figure_trunk)]
+  if not figure_group or not set(figure_arms) <= set(figure_group[0][2]):
+    raise InputError(f"config.study.figure_trunk={tuple(s.figure_trunk)} with figure_arms="
+                     f"{figure_arms}: each figure arm must be an arm of that group")
+  if not any(arm != "baseline" for arm in figure_arms):
+    raise InputError(f"config.study.figure_arms={figure_arms} needs an arm besides the baseline "
+                     "(its relation matrices are drawn)")
+
+
+def plan(config: ml_collections.ConfigDict) -> list[Run]:
+  """Every run of config.study, trunk by trunk (seed-major, so that a partial study has whole
+  seeds), each trunk's arms in the order given."""
+  _check_study(config)
+  s = config.study
+  return [Run(student, level, seed, arm, os.path.join(student, level, f"seed{seed}"),
+              experiment_config(config, student, s.levels[level].to_dict(), seed, arm,
+                                s.num_steps))
+          for seed in s.seeds for student, level, arms in s.groups for arm in arms]

@@ -60,7 +60,8 @@ def relations(run: LoadedRun, arm: str) -> dict[str, np.ndarray]:
   """R^V, R^T (the teachers'), R^E (fused with the arm's λ) and the student's R^M after stage 1
   and after the arm, over the first RELATION_BATCH training images with their first caption, all
   at the arm's τ2 (METHOD.md §4.3). The student relation is the fusion [CLS] of each matched pair
-  (a dual encoder's: config.model.dual_relation embeddings)."""
+  (a dual encoder's: config.model.dual_relation embeddings; with "both", the mean of the image and
+  text relations, where training sums their two distances)."""
   split = run.data.train
   rows = np.arange(min(RELATION_BATCH, split.num_images))
   captions = split.image_to_texts[rows, 0]
@@ -91,7 +92,8 @@ def relations(run: LoadedRun, arm: str) -> dict[str, np.ndarray]:
   out = {"R_V": r_image, "R_T": r_text, "R_E": losses.fuse_relations(r_text, r_image, lam),
          "R_M_before": student_relation(run.params(grid.FIRST_STAGE)),
          "R_M_after": student_relation(params), "lam": lam, "tau2": tau2}
-  return {f"relation/{k}": np.asarray(v, np.float32) for k, v in out.items()}
+  return {"relation/arm": np.array(arm),
+          **{f"relation/{k}": np.asarray(v, np.float32) for k, v in out.items()}}
 
 
 def embeddings(run: LoadedRun, arm: str) -> dict[str, np.ndarray]:
@@ -104,11 +106,9 @@ def embeddings(run: LoadedRun, arm: str) -> dict[str, np.ndarray]:
 def figure_probes(runs: dict[str, LoadedRun], relation_arm: str) -> dict[str, np.ndarray]:
   """Everything `study.figures` draws from one trunk: `runs` maps each figure arm to its opened
   run; the heatmaps are `relation_arm`'s."""
-  first = next(iter(runs.values()))
-  test = first.data.test
-  out = {"arms": np.array(list(runs)), "caption_image": test.caption_image}
-  if test.attributes is not None:
-    out.update(attributes=test.attributes, attribute_names=np.array(synthetic.ATTRIBUTE_NAMES))
+  test = next(iter(runs.values())).data.test  # synthetic (grid.plan): it has scene attributes
+  out = {"arms": np.array(list(runs)), "caption_image": test.caption_image,
+         "attributes": test.attributes, "attribute_names": np.array(synthetic.ATTRIBUTE_NAMES)}
   out.update(relations(runs[relation_arm], relation_arm))
   for arm, run in runs.items():
     out.update(embeddings(run, arm))

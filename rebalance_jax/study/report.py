@@ -6,6 +6,7 @@ import json
 import os
 
 import numpy as np
+from scipy import stats
 
 from rebalance_jax.evaluators.report import NDCG_COLUMNS
 from rebalance_jax.files import atomic_write_text
@@ -18,8 +19,10 @@ RECALL_COLUMNS = [f"{mode}/{name}" for mode in ("itc", "itm")
                   for name in [f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)] + ["rsum"]]
 REPORTED = RECALL_COLUMNS + NDCG_COLUMNS
 HEADLINE = ("itc/rsum", "itm/rsum", "i2i_ndcg@10", "t2t_ndcg@10", "mixed_ndcg@10")
-MATCHING = ("itm_vs_random", "itm_vs_hard", "itc_vs_random", "itc_vs_hard")
+MATCHING = ("itc_vs_random", "itm_vs_random", "itm_vs_hard")  # evaluators/matching.py
 MISSING = "–"
+MIN_SEEDS = 3  # for a verdict
+SIGNIFICANCE = 0.05  # two-sided, per comparison (no correction for the many comparisons)
 FIGURES = "figures"  # the figures' directory, under the workdir beside report.md
 FIGURE_CAPTIONS = {
     "relations": "Relation matrices of one batch: the teachers', the fused target, and the "
@@ -92,14 +95,26 @@ def summarize(records: list[dict]) -> dict:
   return summary
 
 
+def p_value(diff: dict) -> float | None:
+  """Two-sided p-value of the paired t-test of a paired difference (None below MIN_SEEDS; 0 for
+  identical non-zero differences, 1 for all-zero ones)."""
+  if diff["n"] < MIN_SEEDS:
+    return None
+  if diff["std"] == 0:
+    return 1.0 if diff["mean"] == 0 else 0.0
+  t = diff["mean"] / (diff["std"] / np.sqrt(diff["n"]))
+  return float(2 * stats.t.sf(abs(t), df=diff["n"] - 1))
+
+
 def verdict(diff: dict) -> str:
-  """The verdict on a paired difference: "better" / "worse" when its mean has that sign and so
-  has every seed's difference, else "no consistent difference"."""
-  if diff["mean"] > 0 and diff["positive"] == diff["n"]:
-    return "better"
-  if diff["mean"] < 0 and diff["negative"] == diff["n"]:
-    return "worse"
-  return "no consistent difference"
+  """"better" / "worse" when the paired t-test rejects no difference at SIGNIFICANCE, else "no
+  significant difference"; "too few seeds" below MIN_SEEDS."""
+  p = p_value(diff)
+  if p is None:
+    return "too few seeds"
+  if p >= SIGNIFICANCE:
+    return "no significant difference"
+  return "better" if diff["mean"] > 0 else "worse"
 
 
 def _header(column: str) -> str:
@@ -122,11 +137,12 @@ def _groups(summary: dict) -> dict[tuple[str, str], dict[str, dict]]:
   return groups
 
 
-def _mean_cell(stats: dict | None, best: float | None) -> str:
-  if stats is None:
+def _mean_cell(cell: dict | None, best: float | None, n: int) -> str:
+  """"mean ± std" (the mean alone from one seed), in bold when it is the column's best."""
+  if cell is None:
     return MISSING
-  text = f"{stats['mean']:.2f} ± {stats['std']:.2f}"
-  return f"**{text}**" if stats["mean"] == best else text
+  text = f"{cell['mean']:.2f}" + (f" ± {cell['std']:.2f}" if n > 1 else "")
+  return f"**{text}**" if cell["mean"] == best else text
 
 
 def _mean_table(arms: dict[str, dict], columns: list[str]) -> str:
@@ -134,14 +150,15 @@ def _mean_table(arms: dict[str, dict], columns: list[str]) -> str:
   best = {c: max((row["metrics"][c]["mean"] for row in arms.values() if c in row["metrics"]),
                  default=None) for c in columns}
   return _table(["arm", "seeds"] + [_header(c) for c in columns],
-                [[arm, str(row["n"])] + [_mean_cell(row["metrics"].get(c), best[c])
+                [[arm, str(row["n"])] + [_mean_cell(row["metrics"].get(c), best[c], row["n"])
                                          for c in columns] for arm, row in arms.items()])
 
 
 def _diff_cell(diff: dict | None) -> str:
   if diff is None:
     return MISSING
-  return f"{diff['mean']:+.2f} ± {diff['std']:.2f} ({diff['positive']}/{diff['n']})"
+  spread = f" ± {diff['std']:.2f}" if diff["n"] > 1 else ""
+  return f"{diff['mean']:+.2f}{spread} ({diff['positive']}/{diff['n']})"
 
 
 def _diff_table(arms: dict[str, dict], columns: list[str]) -> str:
@@ -154,7 +171,8 @@ def _verdicts(groups: dict) -> list[str]:
   lines = []
   for (student, level), arms in groups.items():
     for arm, row in arms.items():
-      parts = [f"{key} {verdict(d)} ({d['mean']:+.2f}, {d['positive']}/{d['n']} seeds positive)"
+      parts = [f"{key} {verdict(d)} ({d['mean']:+.2f}, {d['positive']}/{d['n']} seeds positive"
+               + ("" if (p := p_value(d)) is None else f", p = {p:.3f}") + ")"
                for key in HEADLINE if (d := row["vs_baseline"].get(key))]
       if parts:
         lines.append(f"- {student} / {level}, {arm} vs {BASELINE}: " + "; ".join(parts))
@@ -177,7 +195,9 @@ def markdown(summary: dict, wall_seconds: float, settings_text: str, num_runs: i
   FIGURES."""
   groups = _groups(summary)
   out = ["# Ablation study: structure-aware distillation against an equal-compute baseline", "",
-         settings_text, "", f"{num_runs} runs; wall time {format_duration(wall_seconds)}.", "",
+         settings_text, "",
+         f"{num_runs} runs; wall time {format_duration(wall_seconds)} (the sum of the runs' "
+         "training and evaluation, each measured by the invocation that finished it).", "",
          "## Arms", ""]
   arms = dict.fromkeys(arm for _, _, arm in summary)
   out += [f"- {arm}: {grid.ARMS[arm].description}" for arm in arms] + [""]
@@ -196,8 +216,11 @@ def markdown(summary: dict, wall_seconds: float, settings_text: str, num_runs: i
       out += [f"No {BASELINE} arm or no other arm in this group: nothing to pair.", ""]
       continue
     out += [_diff_table(rows, RECALL_COLUMNS), "", _diff_table(rows, NDCG_COLUMNS), ""]
-  out += ["## Verdicts", "", f"On {', '.join(HEADLINE)}: better (worse) when the mean paired "
-          "difference is positive (negative) in every seed, else no consistent difference.", ""]
+  out += ["## Verdicts", "", f"On {', '.join(HEADLINE)}: better (worse) when the paired t-test "
+          f"of the differences against the baseline over the seeds rejects no difference at "
+          f"p < {SIGNIFICANCE} (two-sided; at least {MIN_SEEDS} seeds), else no significant "
+          "difference. Each line is one of many comparisons, uncorrected: at this threshold about "
+          "one in twenty would come out significant with no real difference.", ""]
   out += (_verdicts(groups) or ["No arm has a baseline to compare with."]) + [""]
   matching = _matching_table(groups)
   if matching:

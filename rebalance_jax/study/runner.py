@@ -2,9 +2,10 @@
 
 A finished run leaves `<trunk>/study/<arm>.json`: its test metrics, stage 1's, the matching
 head's pairwise accuracy (`probes.matching_accuracy`), the fingerprint of its experiment and its
-wall time (training and evaluation). A rerun skips every run whose record matches its config;
-an interrupted one resumes inside `phases.run` (its checkpoints), and a run whose config changed
-is refused there (its checkpoints belong to another config).
+wall time (of the invocation that finished it: a trunk's first run also trains stage 1, its first
+distilling run the teachers, and a resumed run only what was left). A rerun skips every run whose
+record matches its config; an interrupted one resumes inside `phases.run` (its checkpoints), and
+a run whose config changed is refused there (its checkpoints belong to another config).
 """
 
 import hashlib
@@ -14,7 +15,7 @@ import time
 
 from absl import logging
 
-from rebalance_jax import files, phases, reporting, spec
+from rebalance_jax import files, interrupts, phases, reporting, spec
 from rebalance_jax.study import grid, probes
 
 RECORD_DIR = "study"
@@ -46,16 +47,16 @@ def read_record(workdir: str, run: grid.Run, fingerprint: str) -> dict | None:
 def run_all(runs: list[grid.Run], workdir: str) -> list[dict]:
   """Trains and evaluates every run not yet recorded; returns every run's record, in order."""
   records, pending = [], []
-  for run in runs:
+  for index, run in enumerate(runs):
     fingerprint = run_fingerprint(run)
-    record = read_record(workdir, run, fingerprint)
-    records.append(record)
-    if record is None:
-      pending.append((run, fingerprint))
+    records.append(read_record(workdir, run, fingerprint))
+    if records[-1] is None:
+      pending.append((index, run, fingerprint))
   logging.info("study: %d runs, %d recorded before, %d to run", len(runs),
                len(runs) - len(pending), len(pending))
   started = time.perf_counter()
-  for done, (run, fingerprint) in enumerate(pending):
+  for done, (index, run, fingerprint) in enumerate(pending):
+    interrupts.check("the study, between runs")
     if done:
       elapsed = time.perf_counter() - started
       eta = reporting.format_duration(elapsed / done * (len(pending) - done))
@@ -67,14 +68,13 @@ def run_all(runs: list[grid.Run], workdir: str) -> list[dict]:
     rows = phases.run(run.config, trunk)
     record = {"student": run.student, "level": run.level, "seed": run.seed, "arm": run.arm,
               "trunk": run.trunk, "fingerprint": fingerprint, "metrics": rows[run.arm],
-              "stage1": rows[grid.FIRST_STAGE],
-              "wall_s": round(time.perf_counter() - run_start, 1)}
+              "stage1": rows[grid.FIRST_STAGE]}
     if not run.config.model.dual_encoder:
       record["matching"] = probes.matching_accuracy(probes.LoadedRun.open(run.config, trunk),
                                                     run.arm)
-    if reporting.is_main_process():
-      files.atomic_write_text(record_path(workdir, run), json.dumps(record, indent=1))
-    records[runs.index(run)] = record
+    record["wall_s"] = round(time.perf_counter() - run_start, 1)
+    files.atomic_write_text(record_path(workdir, run), json.dumps(record, indent=1))
+    records[index] = record
   if pending:
     logging.info("study: %d runs in %s", len(pending),
                  reporting.format_duration(time.perf_counter() - started))

@@ -330,6 +330,8 @@ def _check_numbers(config: ml_collections.ConfigDict) -> None:
   for field, low, high in (("optim.b1", 0, 1), ("optim.b2", 0, 1), ("optim.warmup_fraction", 0, 1)):
     if not low <= _get(config, field) < high:
       raise InputError(f"config.{field}={_get(config, field)} must lie in [{low}, {high})")
+  if not math.isfinite(config.loss.lambda_fixed):
+    raise InputError(f"config.loss.lambda_fixed={config.loss.lambda_fixed} must be finite")
   if not (math.isfinite(config.optim.weight_decay) and config.optim.weight_decay >= 0):
     raise InputError(f"config.optim.weight_decay={config.optim.weight_decay} must be >= 0")
   if not 0 <= config.data.augment_shift < config.data.image_size:
@@ -394,9 +396,8 @@ def _objective(config: ml_collections.ConfigDict, weights, field: str) -> Object
   return ObjectiveSpec(
       weights=weights, lambda_mode=loss.lambda_mode, lambda_fixed=loss.lambda_fixed,
       tau2_mode=loss.tau2_mode, tau2_range=tuple(loss.tau2_range), tau2_fixed=loss.tau2_fixed,
-      distance=loss.distance,
-      itm_negatives=loss.itm_negatives, chunked=loss.chunked, chunk_tile=loss.chunk_tile,
-      dual_relation=config.model.dual_relation)
+      distance=loss.distance, itm_negatives=loss.itm_negatives, chunked=loss.chunked,
+      chunk_tile=loss.chunk_tile, dual_relation=config.model.dual_relation)
 
 
 _STAGE_FIELDS = ("init_from", "fresh_params", "num_epochs", "num_steps", "batch_size",

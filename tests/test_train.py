@@ -141,6 +141,7 @@ def test_non_finite_loss_stops_the_run(tiny_config, tmp_path):
 
 @pytest.mark.parametrize("field,value,match", [
     ("loss.lambda_mode", "softmax", r"config\.loss\.lambda_mode='softmax'"),
+    ("loss.lambda_fixed", float("inf"), r"config\.loss\.lambda_fixed=inf must be finite"),
     ("data.name", "flickr8k", r"config\.data\.name='flickr8k'"),
     ("optim.lr", float("nan"), r"config\.optim\.lr=nan must be a positive finite number"),
     ("optim.lr", -0.05, r"config\.optim\.lr=-0\.05 must be a positive finite number"),

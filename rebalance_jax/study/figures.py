@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 DPI = 110
 RELATIONS = ("R_V", "R_T", "R_E", "R_M_before", "R_M_after")
 SCALARS = (("scalars/lam", "λ"), ("scalars/temp", "τ"), ("scalars/temp2", "τ2"))
+DISTILLATION_SCALARS = ("scalars/lam", "scalars/temp2")
 COUNT_PREFIX = "count="
 MARKED_ATTRIBUTE = "colour=red"  # the PCA's second row: is a red object in the scene?
 
@@ -81,6 +82,8 @@ def trajectories(workdir: str, trunk: str, arms, path: str) -> str:
   fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows), squeeze=False)
   for ax, (key, title) in zip(axes.flat, quantities):
     for index, (stage, log) in enumerate(logs.items()):
+      if key in DISTILLATION_SCALARS and not any("loss/kd" in r for r in log):
+        continue  # a stage without the relation loss never reads λ, τ2 (weight decay moves them)
       steps, values = _series(log, key, 0 if stage == grid.FIRST_STAGE else offset)
       if steps:
         ax.plot(steps, values, color="black" if index == 0 else f"C{index - 1}", label=stage)

@@ -135,11 +135,13 @@ def test_tiny_study_end_to_end(data_cache, tmp_path):
   lines = markdown.splitlines()
   header = lambda i: i + 1 < len(lines) and lines[i + 1].startswith("|---")
   rows = [line for i, line in enumerate(lines) if line.startswith("| ") and not header(i)]
-  assert len(rows) == 4 + 2 + 2  # results (2 arms x 2 tables), paired differences, matching
+  # Results (2 arms x 2 tables), the teachers, paired differences, matching.
+  assert len(rows) == 4 + 1 + 2 + 2
   number = re.compile(r"^\**[+-]?\d+\.\d+ ± \d+\.\d+\**( \(\d+/\d+\))?$|^\d+$")
   for row in rows:
     cells = [c.strip() for c in row.strip("|").split("|")]
-    labels = [c for c in cells if c in grid.ARMS or re.match(r"^\w+ / \w+$", c)]
+    labels = [c for c in cells if c in grid.ARMS or c == "frozen teachers" or
+              re.match(r"^\w+ / \w+$", c)]
     assert labels and cells[:len(labels)] == labels, row
     for cell in cells[len(labels):]:
       assert cell == report.MISSING or number.match(cell), (row, cell)

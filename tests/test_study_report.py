@@ -86,6 +86,7 @@ def _probes() -> dict:
             for k in figures.RELATIONS}
   probes.update({"relation/lam": np.float32(0.4), "relation/tau2": np.float32(0.05),
                  "relation/arm": np.array("full_faithful"),
+                 "teacher/i2i_ndcg@10": np.float32(61.25), "teacher/t2t_ndcg@10": np.float32(70.5),
                  "arms": np.array(FIGURE_ARMS), "attributes": attributes,
                  "attribute_names": names, "caption_image": np.repeat(np.arange(10), 5)})
   for arm in FIGURE_ARMS:
@@ -205,6 +206,8 @@ def test_write_report(tmp_path):
   columns = ["arm", "seeds"] + report.RECALL_COLUMNS
   assert [c for c, cell in zip(columns, dual) if cell == report.MISSING] == [
       c for c in report.RECALL_COLUMNS if c.startswith("itm/")]
+
+  assert "| frozen teachers | 61.25 | 70.50 |" in text  # only the NDCG columns it has
 
   # Paired differences and verdicts.
   assert _row(text, "Paired differences against the baseline", "fusion / demo", 0,

@@ -13,6 +13,8 @@ from rebalance_jax import (experiment, frozen_teachers, losses, objective, predi
 from rebalance_jax.data import synthetic
 from rebalance_jax.data.dataset import Dataset, load_dataset
 from rebalance_jax.evaluators import matching, retrieval
+from rebalance_jax.evaluators.report import NDCG_COLUMNS
+from rebalance_jax.evaluators.suite import relevance_cache
 from rebalance_jax.models import towers
 from rebalance_jax.models.student import Student, init_student
 from rebalance_jax.study import grid
@@ -96,6 +98,19 @@ def relations(run: LoadedRun, arm: str) -> dict[str, np.ndarray]:
           **{f"relation/{k}": np.asarray(v, np.float32) for k, v in out.items()}}
 
 
+def teacher_ndcg(run: LoadedRun) -> dict[str, np.ndarray]:
+  """The frozen teachers' own single-modal NDCG on the test split (the image teacher's i2i, the
+  text teacher's t2t; under config.eval.single_modal_self): what the relation targets know."""
+  teachers = frozen_teachers.obtain_teachers(run.exp, run.data, run.mesh, run.workdir)
+  metrics, _ = retrieval.evaluate(
+      predict.teacher_predictor(teachers["image"], teachers["text"]),
+      {m: t.params for m, t in teachers.items()}, run.data.test,
+      retrieval.split_relevance(run.data.test, relevance_cache(run.exp)), itm_k=0,
+      batch_size=run.exp.eval.batch_size, mesh=run.mesh,
+      single_modal_self=run.exp.eval.single_modal_self)
+  return {f"teacher/{k}": np.float32(metrics[k]) for k in NDCG_COLUMNS if k in metrics}
+
+
 def embeddings(run: LoadedRun, arm: str) -> dict[str, np.ndarray]:
   """The arm's normalized test embeddings of every image and caption."""
   images, texts = retrieval.encode_split(run.predictor, run.params(arm), run.data.test,
@@ -110,6 +125,7 @@ def figure_probes(runs: dict[str, LoadedRun], relation_arm: str) -> dict[str, np
   out = {"arms": np.array(list(runs)), "caption_image": test.caption_image,
          "attributes": test.attributes, "attribute_names": np.array(synthetic.ATTRIBUTE_NAMES)}
   out.update(relations(runs[relation_arm], relation_arm))
+  out.update(teacher_ndcg(runs[relation_arm]))
   for arm, run in runs.items():
     out.update(embeddings(run, arm))
   return out

@@ -190,7 +190,15 @@ def _matching_table(groups: dict) -> str:
   return _table(["group", "arm"] + list(MATCHING), rows) if rows else ""
 
 
-def markdown(summary: dict, wall_seconds: float, settings_text: str, num_runs: int) -> str:
+def _teacher_table(teacher_ndcg: dict[str, float]) -> str:
+  """One row: the frozen teachers' single-modal NDCG (image teacher i2i, text teacher t2t)."""
+  columns = [c for c in NDCG_COLUMNS if c in teacher_ndcg]
+  return _table(["teachers"] + [_header(c) for c in columns],
+                [["frozen teachers"] + [f"{teacher_ndcg[c]:.2f}" for c in columns]])
+
+
+def markdown(summary: dict, wall_seconds: float, settings_text: str, num_runs: int,
+             teacher_ndcg: dict[str, float] | None = None) -> str:
   """The report's text, from `summarize`'s summary; it links the figures (FIGURE_CAPTIONS) in
   FIGURES."""
   groups = _groups(summary)
@@ -207,6 +215,10 @@ def markdown(summary: dict, wall_seconds: float, settings_text: str, num_runs: i
   for (student, level), rows in groups.items():
     out += [f"### {student} / {level}", "", _mean_table(rows, RECALL_COLUMNS), "",
             _mean_table(rows, NDCG_COLUMNS), ""]
+  if teacher_ndcg:
+    out += ["### The teachers", "", "The relation targets' own single-modal NDCG on the test "
+            "split (the image teacher's i2i, the text teacher's t2t), for the figure trunk: what "
+            "distillation can pass on.", "", _teacher_table(teacher_ndcg), ""]
   out += ["## Paired differences against the baseline", "", "Arm − baseline of the same trunk "
           "(student, level, seed): mean ± std over seeds (the number of seeds with a positive "
           "difference / the seeds paired).", ""]
@@ -257,6 +269,8 @@ def write_report(workdir: str, records: list[dict], probes: dict, figure_trunk: 
   figures.trajectories(workdir, trunk, figure_arms, path("trajectories"))
   figures.metric_curves(records, _recall_curves(workdir, records), path("metric_curves"))
   figures.embedding_pca(probes, path("embeddings"))
-  text = markdown(summary, wall_seconds, settings_text, len(records))
+  teacher_ndcg = {k.split("/", 1)[1]: float(v) for k, v in probes.items()
+                  if k.startswith("teacher/")}
+  text = markdown(summary, wall_seconds, settings_text, len(records), teacher_ndcg)
   atomic_write_text(os.path.join(workdir, "report.md"), text)
   return text

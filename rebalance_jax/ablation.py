@@ -10,7 +10,7 @@ ones and resumes an interrupted one. The workdir ends up with:
   study.json                   every run's record
   report.md, figures/          the tables (mean ± std over seeds, paired differences against
                                the equal-compute baseline) and figures
-The study runs in one process (its runs are small; a pod runs one training at a time).
+The study runs in one process: its runs are small, and trained one after another.
 """
 
 import hashlib

@@ -167,12 +167,16 @@ def _diff_table(arms: dict[str, dict], columns: list[str]) -> str:
                  for arm, row in arms.items() if row["vs_baseline"]])
 
 
+def _p_text(p: float) -> str:
+  return "< 0.001" if p < 0.001 else f"= {p:.3f}"
+
+
 def _verdicts(groups: dict) -> list[str]:
   lines = []
   for (student, level), arms in groups.items():
     for arm, row in arms.items():
       parts = [f"{key} {verdict(d)} ({d['mean']:+.2f}, {d['positive']}/{d['n']} seeds positive"
-               + ("" if (p := p_value(d)) is None else f", p = {p:.3f}") + ")"
+               + ("" if (p := p_value(d)) is None else f", p {_p_text(p)}") + ")"
                for key in HEADLINE if (d := row["vs_baseline"].get(key))]
       if parts:
         lines.append(f"- {student} / {level}, {arm} vs {BASELINE}: " + "; ".join(parts))

@@ -14,7 +14,7 @@ a test run sharing the cores for 20 of them); the results are in README, "The ab
 and docs/ablation/report.md.
 
 Variants (--config=configs/ablation.py:<arg>):
-  quick   one seed, the main arms at 100 steps per stage: a few minutes, to see the report.
+  quick   one seed, the main arms at 100 steps per stage: 6 minutes, to see the report.
   tiny    the demo's tiny smoke config: two seeds of the baseline and full_faithful (the tests).
 
 Imbalance levels are the 2 x 2 of the synthetic data's two knobs, at the demo's own values:

@@ -1,5 +1,6 @@
 """What the report shows beyond the test metrics, read from a finished run's checkpoints: the
-matching head's pairwise accuracy, the relation matrices of one batch, test embeddings."""
+matching head's pairwise accuracy, the relation matrices of one batch, test embeddings, and the
+frozen teachers' own single-modal NDCG."""
 
 import dataclasses
 import functools

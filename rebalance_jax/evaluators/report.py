@@ -17,7 +17,7 @@ NDCG_KS = (10, 20, 50)
 NDCG_COLUMNS = [f"{p}_ndcg@{k}" for p in NDCG_PROTOCOLS for k in NDCG_KS]
 
 
-def _header(column: str) -> str:
+def column_header(column: str) -> str:
   if column in NDCG_COLUMNS:
     protocol, k = column.split("_ndcg@")
     return f"{protocol.replace('_faithful', ' (faithful)')} N@{k}"
@@ -35,7 +35,7 @@ def _model_cell(name: str, metrics: dict) -> str:
 def results_table(rows: dict[str, dict]) -> str:
   """Markdown: one row per model; i2t/t2i R@1/5/10, rsum, then NDCG@10/20/50 of each protocol."""
   columns = RECALL_COLUMNS + [c for c in NDCG_COLUMNS if any(c in m for m in rows.values())]
-  header = ["model"] + [_header(c) for c in columns]
+  header = ["model"] + [column_header(c) for c in columns]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for name, metrics in rows.items():
     cells = [f"{metrics[c]:.2f}" if c in metrics else "" for c in columns]
@@ -68,7 +68,7 @@ def results_figure(rows: dict[str, dict], curves: dict[str, dict]) -> plt.Figure
     axes[2].bar(positions + i * width, [metrics.get(c, 0.0) for c in NDCG_COLUMNS], width,
                 color=f"C{i}", label=name)
   axes[2].set_xticks(positions + width * (len(rows) - 1) / 2,
-                     [_header(c) for c in NDCG_COLUMNS], rotation=60, ha="right", fontsize=8)
+                     [column_header(c) for c in NDCG_COLUMNS], rotation=60, ha="right", fontsize=8)
   axes[2].set(title="NDCG@K (ROUGE-L relevance)", ylabel="NDCG × 100")
   axes[2].legend()
   fig.tight_layout()

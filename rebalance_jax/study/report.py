@@ -8,15 +8,15 @@ import os
 import numpy as np
 from scipy import stats
 
-from rebalance_jax.evaluators.report import NDCG_COLUMNS
+from rebalance_jax.evaluators.report import NDCG_COLUMNS, column_header
+from rebalance_jax.evaluators.report import RECALL_COLUMNS as SCORE_RECALL_COLUMNS
 from rebalance_jax.files import atomic_write_text
 from rebalance_jax.reporting import format_duration
 from rebalance_jax.study import figures, grid
 from rebalance_jax.study.figures import mean_std
 
 BASELINE = "baseline"
-RECALL_COLUMNS = [f"{mode}/{name}" for mode in ("itc", "itm")
-                  for name in [f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)] + ["rsum"]]
+RECALL_COLUMNS = [f"{mode}/{name}" for mode in ("itc", "itm") for name in SCORE_RECALL_COLUMNS]
 REPORTED = RECALL_COLUMNS + NDCG_COLUMNS
 HEADLINE = ("itc/rsum", "itm/rsum", "i2i_ndcg@10", "t2t_ndcg@10", "mixed_ndcg@10")
 MATCHING = ("itc_vs_random", "itm_vs_random", "itm_vs_hard")  # evaluators/matching.py
@@ -118,11 +118,11 @@ def verdict(diff: dict) -> str:
 
 
 def _header(column: str) -> str:
-  if column in NDCG_COLUMNS:
-    protocol, k = column.split("_ndcg@")
-    return f"{protocol.replace('_faithful', ' (faithful)')} N@{k}"
+  """The results table's header, with the score mode ("ITC i2t R@1") of a recall column."""
+  if "/" not in column:
+    return column_header(column)
   mode, name = column.split("/")
-  return f"{mode.upper()} {name.replace('_r', ' R@')}"
+  return f"{mode.upper()} {column_header(name)}"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:

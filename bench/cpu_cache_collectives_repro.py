@@ -8,7 +8,7 @@ fori_loops (while loops), with no data dependence between the two. Run it in fre
   python bench/cpu_cache_collectives_repro.py           # loads it: SIGABRT within a few calls
   JAX_ENABLE_COMPILATION_CACHE=false python bench/cpu_cache_collectives_repro.py  # passes
   python bench/cpu_cache_collectives_repro.py --unroll  # no loop: passes warm too
-  python bench/cpu_cache_collectives_repro.py --guard   # rebalance_jax.compilation_cache's guard
+  python bench/cpu_cache_collectives_repro.py --guard   # rebalance_jax.infra.compilation_cache's guard
 
 Cause (jaxlib 0.10.2): a compiled XLA:CPU program gives every collective one shared communicator
 resource, so each device runs its collectives one at a time and in the same order. Deserializing
@@ -33,7 +33,7 @@ _PARSER.add_argument("--steps", type=int, default=8, help="ring steps per loop")
 _PARSER.add_argument("--unroll", action="store_true",
                      help="Python loop instead of fori_loop: every collective at the top level")
 _PARSER.add_argument("--guard", action="store_true",
-                     help="install rebalance_jax.compilation_cache's guard first")
+                     help="install rebalance_jax.infra.compilation_cache's guard first")
 ARGS = _PARSER.parse_args()
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -45,7 +45,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
-from rebalance_jax import compilation_cache  # noqa: E402
+from rebalance_jax.infra import compilation_cache  # noqa: E402
 
 if ARGS.guard:
   compilation_cache.guard_cpu_collectives()

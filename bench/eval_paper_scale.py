@@ -92,7 +92,9 @@ from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from configs import coco  # noqa: E402
-from rebalance_jax import predict, sharding, spec  # noqa: E402
+from rebalance_jax.evaluators import predict
+from rebalance_jax.infra import sharding
+from rebalance_jax.config import spec  # noqa: E402
 from rebalance_jax.evaluators import ranking, retrieval  # noqa: E402
 from rebalance_jax.models.student import Student  # noqa: E402
 

@@ -62,7 +62,7 @@ def main():
   args = parser.parse_args()
   flags.FLAGS(sys.argv[:1])
   sys.path.insert(0, os.getcwd())
-  from rebalance_jax.evaluators.suite import evaluate_run  # noqa: E402  (after the flags)
+  from rebalance_jax.recipe.evaluation import evaluate_run  # noqa: E402  (after the flags
 
   to_device, to_host = collections.Counter(), collections.Counter()
   count_bytes(jax, "make_array_from_process_local_data", to_device,

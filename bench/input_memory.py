@@ -34,11 +34,11 @@ def main():
   print(f"resident after importing JAX {jax.__version__}: {resident()}")
   from absl import flags
   flags.FLAGS.mark_as_parsed()
-  from rebalance_jax import config_base, spec
+  from rebalance_jax.config import defaults, spec
   from rebalance_jax.data import pipeline
   from rebalance_jax.data.dataset import load_dataset
 
-  config = config_base.base_config()
+  config = defaults.base_config()
   config.data.update(image_size=args.image_size, cache_dir=args.cache_dir)
   config.data.synthetic.num_train = args.num_train
   config.model.image.image_size = config.teachers.image.image_size = args.image_size

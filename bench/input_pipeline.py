@@ -62,7 +62,7 @@ def main():
   args = parser.parse_args()
   from absl import flags
   flags.FLAGS.mark_as_parsed()
-  from rebalance_jax import config_base, spec
+  from rebalance_jax.config import defaults, spec
   from rebalance_jax.data import pipeline
   from rebalance_jax.data.dataset import load_dataset
 
@@ -70,7 +70,7 @@ def main():
   start = time.perf_counter()
   annotation_file = write_jpegs(root, args.num_images)
   print(f"wrote {args.num_images} JPEGs in {time.perf_counter() - start:.1f} s ({root})")
-  config = config_base.reference_config("flickr30k", lr=5e-5, max_tokens=60, variant="tiny")
+  config = defaults.reference_config("flickr30k", lr=5e-5, max_tokens=60, variant="tiny")
   config.data.update(image_root=os.path.join(root, "images"), annotation_file=annotation_file,
                      cache_dir=os.path.join(root, "cache"), image_size=384)
   config.model.image.update(image_size=384, patch_size=32)

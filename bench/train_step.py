@@ -8,8 +8,8 @@ the student's parameters, and prints the figures.
       --threads=1
 
 Builds the stage as `phases.py` does, with the same library pieces (`objective.batch_loss`,
-`optim.make_optimizer`, `trainer.abstract_state`/`create_state`, `trainer.jit_train_step` with
-`trainer.run_stage`'s shardings and donation), but with nothing read from disk: random student
+`optim.make_optimizer`, `loop.abstract_state`/`create_state`, `loop.jit_train_step` with
+`loop.run_stage`'s shardings and donation), but with nothing read from disk: random student
 parameters (every `init` of the config, config.model.init included, is set to ''), and a random
 host batch of the stage's global batch size (uint8 images, token ids and mask, image ids, and for
 a distilling stage precomputed teacher features of the teachers' widths). Any
@@ -66,11 +66,16 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from rebalance_jax import cli, experiment, objective, sharding, spec, trainer  # noqa: E402
+from rebalance_jax import cli  # noqa: E402
+from rebalance_jax.training import loop  # noqa: E402
+from rebalance_jax.recipe import workdirs
+from rebalance_jax.training import objective
+from rebalance_jax.infra import sharding
+from rebalance_jax.config import spec
 from rebalance_jax.data import text  # noqa: E402
-from rebalance_jax.errors import InputError  # noqa: E402
+from rebalance_jax.infra.errors import InputError  # noqa: E402
 from rebalance_jax.models.student import init_student  # noqa: E402
-from rebalance_jax.optim import make_optimizer  # noqa: E402
+from rebalance_jax.training.optim import make_optimizer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -206,11 +211,11 @@ def bench(argv):
   if stage.objective.uses_teachers and exp.teachers.mode != "precomputed":
     sys.exit(f"config.teachers.mode={exp.teachers.mode!r}: this bench times precomputed teacher "
              "features; pass --config.teachers.mode=precomputed")
-  mesh = experiment.make_mesh(exp)
+  mesh = workdirs.make_mesh(exp)
   sharding.check_batch_size(stage.batch_size, mesh, f"{stage.field}.batch_size")
   vocab, vocab_from = vocab_size(config)
-  model = experiment.student_model(exp, vocab)
-  seed = trainer.stage_seed(exp.seed, stage.name)
+  model = workdirs.student_model(exp, vocab)
+  seed = loop.stage_seed(exp.seed, stage.name)
 
   print(f"{stage.name} of {config_flags.get_config_filename(flags.FLAGS['config'])} at global "
         f"batch {stage.batch_size}; terms {dict(stage.objective.weights)}")
@@ -234,14 +239,14 @@ def bench(argv):
   print(f"  {'heads':<15s} {sum(heads.values()):>13,}  (" +
         ", ".join(f"{k} {v:,}" for k, v in heads.items()) + ")")
 
-  # The stage as phases.train_student_stage and trainer.run_stage build it.
+  # The stage as phases.train_student_stage and loop.run_stage build it.
   total_steps = stage.num_steps if stage.num_steps > 0 else 10_000  # only the lr schedule's shape
   tx, _ = make_optimizer(exp.optim, abstract_params, total_steps)
   loss_fn = functools.partial(objective.batch_loss, model=model, objective=stage.objective,
                               augment_shift=exp.data.augment_shift, online_teachers=None,
                               mesh=mesh)
-  target = trainer.abstract_state(abstract_params, tx, mesh, exp.param_rules)
-  train_step = trainer.jit_train_step(loss_fn, tx, mesh, target)
+  target = loop.abstract_state(abstract_params, tx, mesh, exp.param_rules)
+  train_step = loop.jit_train_step(loss_fn, tx, mesh, target)
   batch = sharding.to_global(random_batch(exp, stage, vocab), mesh)
   rng = jax.random.key(seed)
   frozen = None
@@ -269,7 +274,7 @@ def bench(argv):
     print("steps: none run (--steps=0)")
   else:
     params = jax.jit(functools.partial(init_student, model))(jax.random.key(seed))
-    state = trainer.create_state(params, tx, mesh, exp.param_rules)
+    state = loop.create_state(params, tx, mesh, exp.param_rules)
     del params
     state, metrics, seconds, cpu = time_steps(compiled, state, (batch, frozen, rng), _WARMUP.value,
                                               _STEPS.value)

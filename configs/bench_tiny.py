@@ -12,7 +12,7 @@ The data fields are the embedded synthetic dataset's, so `python -m rebalance_ja
 too, but nothing here is tuned for training.
 """
 
-from rebalance_jax import config_base as common
+from rebalance_jax.config import defaults as common
 
 
 def get_config(arg: str = ""):

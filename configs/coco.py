@@ -18,7 +18,7 @@ is reported too (config.eval.subsets). Variant :tiny as configs/flickr.py's. Exp
 COCO rows (not yet measured here).
 """
 
-from rebalance_jax import config_base as common
+from rebalance_jax.config import defaults as common
 
 
 def get_config(arg: str = ""):

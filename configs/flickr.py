@@ -38,7 +38,7 @@ teachers, e.g. on the miniature trees of `python -m rebalance_jax.data.miniature
 (it prints the flags); about a minute on 2 CPU cores, numbers meaningless.
 """
 
-from rebalance_jax import config_base as common
+from rebalance_jax.config import defaults as common
 
 
 def get_config(arg: str = ""):

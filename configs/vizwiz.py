@@ -19,7 +19,7 @@ fewer left after the exclusions are left out of evaluation, and prepare lists th
 as configs/flickr.py's. Expected: the paper's VizWiz rows (not yet measured here).
 """
 
-from rebalance_jax import config_base as common
+from rebalance_jax.config import defaults as common
 
 
 def get_config(arg: str = ""):

@@ -23,8 +23,10 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rebalance_jax import cli, experiment, files, interrupts
-from rebalance_jax.errors import InputError
+from rebalance_jax import cli
+from rebalance_jax.recipe import workdirs
+from rebalance_jax.infra import files, interrupts
+from rebalance_jax.infra.errors import InputError
 from rebalance_jax.study import grid, probes, report, runner
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -89,8 +91,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
     raise InputError("the ablation study runs in one process (it trains small runs one after "
                      f"another); this job has {jax.process_count()}")
   runs = grid.plan(config)
-  workdir = experiment.check_workdir(workdir)
-  with interrupts.catching(), experiment.workdir_lock(workdir, "ablation study"):
+  workdir = workdirs.check_workdir(workdir)
+  with interrupts.catching(), workdirs.workdir_lock(workdir, "ablation study"):
     records = runner.run_all(runs, workdir)
     files.atomic_write_text(os.path.join(workdir, "study.json"),
                             json.dumps({"runs": records}, indent=1))

@@ -12,8 +12,9 @@ from collections.abc import Callable
 
 from absl import flags, logging
 
-from rebalance_jax import compilation_cache, distributed, interrupts, trainer
-from rebalance_jax.errors import InputError
+from rebalance_jax.infra import compilation_cache, distributed, interrupts
+from rebalance_jax.training import loop
+from rebalance_jax.infra.errors import InputError
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -49,6 +50,6 @@ def run_guarded(prog: str, argv: list[str], work: Callable[[], object]) -> None:
     sys.stderr.write(f"{prog}: interrupted twice: stopped at once; re-run to resume from the last "
                      "checkpoint\n")
     sys.exit(130)
-  except (InputError, trainer.NonFiniteLossError) as e:
+  except (InputError, loop.NonFiniteLossError) as e:
     sys.exit(f"{prog}: error: {e}")
 

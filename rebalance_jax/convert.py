@@ -39,8 +39,9 @@ import scipy.interpolate
 from absl import app, flags
 from flax import traverse_util
 
-from rebalance_jax import cli, weights
-from rebalance_jax.errors import InputError
+from rebalance_jax import cli
+from rebalance_jax.models import weights
+from rebalance_jax.infra.errors import InputError
 from rebalance_jax.models import towers
 from rebalance_jax.models.fusion import FusionConfig, FusionEncoder
 

@@ -13,7 +13,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from rebalance_jax import cli
-from rebalance_jax.evaluators.suite import evaluate_run
+from rebalance_jax.recipe.evaluation import evaluate_run
 
 
 _CONFIG = config_flags.DEFINE_config_file(

@@ -16,9 +16,10 @@ one is reused.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rebalance_jax import cli, spec
+from rebalance_jax import cli
+from rebalance_jax.config import spec
 from rebalance_jax.data import conventions, real
-from rebalance_jax.errors import InputError
+from rebalance_jax.infra.errors import InputError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file of a real dataset (configs/flickr.py, coco.py, "

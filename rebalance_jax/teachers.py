@@ -14,7 +14,8 @@ Teachers without converted `init` weights are pre-trained first (the demo's synt
 from absl import app, flags
 from ml_collections import config_flags
 
-from rebalance_jax import cli, teacher_features
+from rebalance_jax import cli
+from rebalance_jax.recipe.teachers import feature_job
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file; override fields with --config.<field>=<value>.",
@@ -25,7 +26,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir (teacher pre-
 
 def main(argv):
   cli.run_guarded("rebalance_jax.teachers", argv,
-                  lambda: teacher_features.run_job(_CONFIG.value, _WORKDIR.value))
+                  lambda: feature_job.run_job(_CONFIG.value, _WORKDIR.value))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ interruption continues where it stopped. The workdir's layout is in rebalance_ja
 from absl import app, flags
 from ml_collections import config_flags
 
-from rebalance_jax import cli, phases
+from rebalance_jax import cli
+from rebalance_jax.recipe import phases
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/demo.py (or configs/demo.py:tiny). "

@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp  # noqa: E402
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402
 
-from rebalance_jax import compilation_cache  # noqa: E402
+from rebalance_jax.infra import compilation_cache  # noqa: E402
 
 compilation_cache.guard_cpu_collectives()  # the cache aborts CPU programs with looped collectives
 
@@ -66,7 +66,8 @@ def saved_state(workdir, stage):
 def stage2_loss_and_grads(config, train: bool = False):
   """((stage-2 loss, metrics), gradients) of a fresh student of `config` (its towers at 16 px and
   16 tokens, teachers 24- and 40-wide, as the tiny config's) on a fixed random batch of 8."""
-  from rebalance_jax import objective, spec  # pylint: disable=import-outside-toplevel
+  from rebalance_jax.training import objective
+  from rebalance_jax.config import spec  # pylint: disable=import-outside-toplevel
   from rebalance_jax.models.student import Student, init_student  # pylint: disable=import-outside-toplevel
   exp = spec.from_config(config)
   model = Student(exp.student_config(vocab_size=50))

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from conftest import load_config
 
-from rebalance_jax import ablation, losses, spec
+from rebalance_jax import ablation, losses
+from rebalance_jax.config import spec
 from rebalance_jax.data.sources import Split
-from rebalance_jax.errors import InputError
+from rebalance_jax.infra.errors import InputError
 from rebalance_jax.evaluators import matching
 from rebalance_jax.study import grid, report, runner
 

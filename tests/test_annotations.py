@@ -10,7 +10,7 @@ import pytest
 
 from rebalance_jax.data import annotations, miniature, synthetic
 from rebalance_jax.data.annotations import BadExamples, ImageEntry
-from rebalance_jax.errors import InputError
+from rebalance_jax.infra.errors import InputError
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The ring-chunked losses (rebalance_jax.chunked_losses) equal the global-view losses of losses.py.
+"""The ring-chunked losses (rebalance_jax.training.chunked_losses) equal the global-view losses of losses.py.
 
 Values and gradients (w.r.t. every differentiable input) are compared on the 8 fake CPU devices and
 on a 2-device sub-mesh, with repeated ids (soft labels), local blocks of 3, 5, 20 and 6 rows, and
@@ -11,7 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from rebalance_jax import chunked_losses, losses, sharding
+from rebalance_jax.training import chunked_losses
+from rebalance_jax import losses
+from rebalance_jax.infra import sharding
 
 RTOL = 1e-5
 ATOL = 1e-6

@@ -13,8 +13,10 @@ from flax import traverse_util
 from transformers import BertConfig, FlaxBertModel
 
 from conftest import REPO
-from rebalance_jax import config_base, convert, spec, weights
-from rebalance_jax.errors import InputError
+from rebalance_jax.config import defaults, spec
+from rebalance_jax import convert
+from rebalance_jax.models import weights
+from rebalance_jax.infra.errors import InputError
 from rebalance_jax.models import towers
 from rebalance_jax.models.fusion import FusionConfig, FusionEncoder
 from rebalance_jax.models.student import Student, init_student, with_tower_weights
@@ -57,7 +59,7 @@ def _inputs():
 
 
 def _our_tower(params, fields):
-  spec = towers.spec_from_config(config_base.tower("text", **fields).to_dict(),
+  spec = towers.spec_from_config(defaults.tower("text", **fields).to_dict(),
                                  "config.model.text", "text", vocab_size=99)
   return lambda ids, mask: spec.build().apply({"params": params}, ids, mask)
 
@@ -191,8 +193,8 @@ def test_bert_base_fusion_layers_start_their_cross_attention_fresh(bert_dir, tmp
   out = tmp_path / "fusion.safetensors"
   convert.run("hf_bert", str(directory), str(out), "1:3", 512, part="fusion")
   c = tiny_config
-  c.model.text = config_base.text(16, 32, 1, 4, 37)
-  c.model.fusion = config_base.fusion(2, 4, 37, init=str(out))
+  c.model.text = defaults.text(16, 32, 1, 4, 37)
+  c.model.fusion = defaults.fusion(2, 4, 37, init=str(out))
   model = Student(spec.from_config(c).student_config(vocab_size=50))
   fresh = init_student(model, jax.random.key(0))
   loaded = with_tower_weights(model, fresh)["fusion_encoder"]
@@ -207,7 +209,7 @@ def test_bert_base_fusion_layers_start_their_cross_attention_fresh(bert_dir, tmp
       for a, b in zip(jax.tree.leaves(loaded[layer][part]),
                       jax.tree.leaves(fresh["fusion_encoder"][layer][part])):
         np.testing.assert_array_equal(a, b)
-  c.model.fusion = config_base.fusion(2, 2, 37, init=str(out))  # another head count: refused
+  c.model.fusion = defaults.fusion(2, 2, 37, init=str(out))  # another head count: refused
   model = Student(spec.from_config(c).student_config(vocab_size=50))
   with pytest.raises(InputError, match=r"config\.model\.fusion\.init=.*wrong shape"):
     with_tower_weights(model, init_student(model, jax.random.key(0)))
@@ -238,7 +240,7 @@ def test_converted_clip_vision_matches_transformers_clip(tmp_path):
   assert set(dropped) == {"text_model.embeddings.token_embedding.weight", "logit_scale"}
   images = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
   expected = reference(pixel_values=images.transpose(0, 3, 1, 2))
-  spec = towers.spec_from_config(config_base.tower("clip_vit", **fields).to_dict(),
+  spec = towers.spec_from_config(defaults.tower("clip_vit", **fields).to_dict(),
                                  "config.model.image", "image")
   out = spec.build().apply({"params": params}, images)
   np.testing.assert_allclose(out.pooled, expected.pooler_output, rtol=1e-5, atol=1e-5)

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 from conftest import REPO, load_config
-from rebalance_jax import config_base, convert, spec
+from rebalance_jax.config import defaults, spec
+from rebalance_jax import convert
 from rebalance_jax.data import text
-from rebalance_jax.errors import InputError
+from rebalance_jax.infra.errors import InputError
 from rebalance_jax.models import towers
 from rebalance_jax.models.student import Student, init_student, with_tower_weights
 from rebalance_jax.models.towers.text import mean_pool
@@ -43,7 +44,7 @@ def test_mean_pooling_of_a_padded_batch():
 
 def test_the_pooled_output_follows_pooling():
   fields = dict(max_tokens=6, width=8, depth=1, num_heads=2, mlp_dim=16)
-  mean, cls = (towers.spec_from_config(config_base.tower("text", pooling=p, **fields).to_dict(),
+  mean, cls = (towers.spec_from_config(defaults.tower("text", pooling=p, **fields).to_dict(),
                                        "config.model.text", "text", vocab_size=20)
                for p in ("mean", "cls"))
   params = towers.init_params(mean, jax.random.key(0))
@@ -56,13 +57,13 @@ def test_the_pooled_output_follows_pooling():
   other = mean.build().apply({"params": params}, jnp.where(mask == 1, ids, 11), mask)
   np.testing.assert_allclose(other.pooled, out.pooled, rtol=1e-6, atol=1e-6)
   # "cls" (the default) is position 0, with the same parameters.
-  assert towers.spec_from_config(config_base.tower("text", **fields).to_dict(), "f", "text",
+  assert towers.spec_from_config(defaults.tower("text", **fields).to_dict(), "f", "text",
                                  vocab_size=20).config.pooling == "cls"
   np.testing.assert_array_equal(cls.build().apply({"params": params}, ids, mask).pooled,
                                 out.tokens[:, 0])
   with pytest.raises(InputError, match=r"config\.model\.text: pooling='max' is not one of "
                                        r"\('cls', 'mean'\)"):
-    towers.spec_from_config(config_base.tower("text", pooling="max", **fields).to_dict(),
+    towers.spec_from_config(defaults.tower("text", pooling="max", **fields).to_dict(),
                             "config.model.text", "text", vocab_size=20)
 
 
@@ -83,7 +84,7 @@ def converted(minilm_dir, tmp_path_factory):
   assert section == {"init": output, "width": 384, "depth": 6, "num_heads": 12, "mlp_dim": 1536,
                      "max_tokens": MAX_TOKENS}
   fields = {k: v for k, v in section.items() if k != "init"}
-  tower = towers.spec_from_config(config_base.tower("text", init=output, pooling="mean",
+  tower = towers.spec_from_config(defaults.tower("text", init=output, pooling="mean",
                                                     **fields).to_dict(),
                                   "config.teachers.text", "text", vocab_size=30522)
   like = jax.eval_shape(lambda r: towers.init_params(tower, r), jax.random.key(0))

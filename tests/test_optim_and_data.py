@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rebalance_jax import config_base, optim
+from rebalance_jax.config import defaults
+from rebalance_jax.training import optim
 from rebalance_jax.data import text
-from rebalance_jax.errors import InputError
+from rebalance_jax.infra.errors import InputError
 
 
 def test_warmup_then_linear_decay_to_zero():
@@ -17,7 +18,7 @@ def test_warmup_then_linear_decay_to_zero():
 
 
 def _optim_config(**overrides):
-  c = config_base.base_config().optim
+  c = defaults.base_config().optim
   c.update(lr=0.1, warmup_fraction=0.0, **overrides)
   return c
 

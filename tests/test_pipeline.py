@@ -4,10 +4,10 @@ and a toy one registered by this test alone), and the splits' shapes."""
 import numpy as np
 import pytest
 
-from rebalance_jax import spec
+from rebalance_jax.config import spec
 from rebalance_jax.data import pipeline, sources
 from rebalance_jax.data.dataset import load_dataset
-from rebalance_jax.errors import InputError
+from rebalance_jax.infra.errors import InputError
 
 
 def test_train_batches_are_epoch_permutations_and_depend_only_on_step():
@@ -118,11 +118,12 @@ def test_a_toy_source_goes_through_the_pipeline(toy_data, monkeypatch):
 
 
 def test_a_source_without_attributes_cannot_pretrain_teachers(toy_data, tiny_config, tmp_path):
-  from rebalance_jax import frozen_teachers, sharding
+  from rebalance_jax.recipe.teachers import obtain
+  from rebalance_jax.infra import sharding
   exp = spec.from_config(tiny_config)
   with pytest.raises(InputError, match=r"config\.teachers\.image\.init is empty and "
                                        r"config\.data\.name='toy' has no scene attributes"):
-    frozen_teachers.obtain_teachers(exp, toy_data, sharding.make_mesh(), str(tmp_path))
+    obtain.obtain_teachers(exp, toy_data, sharding.make_mesh(), str(tmp_path))
 
 
 def test_unknown_sources_are_named(tiny_config):
@@ -136,7 +137,7 @@ def test_a_source_without_attributes_trains_a_stage_without_teachers(toy_data, t
                                                                      tmp_path):
   """The path a real dataset takes before it has teachers: no scene attributes, no distillation
   stage, and nothing of the teachers is needed."""
-  from rebalance_jax import phases
+  from rebalance_jax.recipe import phases
   del tiny_config.stages["stage2"]
   results = phases.run(tiny_config, str(tmp_path / "run"))
   assert set(results) == {"stage1"} and 0 <= results["stage1"]["rsum"] <= 600

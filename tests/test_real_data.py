@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 
 from conftest import REPO, load_config
-from rebalance_jax import phases, spec, teacher_features
+from rebalance_jax.recipe import phases
+from rebalance_jax.config import spec
+from rebalance_jax.recipe.teachers import feature_job
 from rebalance_jax.data import miniature, pipeline, prepared, real
 from rebalance_jax.data.dataset import load_dataset
-from rebalance_jax.errors import InputError
+from rebalance_jax.infra.errors import InputError
 
 CONFIGS = {"flickr30k": "configs/flickr.py:tiny", "coco": "configs/coco.py:tiny",
            "vizwiz": "configs/vizwiz.py:tiny"}
@@ -172,7 +174,7 @@ def test_a_tiny_model_trains_end_to_end_on_a_miniature(trees, tiny_teachers, tmp
   config.eval.every_steps = 3
   shared = tmp_path / "features"
   config.teachers.features_dir = str(shared)
-  job = teacher_features.run_job(config, str(tmp_path / "job"))
+  job = feature_job.run_job(config, str(tmp_path / "job"))
   data = load_dataset(spec.from_config(config).data)
   assert job.num_rows == {"image": data.train.num_images, "text": data.train.num_captions}
   written = {p: os.stat(os.path.join(shared, p)).st_mtime_ns for p in os.listdir(shared)}
@@ -196,13 +198,13 @@ def test_features_of_other_annotations_are_refused(trees, tiny_teachers, tmp_pat
     json.dump(annotations, f)
   config = _with_tiny_teachers(real_config("flickr30k", tree, tmp_path / "cache"), tiny_teachers)
   config.teachers.features_dir = str(tmp_path / "features")
-  teacher_features.run_job(config, str(tmp_path / "job"))
+  feature_job.run_job(config, str(tmp_path / "job"))
   annotations["images"][0]["sentences"][0]["raw"] = "an edited caption"
   with open(tree["karpathy_file"], "w") as f:
     json.dump(annotations, f)
   with pytest.raises(InputError, match=r"teacher features in .* were made from other data, "
                                        r"teachers than this config's"):
-    teacher_features.run_job(config, str(tmp_path / "job"))
+    feature_job.run_job(config, str(tmp_path / "job"))
 
 
 def test_records_follow_the_index_and_the_data_config_is_in_the_fingerprint(trees, tmp_path):

@@ -8,8 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from rebalance_jax import convert, weights
-from rebalance_jax.errors import InputError
+from rebalance_jax import convert
+from rebalance_jax.models import weights
+from rebalance_jax.infra.errors import InputError
 from rebalance_jax.models import towers
 from rebalance_jax.models.fusion import FusionConfig
 from rebalance_jax.models.student import Student, StudentConfig, init_student, with_tower_weights

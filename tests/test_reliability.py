@@ -17,11 +17,12 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import REPO
-from rebalance_jax import (checkpointing, cli, compilation_cache, files, interrupts, reporting,
-                           sharding, trainer)
-from rebalance_jax.checkpointing import Checkpointer, ConfigMismatchError, DamagedCheckpointError
+from rebalance_jax.training import checkpointing, loop
+from rebalance_jax import cli
+from rebalance_jax.infra import compilation_cache, files, interrupts, logs, sharding
+from rebalance_jax.training.checkpointing import Checkpointer, ConfigMismatchError, DamagedCheckpointError
 from rebalance_jax.data import pipeline, text
-from rebalance_jax.errors import InputError
+from rebalance_jax.infra.errors import InputError
 
 RULES = sharding.ParamRules(((r".*", "fsdp"),), min_size=1)
 
@@ -29,7 +30,7 @@ RULES = sharding.ParamRules(((r".*", "fsdp"),), min_size=1)
 def _state(seed: int):
   params = {"w": jax.random.normal(jax.random.key(seed), (16, 8)),
             "b": jnp.full((8,), seed, jnp.float32)}
-  return trainer.create_state(params, optax.adam(1e-3), sharding.make_mesh(fsdp=2), RULES)
+  return loop.create_state(params, optax.adam(1e-3), sharding.make_mesh(fsdp=2), RULES)
 
 
 def _target(state):
@@ -143,12 +144,12 @@ def _quadratic_stage(tmp_path, lr_schedule, steps):
     return loss, {"loss/total": loss}
 
   checkpointer = Checkpointer(str(tmp_path / "ckpt"), {"x": 1}, keep=5)
-  stage = trainer.Stage(
+  stage = loop.Stage(
       name="quadratic", loss_fn=loss_fn, tx=optax.sgd(lr_schedule), schedule=lr_schedule,
       total_steps=steps, batch_size=8, batch_size_field="config.quadratic.batch_size",
       batches=pipeline.TrainBatches(64, 8, 0, lambda idx, step: {"x": idx.astype(np.float32)}),
       checkpointer=checkpointer,
-      writer=reporting.MetricWriter(str(tmp_path / "logs")), checkpoint_every=1, log_every=1,
+      writer=logs.MetricWriter(str(tmp_path / "logs")), checkpoint_every=1, log_every=1,
       seed=0, param_rules=RULES)
   return stage
 
@@ -158,10 +159,10 @@ def test_parameters_that_turn_nan_are_not_saved_and_the_last_good_step_is_named(
   # uses a NaN learning rate: the loss check alone would save the NaN state as step 3.
   schedule = lambda count: jnp.where(count < 2, 0.1, jnp.nan)
   stage = _quadratic_stage(tmp_path, schedule, steps=5)
-  with pytest.raises(trainer.NonFiniteLossError,
+  with pytest.raises(loop.NonFiniteLossError,
                      match=r"quadratic: non-finite parameters or optimizer state after step 3, not "
                            r"saved\. The last checkpoint saved \(2\) holds finite values"):
-    trainer.run_stage(stage, {"w": jnp.ones((4,))}, None, sharding.make_mesh())
+    loop.run_stage(stage, {"w": jnp.ones((4,))}, None, sharding.make_mesh())
   assert stage.checkpointer.all_steps() == [1, 2]
   stage.checkpointer.close()
   stage.writer.close()
@@ -169,8 +170,8 @@ def test_parameters_that_turn_nan_are_not_saved_and_the_last_good_step_is_named(
 
 def test_nan_at_the_first_save_says_no_checkpoint_was_written(tmp_path):
   stage = _quadratic_stage(tmp_path, lambda count: jnp.nan, steps=2)
-  with pytest.raises(trainer.NonFiniteLossError, match="No checkpoint of this phase was written"):
-    trainer.run_stage(stage, {"w": jnp.ones((4,))}, None, sharding.make_mesh())
+  with pytest.raises(loop.NonFiniteLossError, match="No checkpoint of this phase was written"):
+    loop.run_stage(stage, {"w": jnp.ones((4,))}, None, sharding.make_mesh())
   stage.checkpointer.close()
   stage.writer.close()
 
@@ -178,14 +179,14 @@ def test_nan_at_the_first_save_says_no_checkpoint_was_written(tmp_path):
 def test_a_torn_last_metrics_line_is_dropped_and_others_are_errors(tmp_path):
   path = tmp_path / "metrics.jsonl"
   path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')
-  writer = reporting.MetricWriter(str(tmp_path))
+  writer = logs.MetricWriter(str(tmp_path))
   writer.start(2)
   writer.write(3, {"loss": 0.3})
   writer.close()
   assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
   path.write_text('{"step": 1}\ngarbage\n{"step": 2}\n')
   with pytest.raises(InputError, match=r"metrics\.jsonl:2 is not a metrics record"):
-    reporting.MetricWriter(str(tmp_path)).start(2)
+    logs.MetricWriter(str(tmp_path)).start(2)
 
 
 def test_atomic_writes_follow_the_umask(tmp_path):

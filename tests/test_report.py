@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from rebalance_jax.evaluators import ranking, report, retrieval
+from rebalance_jax.evaluators import ranking, results, retrieval
 
 STANDARD_3 = np.repeat(np.arange(3), 5)  # captions 5i..5i+4 belong to image i
 CORRESPONDENCE = (STANDARD_3[None, :] == np.arange(3)[:, None]).astype(float)  # (3, 15)
@@ -52,7 +52,7 @@ def test_results_files_and_plot_legend(tmp_path):
             "dual": retrieval.recall_curves(CORRESPONDENCE, STANDARD_3, ks=(1, 2, 3, 11))}
   rows = {"stage1": {"i2t_r1": 0.0, "rsum": 10.0, "score_mode": "itm", "i2i_ndcg@10": 40.0},
           "dual": {"i2t_r1": 100.0, "rsum": 600.0, "score_mode": "itc", "i2i_ndcg@10": 50.0}}
-  fig = report.results_figure(rows, curves)
+  fig = results.results_figure(rows, curves)
   for ax in fig.axes[:2]:
     assert [t.get_text() for t in ax.get_legend().get_texts()] == [
         "stage1: ITC cosine", "stage1: ITM re-ranked (K ≤ 2)", "dual: ITC cosine"]
@@ -60,7 +60,7 @@ def test_results_files_and_plot_legend(tmp_path):
     assert list(itc.get_xdata()) == [1, 2, 3, 11] and list(itm.get_xdata()) == [1, 2]
     assert itm.get_linestyle() == "--" and itm.get_color() == itc.get_color()
 
-  report.write_results(str(tmp_path), rows, curves)
+  results.write_results(str(tmp_path), rows, curves)
   with open(tmp_path / "results.png", "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   with open(tmp_path / "results.json") as f:

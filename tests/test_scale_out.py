@@ -7,8 +7,9 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from rebalance_jax import checkpointing, sharding, trainer
-from rebalance_jax.errors import InputError
+from rebalance_jax.training import checkpointing, loop
+from rebalance_jax.infra import sharding
+from rebalance_jax.infra.errors import InputError
 
 PARAMS = {"encoder": {"kernel": np.arange(32 * 12, dtype=np.float32).reshape(32, 12),
                       "norm": {"scale": np.ones(32, np.float32)}},
@@ -50,7 +51,7 @@ def test_a_parameter_matching_no_rule_is_an_error():
 def test_state_is_created_sharded_with_adam_moments_following_their_parameter():
   mesh = sharding.make_mesh(fsdp=2)
   tx = optax.adamw(1e-3)
-  state = trainer.create_state(PARAMS, tx, mesh, RULES)
+  state = loop.create_state(PARAMS, tx, mesh, RULES)
   assert state["params"]["encoder"]["kernel"].sharding.spec == P("fsdp", None)
   mu = state["opt_state"][0].mu
   assert mu["encoder"]["kernel"].sharding.spec == P("fsdp", None)
@@ -65,8 +66,8 @@ def test_frozen_inputs_keep_their_fsdp_sharding_in_the_train_step():
   mesh = sharding.make_mesh(fsdp=2)
   tx = optax.sgd(0.1)
   params = {"w": np.ones((4,), np.float32)}
-  state = trainer.create_state(params, tx, mesh, RULES)
-  target = trainer.abstract_state(params, tx, mesh, RULES)
+  state = loop.create_state(params, tx, mesh, RULES)
+  target = loop.abstract_state(params, tx, mesh, RULES)
   frozen_host = {"teacher": PARAMS["encoder"]["kernel"]}
   frozen = jax.device_put(frozen_host, RULES.param_shardings(frozen_host, mesh))
   assert frozen["teacher"].sharding.spec == P("fsdp", None)
@@ -76,12 +77,12 @@ def test_frozen_inputs_keep_their_fsdp_sharding_in_the_train_step():
     loss = (params["w"].sum() * batch["x"].mean() * frozen["teacher"].mean()) ** 2
     return loss, {"loss/total": loss}
 
-  step = trainer.jit_train_step(loss_fn, tx, mesh, target)
+  step = loop.jit_train_step(loss_fn, tx, mesh, target)
   batch = sharding.to_global({"x": np.arange(8, dtype=np.float32)}, mesh)
   compiled = step.lower(state, batch, frozen, jax.random.key(0)).compile()
   assert compiled.input_shardings[0][2]["teacher"].spec == P("fsdp", None)
   replicated = jax.device_put(frozen_host, sharding.replicated(mesh))
-  other = trainer.create_state(params, tx, mesh, RULES)
+  other = loop.create_state(params, tx, mesh, RULES)
   (new, metrics), (ref, ref_metrics) = (step(state, batch, frozen, jax.random.key(0)),
                                         step(other, batch, replicated, jax.random.key(0)))
   np.testing.assert_allclose(metrics["loss/total"], ref_metrics["loss/total"], rtol=1e-6)
@@ -92,7 +93,7 @@ def test_frozen_inputs_keep_their_fsdp_sharding_in_the_train_step():
 def test_checkpoint_from_8_devices_restores_onto_fewer(tmp_path, devices):
   tx = optax.adamw(1e-3)
   mesh8 = sharding.make_mesh(fsdp=2)
-  state = trainer.create_state(PARAMS, tx, mesh8, RULES)
+  state = loop.create_state(PARAMS, tx, mesh8, RULES)
   grads = jax.tree.map(np.ones_like, PARAMS)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
@@ -104,7 +105,7 @@ def test_checkpoint_from_8_devices_restores_onto_fewer(tmp_path, devices):
 
   mesh = sharding.make_mesh(jax.devices()[:devices], fsdp=2 if devices > 1 else 1)
   loader = checkpointing.Checkpointer(str(tmp_path), {"x": 1}, keep=1)
-  restored = loader.restore(1, trainer.abstract_state(PARAMS, tx, mesh, RULES))
+  restored = loader.restore(1, loop.abstract_state(PARAMS, tx, mesh, RULES))
   loader.close()
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(state), jax.tree.leaves(restored)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))

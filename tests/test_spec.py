@@ -3,14 +3,14 @@ what each phase depends on."""
 
 import pytest
 
-from rebalance_jax import config_base, spec
-from rebalance_jax.errors import InputError
+from rebalance_jax.config import defaults, spec
+from rebalance_jax.infra.errors import InputError
 
 
 def test_stages_run_in_init_from_order(tiny_config):
   c = tiny_config
-  c.stages.a_finetune = config_base.stage("stage2", {"itc": 1.0})
-  c.stages.z_scratch = config_base.stage("", {"itc": 1.0}, num_steps=2, batch_size=16)
+  c.stages.a_finetune = defaults.stage("stage2", {"itc": 1.0})
+  c.stages.z_scratch = defaults.stage("", {"itc": 1.0}, num_steps=2, batch_size=16)
   names = spec.from_config(c).stage_names
   assert names.index("stage1") < names.index("stage2") < names.index("a_finetune")
   assert set(names) == {"stage1", "stage2", "a_finetune", "z_scratch"}
@@ -66,14 +66,14 @@ def test_each_phase_fingerprints_what_it_depends_on(tiny_config, field, value, u
 
 
 @pytest.mark.parametrize("edit, match", [
-    (lambda c: c.stages.update(teachers=config_base.stage("", {"itc": 1.0})),
+    (lambda c: c.stages.update(teachers=defaults.stage("", {"itc": 1.0})),
      r"config\.stages\.teachers: a stage name is lower-case"),
-    (lambda c: c.stages.update(Stage3=config_base.stage("", {"itc": 1.0})),
+    (lambda c: c.stages.update(Stage3=defaults.stage("", {"itc": 1.0})),
      r"config\.stages\.Stage3: a stage name is lower-case"),
     (lambda c: c.stages.stage2.update(fresh_params=("lam",)),
      r"config\.stages\.stage2\.fresh_params must include \['teacher_image_proj', "
      r"'teacher_text_proj', 'temp2'\]: no stage before it distills"),
-    (lambda c: c.stages.update(arm=config_base.stage("stage1", {"itc": "one"})),
+    (lambda c: c.stages.update(arm=defaults.stage("stage1", {"itc": "one"})),
      r"config\.stages\.arm\.loss_weights: every weight must be a number"),
     (lambda c: c.model.text.update(vocab_size=5),
      r"config\.model\.text: \['vocab_size'\] cannot be set here"),
@@ -87,7 +87,7 @@ def test_bad_stages_and_fields_are_named(tiny_config, edit, match):
 
 
 def test_a_later_distilling_stage_may_inherit_trained_distillation_parameters(tiny_config):
-  tiny_config.stages.stage3 = config_base.stage("stage2", {"itc": 1.0, "kd": 1.0})
+  tiny_config.stages.stage3 = defaults.stage("stage2", {"itc": 1.0, "kd": 1.0})
   assert spec.from_config(tiny_config).stage("stage3").fresh_params == ()
 
 

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from conftest import stage2_loss_and_grads
-from rebalance_jax import config_base, convert, weights
-from rebalance_jax.errors import InputError
+from rebalance_jax.config import defaults
+from rebalance_jax import convert
+from rebalance_jax.models import weights
+from rebalance_jax.infra.errors import InputError
 from rebalance_jax.models import towers
 from rebalance_jax.models.towers import swin
 
@@ -225,7 +227,7 @@ def test_swin_student_in_bfloat16_with_remat_matches_float32(tiny_config):
     return loss, grads
 
   # 16 px, patch 2: stages at 8 and 4 tokens a side, window 4 (stage 0 shifts its second block).
-  tiny_config.model.image = config_base.tower(
+  tiny_config.model.image = defaults.tower(
       "swin", image_size=16, patch_size=2, embed_dim=16, depths=(2, 2), num_heads=(1, 2),
       window_size=4, drop_path=0.2)
   exact, exact_grads = loss_and_grads(tiny_config.copy_and_resolve_references(), train=True)

@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pytest
 
-from rebalance_jax import files
+from rebalance_jax.infra import files
 from rebalance_jax.data import synthetic
 from rebalance_jax.data.synthetic import ATTRIBUTE_NAMES, COLOURS, SHAPE_NOUNS, SIZE_WORDS, SyntheticConfig
 

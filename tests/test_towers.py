@@ -11,13 +11,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rebalance_jax import config_base, frozen_teachers, phases, predict, sharding, spec, weights
+from rebalance_jax.config import defaults, spec
+from rebalance_jax.recipe.teachers import obtain
+from rebalance_jax.recipe import phases
+from rebalance_jax.evaluators import predict
+from rebalance_jax.infra import sharding
+from rebalance_jax.models import weights
 from rebalance_jax.data.dataset import load_dataset
-from rebalance_jax.errors import InputError
+from rebalance_jax.infra.errors import InputError
 from rebalance_jax.evaluators import ranking, retrieval
 from rebalance_jax.models import towers
 from rebalance_jax.models.student import Student, init_student, with_tower_weights
-from rebalance_jax.models.teachers import Teacher
+from rebalance_jax.recipe.teachers.network import Teacher
 from conftest import saved_state, stage2_loss_and_grads
 
 
@@ -50,7 +55,7 @@ def pixel_tower(monkeypatch):
 
 def test_a_toy_tower_from_the_registry_trains_a_stage(pixel_tower, tiny_config, tmp_path):
   c = tiny_config
-  c.model.image = config_base.tower("pixels", width=24)
+  c.model.image = defaults.tower("pixels", width=24)
   del c.stages["stage2"]  # no distillation stage: no teachers are obtained
   results = phases.run(c, str(tmp_path))
   assert set(results) == {"stage1"} and results["stage1"]["score_mode"] == "itm"
@@ -61,7 +66,7 @@ def test_a_toy_tower_from_the_registry_trains_a_stage(pixel_tower, tiny_config, 
 
 
 def _vit(**fields):
-  section = config_base.vit(16, 4, 32, 2, 2, 64, **fields)
+  section = defaults.vit(16, 4, 32, 2, 2, 64, **fields)
   return towers.spec_from_config(section.to_dict(), "config.model.image", "image")
 
 
@@ -105,7 +110,7 @@ def test_converted_weights_load_by_name_and_shape(tmp_path, tiny_config):
   path = str(tmp_path / "vit.safetensors")
   weights.save_safetensors(path, trained)
   c = tiny_config
-  c.model.image = config_base.vit(16, 4, 32, 2, 2, 64, init=path)
+  c.model.image = defaults.vit(16, 4, 32, 2, 2, 64, init=path)
   model = Student(spec.from_config(c).student_config(vocab_size=50))
   params = with_tower_weights(model, init_student(model, jax.random.key(0)))
   for a, b in zip(jax.tree.leaves(params["image_encoder"]), jax.tree.leaves(trained)):
@@ -130,7 +135,7 @@ def test_a_teacher_is_evaluated_through_the_predict_contract(tiny_config):
   exp = spec.from_config(tiny_config)
   data = load_dataset(exp.data)
   image_tower = exp.teachers.image.tower
-  teacher = frozen_teachers.FrozenTeacher(
+  teacher = obtain.FrozenTeacher(
       "image", image_tower, Teacher(image_tower),
       {"encoder": towers.init_params(image_tower, jax.random.key(0))}, "", {})
   predictor = predict.teacher_predictor(image_teacher=teacher)
@@ -153,7 +158,7 @@ def test_two_teachers_are_each_evaluated_on_their_own_modality(tiny_config):
   built = {}
   for t in (exp.teachers.image, exp.teachers.text):
     tower = t.tower if t.modality == "image" else spec.with_vocab_size(t.tower, data.vocab_size)
-    built[t.modality] = frozen_teachers.FrozenTeacher(
+    built[t.modality] = obtain.FrozenTeacher(
         t.modality, tower, Teacher(tower), {"encoder": towers.init_params(tower, jax.random.key(0))},
         "", {}, data.encode if t.modality == "text" else None)
   predictor = predict.teacher_predictor(built["image"], built["text"])

@@ -14,14 +14,18 @@ import numpy as np
 import pytest
 
 from conftest import REPO, saved_state
-from rebalance_jax import (checkpointing, experiment, files, frozen_teachers, interrupts,
-                           objective, phases, spec, teacher_features, trainer, weights)
-from rebalance_jax.checkpointing import ConfigMismatchError
+from rebalance_jax.training import checkpointing, objective, loop
+from rebalance_jax.recipe import workdirs, phases
+from rebalance_jax.infra import files, interrupts
+from rebalance_jax.recipe.teachers import obtain, feature_job
+from rebalance_jax.config import spec
+from rebalance_jax.models import weights
+from rebalance_jax.training.checkpointing import ConfigMismatchError
 from rebalance_jax.data import pipeline
 from rebalance_jax.data.dataset import load_dataset
-from rebalance_jax.errors import InputError
+from rebalance_jax.infra.errors import InputError
 from rebalance_jax.evaluators import retrieval
-from rebalance_jax.evaluators.suite import Evaluator, evaluate_run
+from rebalance_jax.recipe.evaluation import Evaluator, evaluate_run
 from rebalance_jax.models.student import init_student, with_tower_weights
 
 
@@ -77,13 +81,13 @@ def test_two_stage_run_writes_results_metrics_and_features(finished_run):
   directory = os.path.join(workdir, "teacher_features")
   # One chunk per modality (fewer rows than a chunk): a row per training image (48) and per
   # caption (240), not 5x repeated image rows.
-  image = np.load(teacher_features.chunk_path(directory, "image", 0))
-  text = np.load(teacher_features.chunk_path(directory, "text", 0))
+  image = np.load(feature_job.chunk_path(directory, "image", 0))
+  text = np.load(feature_job.chunk_path(directory, "text", 0))
   assert image.shape == (num_images, config.teachers.image.width)
   assert text.shape == (num_pairs, config.teachers.text.width)
   assert not np.allclose(image[0], image[1]) and not np.allclose(text[0], text[1])
   # A batch reads its pairs' rows by index: caption 7 is of image 1.
-  rows = teacher_features.TeacherFeatures(directory).rows(np.array([1, 0]), np.array([7, 0]))
+  rows = feature_job.TeacherFeatures(directory).rows(np.array([1, 0]), np.array([7, 0]))
   np.testing.assert_array_equal(rows["teacher_image"], image[[1, 0]])
   np.testing.assert_array_equal(rows["teacher_text"], text[[7, 0]])
 
@@ -134,7 +138,7 @@ def test_batch_size_not_divisible_by_devices(tiny_config, tmp_path):
 
 def test_non_finite_loss_stops_the_run(tiny_config, tmp_path):
   tiny_config.optim.lr = 1e30
-  with pytest.raises(trainer.NonFiniteLossError, match=r"stage1: non-finite .* at step 2"):
+  with pytest.raises(loop.NonFiniteLossError, match=r"stage1: non-finite .* at step 2"):
     phases.run(tiny_config, str(tmp_path))
   assert not os.path.exists(os.path.join(tmp_path, "stage1", "checkpoints", "2"))
 
@@ -297,7 +301,7 @@ def test_each_stage_reports_the_checkpoint_it_selected_on_val(finished_run):
   assert {k for k, v in results["stage2"].items() if isinstance(v, float)} == (
       retrieval.metric_names())
   for stage in ("stage1", "stage2"):
-    reader = experiment.checkpointer(spec.from_config(config), workdir, stage,
+    reader = workdirs.checkpointer(spec.from_config(config), workdir, stage,
                                      load_dataset(spec.from_config(config).data).vocab,
                                      read_only=True)
     scores = {s: reader.metrics(s)["r_mean"] for s in reader.all_steps()}
@@ -344,7 +348,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes_identically(finished_
                                                                       monkeypatch):
   config, full_dir, full_results = finished_run
   batch = pipeline.TrainBatches.__call__
-  stage1_seed = trainer.stage_seed(config.seed, "stage1")
+  stage1_seed = loop.stage_seed(config.seed, "stage1")
 
   def batch_with_sigterm(self, step):  # SIGTERM arrives while stage 1 prepares its first batch
     if self.seed == stage1_seed:
@@ -353,7 +357,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes_identically(finished_
     return batch(self, step)
 
   monkeypatch.setattr(pipeline.TrainBatches, "__call__", batch_with_sigterm)
-  with pytest.raises(trainer.Preempted, match=r"stage1: stopped at step 1 \(SIGTERM\)") as stopped:
+  with pytest.raises(loop.Preempted, match=r"stage1: stopped at step 1 \(SIGTERM\)") as stopped:
     phases.run(config, str(tmp_path))
   assert stopped.value.step == 1 and saved_state(str(tmp_path), "stage1")[0] == 1
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
@@ -384,8 +388,8 @@ def test_two_processes_resume_a_single_process_run_and_match_it(finished_run, tm
     reported.append(dict(re.findall(rf"process {i}: (stage\d) rsum ([\d.]+)", log)))
   assert reported[0] == reported[1]  # both processes computed the same results
   # Computed again by two processes; row for row the single process's.
-  two = teacher_features.TeacherFeatures(str(workdir / "teacher_features"))
-  one = teacher_features.TeacherFeatures(os.path.join(full_dir, "teacher_features"))
+  two = feature_job.TeacherFeatures(str(workdir / "teacher_features"))
+  one = feature_job.TeacherFeatures(os.path.join(full_dir, "teacher_features"))
   for modality, n in one.num_rows.items():
     np.testing.assert_array_equal(two.read(modality, np.arange(n)), one.read(modality, np.arange(n)))
   assert float(reported[0]["stage2"]) == pytest.approx(full_results["stage2"]["rsum"])
@@ -462,11 +466,11 @@ def test_the_vocabulary_is_in_every_fingerprint(finished_run):
   config, workdir, _ = finished_run
   exp = spec.from_config(config)
   data = load_dataset(exp.data)
-  reader = experiment.checkpointer(exp, workdir, "stage2", data.content, read_only=True)
+  reader = workdirs.checkpointer(exp, workdir, "stage2", data.content, read_only=True)
   reader.check_config()  # the run's own vocabulary
   other = {"size": data.vocab["size"], "sha256": "0" * 64}
   with pytest.raises(ConfigMismatchError, match=r"vocab\.sha256"):
-    experiment.checkpointer(exp, workdir, "stage2", {"vocab": other}, read_only=True).check_config()
+    workdirs.checkpointer(exp, workdir, "stage2", {"vocab": other}, read_only=True).check_config()
   reader.close()
 
 
@@ -474,12 +478,12 @@ def test_tampered_or_missing_teacher_features_are_recomputed(finished_run, tmp_p
   config, full_dir, _ = finished_run
   workdir = _copy_of(full_dir, tmp_path)
   directory = os.path.join(workdir, "teacher_features")
-  shard = lambda modality: teacher_features.chunk_path(directory, modality, 0)
-  expected = {m: np.load(shard(m)) for m in teacher_features.MODALITIES}
+  shard = lambda modality: feature_job.chunk_path(directory, modality, 0)
+  expected = {m: np.load(shard(m)) for m in feature_job.MODALITIES}
   exp = spec.from_config(config)
   data = load_dataset(exp.data)
-  mesh = experiment.make_mesh(exp)
-  teachers = frozen_teachers.obtain_teachers(exp, data, mesh, workdir)  # read when finished
+  mesh = workdirs.make_mesh(exp)
+  teachers = obtain.obtain_teachers(exp, data, mesh, workdir)  # read when finished
 
   def tamper_image(path):  # the issue's case: zeros of the right shape
     np.save(path, np.zeros_like(expected["image"]))
@@ -488,7 +492,7 @@ def test_tampered_or_missing_teacher_features_are_recomputed(finished_run, tmp_p
                          (os.path.join(directory, "manifest.json"),
                           lambda p: open(p, "w").write("{garbled"))]:
     tamper(target)
-    features = teacher_features.teacher_features(
+    features = feature_job.teacher_features(
         teachers, data, mesh, directory, exp.fingerprint("teachers", data.content),
         exp.eval.batch_size)
     for modality, array in expected.items():
@@ -505,18 +509,18 @@ def test_tampered_or_missing_teacher_features_are_recomputed(finished_run, tmp_p
     json.dump(manifest, f)
   with pytest.raises(InputError, match=r"teacher features in .* were made from other "
                                        r"preprocessing, weights than this config's"):
-    teacher_features.teacher_features(teachers, data, mesh, directory,
+    feature_job.teacher_features(teachers, data, mesh, directory,
                                       exp.fingerprint("teachers", data.content),
                                       exp.eval.batch_size)
   np.testing.assert_array_equal(np.load(shard("image")), expected["image"])
 
   # A job killed after some chunks resumes at the missing ones, in float16 if asked.
   chunked = os.path.join(str(tmp_path), "chunked")
-  compute = lambda: teacher_features.teacher_features(
+  compute = lambda: feature_job.teacher_features(
       teachers, data, mesh, chunked, exp.fingerprint("teachers", data.content),
       exp.eval.batch_size, dtype="float16", chunk_rows=100)
   compute()
-  chunk = lambda m, c: teacher_features.chunk_path(chunked, m, c)
+  chunk = lambda m, c: feature_job.chunk_path(chunked, m, c)
   assert [np.load(chunk("text", c)).shape[0] for c in range(3)] == [100, 100, 40]
   os.remove(chunk("text", 1))
   kept = os.stat(chunk("text", 2)).st_mtime_ns
@@ -590,10 +594,10 @@ def test_a_damaged_best_checkpoint_gives_way_to_the_next_best(finished_run, tmp_
     f.write("{garbled")
   exp = spec.from_config(config)
   data = load_dataset(exp.data)
-  model = experiment.student_model(exp, data.vocab_size)
+  model = workdirs.student_model(exp, data.vocab_size)
   like = init_student(model, jax.random.key(config.seed))
-  step, _, record = experiment.load_stage_params(exp, workdir, "stage1", like,
-                                                 experiment.make_mesh(exp), data.content)
+  step, _, record = workdirs.load_stage_params(exp, workdir, "stage1", like,
+                                                 workdirs.make_mesh(exp), data.content)
   assert step != best and step in (2, 4)
   assert record["selected_by"].startswith("best val r_mean (")
   assert record["selected_by"].endswith(f"after the damaged step {best}")
@@ -605,10 +609,10 @@ def test_a_whole_student_weights_file_scores_like_its_checkpoint(finished_run, t
   config, workdir, results = finished_run
   exp = spec.from_config(config)
   data = load_dataset(exp.data)
-  model = experiment.student_model(exp, data.vocab_size)
+  model = workdirs.student_model(exp, data.vocab_size)
   like = jax.eval_shape(lambda r: init_student(model, r), jax.random.key(0))
-  mesh = experiment.make_mesh(exp)
-  _, params, _ = experiment.load_stage_params(exp, workdir, "stage2", like, mesh, data.content)
+  mesh = workdirs.make_mesh(exp)
+  _, params, _ = workdirs.load_stage_params(exp, workdir, "stage2", like, mesh, data.content)
   path = str(tmp_path / "stage2.safetensors")
   weights.save_safetensors(path, jax.tree.map(np.asarray, params))
   rows = evaluate_run(config, str(tmp_path / "eval_only"), weights_file=path)
@@ -620,7 +624,7 @@ def test_a_whole_student_weights_file_scores_like_its_checkpoint(finished_run, t
   # Training from it: config.model.init is the whole initial student, exclusive of tower inits.
   config = copy.deepcopy(config)
   config.model.init = path
-  model = experiment.student_model(spec.from_config(config), data.vocab_size)
+  model = workdirs.student_model(spec.from_config(config), data.vocab_size)
   started = with_tower_weights(model, init_student(model, jax.random.key(1)))
   jax.tree.map(np.testing.assert_array_equal, started, jax.tree.map(np.asarray, params))
   config.model.text.init = path

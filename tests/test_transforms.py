@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from rebalance_jax.data import transforms
-from rebalance_jax.errors import InputError
+from rebalance_jax.infra.errors import InputError
 
 GRAY = 128
 

@@ -23,7 +23,7 @@ import os
 from PIL import Image
 
 from rebalance_jax.data.text import clean_caption
-from rebalance_jax.errors import InputError
+from rebalance_jax.infra.errors import InputError
 
 POLICIES = ("error", "skip")
 KARPATHY_SPLITS = ("train", "restval", "val", "test")

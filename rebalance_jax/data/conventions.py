@@ -2,7 +2,7 @@
 defaults and validation. Kept apart from `real.py` so that configs read them without importing
 the data stack."""
 
-from rebalance_jax.errors import InputError
+from rebalance_jax.infra.errors import InputError
 from rebalance_jax.evaluators.ranking import CAPTIONS_PER_IMAGE
 
 FORMATS = ("karpathy", "reference", "vizwiz")

@@ -8,9 +8,9 @@ import numpy as np
 import transformers
 from absl import logging
 
-from rebalance_jax import files
+from rebalance_jax.infra import files
 from rebalance_jax.data import sources, text
-from rebalance_jax.errors import InputError
+from rebalance_jax.infra.errors import InputError
 
 
 @dataclasses.dataclass(frozen=True)

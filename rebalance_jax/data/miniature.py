@@ -28,7 +28,8 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from rebalance_jax import config_base, weights
+from rebalance_jax.config import defaults
+from rebalance_jax.models import weights
 from rebalance_jax.data import synthetic, text
 from rebalance_jax.models import towers
 from rebalance_jax.data.text import clean_caption
@@ -209,8 +210,8 @@ def write_tiny_teachers(directory: str, seed: int = 0) -> dict[str, str]:
   teacher's WordPiece vocabulary (trained on synthetic captions like the trees'). They are
   stand-ins that exercise the real-data teacher path (features from converted weights), not
   teachers that know anything. Returns {config field: path}."""
-  config = config_base.base_config()
-  config_base.tiny_reference_model(config)
+  config = defaults.base_config()
+  defaults.tiny_reference_model(config)
   vocab_file = os.path.join(directory, "tiny_teacher_vocab.txt")
   scenes = _scenes("flickr30k", seed + 1, 5, num_train=200)["train"]["captions"]
   text.train_wordpiece_vocab([clean_caption(c, 60) for caps in scenes for c in caps], vocab_file,

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 import grain
 import numpy as np
 
-from rebalance_jax import sharding
+from rebalance_jax.infra import sharding
 from rebalance_jax.data.dataset import Dataset
 from rebalance_jax.data import sources
 from rebalance_jax.data.sources import Split

@@ -24,10 +24,10 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from rebalance_jax import files, reporting
+from rebalance_jax.infra import files, logs
 from rebalance_jax.data import annotations, prepared, sources
 from rebalance_jax.data.conventions import options
-from rebalance_jax.errors import InputError
+from rebalance_jax.infra.errors import InputError
 
 # The config.data fields holding each format's annotation files.
 _ANNOTATION_FIELDS = {"karpathy": ("annotation_file",),
@@ -152,7 +152,7 @@ def ensure_prepared(data, record: dict) -> tuple[str, dict]:
   """`prepare` on process 0 while the others wait; then every process reads the directory (it
   must be on a filesystem they share)."""
   problem = ""
-  if reporting.is_main_process():
+  if logs.is_main_process():
     try:
       prepare(data, record)
     except InputError as e:

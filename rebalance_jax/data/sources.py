@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from rebalance_jax.data import synthetic
-from rebalance_jax.errors import InputError
+from rebalance_jax.infra.errors import InputError
 
 SPLITS = ("train", "val", "test")
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from absl import logging
 
-from rebalance_jax import files
+from rebalance_jax.infra import files
 
 SPLITS = ("train", "val", "test")
 SHAPES = ("circle", "square", "triangle", "cross", "diamond")

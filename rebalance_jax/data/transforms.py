@@ -18,7 +18,7 @@ import math
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from rebalance_jax.errors import InputError
+from rebalance_jax.infra.errors import InputError
 
 _BICUBIC = Image.Resampling.BICUBIC
 _CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range (width / height)

@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 
 from rebalance_jax.data.sources import Split
 from rebalance_jax.evaluators import retrieval
-from rebalance_jax.predict import Predictor
+from rebalance_jax.evaluators.predict import Predictor
 
 
 def negative_images(split: Split, text_to_image: np.ndarray, seed: int) -> dict[str, np.ndarray]:

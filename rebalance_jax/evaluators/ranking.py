@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from rebalance_jax.errors import InputError
+from rebalance_jax.infra.errors import InputError
 
 RECALL_KS = (1, 5, 10)
 NDCG_KS = (10, 20, 50)

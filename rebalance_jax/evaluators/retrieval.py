@@ -19,12 +19,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec as P
 
-from rebalance_jax import interrupts, sharding
+from rebalance_jax.infra import interrupts, sharding
 from rebalance_jax.data import pipeline
 from rebalance_jax.data.sources import Split
-from rebalance_jax.errors import InputError
+from rebalance_jax.infra.errors import InputError
 from rebalance_jax.evaluators import ranking, rouge
-from rebalance_jax.predict import Predictor
+from rebalance_jax.evaluators.predict import Predictor
 
 CURVE_KS = tuple(range(1, 51))  # recall@K curves
 

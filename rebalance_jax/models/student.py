@@ -14,8 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rebalance_jax import weights
-from rebalance_jax.errors import InputError
+from rebalance_jax.models import weights
+from rebalance_jax.infra.errors import InputError
 from rebalance_jax.losses import l2_normalize
 from rebalance_jax.models import towers
 from rebalance_jax.models.fusion import FusionConfig, FusionEncoder, ItmHead

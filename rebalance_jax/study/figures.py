@@ -8,9 +8,9 @@ import os
 import matplotlib
 import numpy as np
 
-from rebalance_jax import reporting
-from rebalance_jax.evaluators.report import NDCG_KS, NDCG_PROTOCOLS
-from rebalance_jax.files import atomic_write
+from rebalance_jax.infra import logs
+from rebalance_jax.evaluators.results import NDCG_KS, NDCG_PROTOCOLS
+from rebalance_jax.infra.files import atomic_write
 from rebalance_jax.study import grid
 
 matplotlib.use("Agg")  # files only; no display
@@ -57,7 +57,7 @@ def relation_heatmaps(probes: dict, path: str) -> str:
 def read_log(path: str) -> list[dict]:
   """A metrics.jsonl's records by step, the last of each step kept (a resume repeats steps)."""
   by_step = {}
-  for line in reporting.read_records(path):
+  for line in logs.read_records(path):
     record = json.loads(line)
     by_step[record["step"]] = record
   return [by_step[step] for step in sorted(by_step)]

@@ -12,7 +12,7 @@ import os
 
 import ml_collections
 
-from rebalance_jax.errors import InputError
+from rebalance_jax.infra.errors import InputError
 from rebalance_jax.models.student import DISTILLATION_PARAMS
 
 REPRESENTATION_TERMS = ("iic", "ttc")

@@ -9,13 +9,17 @@ import jax
 import ml_collections
 import numpy as np
 
-from rebalance_jax import (experiment, frozen_teachers, losses, objective, predict, spec,
-                           teacher_features)
+from rebalance_jax.recipe import workdirs
+from rebalance_jax.recipe.teachers import obtain, feature_job
+from rebalance_jax import losses
+from rebalance_jax.training import objective
+from rebalance_jax.evaluators import predict
+from rebalance_jax.config import spec
 from rebalance_jax.data import synthetic
 from rebalance_jax.data.dataset import Dataset, load_dataset
 from rebalance_jax.evaluators import matching, retrieval
-from rebalance_jax.evaluators.report import NDCG_COLUMNS
-from rebalance_jax.evaluators.suite import relevance_cache
+from rebalance_jax.evaluators.results import NDCG_COLUMNS
+from rebalance_jax.recipe.evaluation import relevance_cache
 from rebalance_jax.models import towers
 from rebalance_jax.models.student import Student, init_student
 from rebalance_jax.study import grid
@@ -38,13 +42,13 @@ class LoadedRun:
   def open(cls, config: ml_collections.ConfigDict, workdir: str) -> "LoadedRun":
     exp = spec.from_config(config)
     data = load_dataset(exp.data)
-    return cls(exp, workdir, data, experiment.student_model(exp, data.vocab_size),
-               experiment.make_mesh(exp))
+    return cls(exp, workdir, data, workdirs.student_model(exp, data.vocab_size),
+               workdirs.make_mesh(exp))
 
   def params(self, stage: str):
     if stage not in self._params:
       like = jax.eval_shape(lambda r: init_student(self.model, r), jax.random.key(self.exp.seed))
-      self._params[stage] = experiment.load_stage_params(
+      self._params[stage] = workdirs.load_stage_params(
           self.exp, self.workdir, stage, like, self.mesh, self.data.content)[1]
     return self._params[stage]
 
@@ -68,8 +72,8 @@ def relations(run: LoadedRun, arm: str) -> dict[str, np.ndarray]:
   split = run.data.train
   rows = np.arange(min(RELATION_BATCH, split.num_images))
   captions = split.image_to_texts[rows, 0]
-  teachers = frozen_teachers.obtain_teachers(run.exp, run.data, run.mesh, run.workdir)
-  features = teacher_features.for_experiment(run.exp, teachers, run.data, run.mesh, run.workdir)
+  teachers = obtain.obtain_teachers(run.exp, run.data, run.mesh, run.workdir)
+  features = feature_job.for_experiment(run.exp, teachers, run.data, run.mesh, run.workdir)
   teacher = features.rows(rows, captions)
   stage = run.exp.stage(arm)
   params = run.params(arm)
@@ -102,7 +106,7 @@ def relations(run: LoadedRun, arm: str) -> dict[str, np.ndarray]:
 def teacher_ndcg(run: LoadedRun) -> dict[str, np.ndarray]:
   """The frozen teachers' own single-modal NDCG on the test split (the image teacher's i2i, the
   text teacher's t2t; under config.eval.single_modal_self): what the relation targets know."""
-  teachers = frozen_teachers.obtain_teachers(run.exp, run.data, run.mesh, run.workdir)
+  teachers = obtain.obtain_teachers(run.exp, run.data, run.mesh, run.workdir)
   metrics, _ = retrieval.evaluate(
       predict.teacher_predictor(teachers["image"], teachers["text"]),
       {m: t.params for m, t in teachers.items()}, run.data.test,

@@ -8,10 +8,10 @@ import os
 import numpy as np
 from scipy import stats
 
-from rebalance_jax.evaluators.report import NDCG_COLUMNS, column_header
-from rebalance_jax.evaluators.report import RECALL_COLUMNS as SCORE_RECALL_COLUMNS
-from rebalance_jax.files import atomic_write_text
-from rebalance_jax.reporting import format_duration
+from rebalance_jax.evaluators.results import NDCG_COLUMNS, column_header
+from rebalance_jax.evaluators.results import RECALL_COLUMNS as SCORE_RECALL_COLUMNS
+from rebalance_jax.infra.files import atomic_write_text
+from rebalance_jax.infra.logs import format_duration
 from rebalance_jax.study import figures, grid
 from rebalance_jax.study.figures import mean_std
 

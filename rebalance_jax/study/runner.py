@@ -15,7 +15,9 @@ import time
 
 from absl import logging
 
-from rebalance_jax import files, interrupts, phases, reporting, spec
+from rebalance_jax.infra import files, interrupts, logs
+from rebalance_jax.recipe import phases
+from rebalance_jax.config import spec
 from rebalance_jax.study import grid, probes
 
 RECORD_DIR = "study"
@@ -59,9 +61,9 @@ def run_all(runs: list[grid.Run], workdir: str) -> list[dict]:
     interrupts.check("the study, between runs")
     if done:
       elapsed = time.perf_counter() - started
-      eta = reporting.format_duration(elapsed / done * (len(pending) - done))
+      eta = logs.format_duration(elapsed / done * (len(pending) - done))
       logging.info("study: %d/%d runs in %s | ETA %s", done, len(pending),
-                   reporting.format_duration(elapsed), eta)
+                   logs.format_duration(elapsed), eta)
     logging.info("study: run %s", run.name)
     run_start = time.perf_counter()
     trunk = os.path.join(workdir, run.trunk)
@@ -77,5 +79,5 @@ def run_all(runs: list[grid.Run], workdir: str) -> list[dict]:
     records[index] = record
   if pending:
     logging.info("study: %d runs in %s", len(pending),
-                 reporting.format_duration(time.perf_counter() - started))
+                 logs.format_duration(time.perf_counter() - started))
   return records

@@ -19,8 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rebalance_jax.models import towers
-from rebalance_jax.models.layers import (Mlp, block_class, default_kernel_init, embedding_init,
-                                         patch_tokens)
+from rebalance_jax.models.layers import Mlp, block_class, default_kernel_init, embedding_init, patch_tokens
 from rebalance_jax.models.towers.clip_vit import CLIP_MEAN, CLIP_STD
 
 _EPS = 1e-5  # PyTorch's LayerNorm default, used throughout the release

@@ -12,7 +12,7 @@ import os
 import jax
 from absl import app, flags, logging
 
-from rebalance_jax import reporting
+from rebalance_jax.infra import logs
 
 _MODE = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                           "Multi-process initialization (jax.distributed.initialize).")
@@ -31,7 +31,7 @@ def start(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   maybe_initialize()
-  reporting.quiet_library_logs()
+  logs.quiet_library_logs()
 
 
 def maybe_initialize() -> None:

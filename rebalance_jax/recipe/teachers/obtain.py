@@ -19,13 +19,15 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from rebalance_jax import experiment, reporting, trainer
+from rebalance_jax.recipe import workdirs
+from rebalance_jax.infra import logs
+from rebalance_jax.training import loop
 from rebalance_jax.data import pipeline, text
 from rebalance_jax.data.dataset import Dataset
-from rebalance_jax.errors import InputError
+from rebalance_jax.infra.errors import InputError
 from rebalance_jax.models import towers
-from rebalance_jax.models.teachers import Teacher
-from rebalance_jax.spec import Experiment, TeacherSpec, with_vocab_size
+from rebalance_jax.recipe.teachers.network import Teacher
+from rebalance_jax.config.spec import Experiment, TeacherSpec, with_vocab_size
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -118,21 +120,21 @@ def _pretrained(exp: Experiment, spec: TeacherSpec, tower, data: Dataset, encode
     rows = lambda r, step: {**captions(r), "attributes":
                       train.attributes[train.caption_image[r]].astype(np.float32)}
   name = f"teacher_{spec.modality}"
-  seed = trainer.stage_seed(exp.seed, name)
+  seed = loop.stage_seed(exp.seed, name)
   init = model.init(jax.random.key(seed), *towers.dummy_inputs(tower))["params"]
   schedule = optax.warmup_cosine_decay_schedule(0.0, t.lr, max(t.num_steps // 10, 1), t.num_steps)
-  checkpointer = experiment.checkpointer(exp, workdir, name, data.content, keep=1)
-  stage = trainer.Stage(
+  checkpointer = workdirs.checkpointer(exp, workdir, name, data.content, keep=1)
+  stage = loop.Stage(
       name=name, loss_fn=functools.partial(_attribute_loss, model, tower), tx=optax.adamw(
           schedule, weight_decay=1e-4), schedule=schedule, total_steps=t.num_steps,
       batch_size=t.batch_size, batch_size_field="config.teachers.batch_size",
       batches=pipeline.TrainBatches(num_examples, t.batch_size, seed, rows),
       checkpointer=checkpointer,
-      writer=reporting.MetricWriter(os.path.join(checkpointer.directory, "logs")),
+      writer=logs.MetricWriter(os.path.join(checkpointer.directory, "logs")),
       checkpoint_every=t.num_steps, log_every=max(t.num_steps // 5, 1), seed=seed,
       param_rules=exp.param_rules)
   try:
-    return model, trainer.run_stage(stage, init, None, mesh)["params"]
+    return model, loop.run_stage(stage, init, None, mesh)["params"]
   finally:
     stage.writer.close()
     stage.checkpointer.close()

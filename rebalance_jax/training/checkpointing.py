@@ -22,8 +22,8 @@ from orbax.checkpoint import checkpoint_managers as preservation
 from absl import logging
 from jax.experimental import multihost_utils
 
-from rebalance_jax import reporting
-from rebalance_jax.errors import InputError
+from rebalance_jax.infra import logs
+from rebalance_jax.infra.errors import InputError
 
 DAMAGED_SUFFIX = ".damaged"  # <checkpoints>.damaged/<step>: where damaged step folders are moved
 
@@ -232,7 +232,7 @@ class Checkpointer:
   def _set_aside(self, step: int) -> str:
     target = os.path.join(self.directory + DAMAGED_SUFFIX, str(step))
     error = None
-    if reporting.is_main_process():
+    if logs.is_main_process():
       suffix = 1
       while os.path.exists(target):  # damaged twice: keep both
         target = os.path.join(self.directory + DAMAGED_SUFFIX, f"{step}-{suffix}")

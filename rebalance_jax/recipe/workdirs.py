@@ -9,10 +9,11 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from rebalance_jax import checkpointing, files, reporting, sharding, trainer
-from rebalance_jax.errors import InputError
+from rebalance_jax.training import checkpointing, loop
+from rebalance_jax.infra import files, logs, sharding
+from rebalance_jax.infra.errors import InputError
 from rebalance_jax.models.student import Student
-from rebalance_jax.spec import Experiment
+from rebalance_jax.config.spec import Experiment
 
 # The teachers' pre-training phases (fingerprint phase "teachers"), beside the stages.
 TEACHER_PHASES = {"teacher_image": os.path.join("teachers", "image"),
@@ -72,7 +73,7 @@ def workdir_lock(workdir: str, what: str):
   every process learns whether it got it, so that a refused job stops everywhere."""
   with contextlib.ExitStack() as stack:
     refusal = ""
-    if reporting.is_main_process():
+    if logs.is_main_process():
       try:
         lock = stack.enter_context(files.WorkdirLock(workdir, what))
       except (InputError, OSError) as e:  # in use; or e.g. a read-only workdir
@@ -110,7 +111,7 @@ def select_checkpoint(exp: Experiment, reader: checkpointing.Checkpointer, param
   parameters are read, unless they are those of `final_state` (the state the stage just finished
   with). `record` says which checkpoint and how it was chosen."""
   e = exp.eval
-  target = {"params": trainer.abstract_params(params_like, mesh, exp.param_rules)}
+  target = {"params": loop.abstract_params(params_like, mesh, exp.param_rules)}
   if step is not None:
     if step not in reader.all_steps():
       raise InputError(f"--step={step}: {reader.directory} has no checkpoint of that step (it "

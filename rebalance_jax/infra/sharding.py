@@ -14,8 +14,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from rebalance_jax import tree_rules
-from rebalance_jax.errors import InputError
+from rebalance_jax.infra import tree_rules
+from rebalance_jax.infra.errors import InputError
 
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"

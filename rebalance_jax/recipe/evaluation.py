@@ -11,13 +11,17 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from rebalance_jax import experiment, interrupts, predict, reporting, spec, weights
+from rebalance_jax.recipe import workdirs
+from rebalance_jax.infra import interrupts, logs
+from rebalance_jax.evaluators import predict
+from rebalance_jax.config import spec
+from rebalance_jax.models import weights
 from rebalance_jax.data.dataset import load_dataset
 from rebalance_jax.data.sources import Split
-from rebalance_jax.errors import InputError
-from rebalance_jax.evaluators import report, retrieval
+from rebalance_jax.infra.errors import InputError
+from rebalance_jax.evaluators import results, retrieval
 from rebalance_jax.models.student import init_student
-from rebalance_jax.predict import Predictor
+from rebalance_jax.evaluators.predict import Predictor
 
 
 class Evaluator:
@@ -86,9 +90,9 @@ class Evaluator:
 
   def write(self) -> None:
     """Logs the table; process 0 writes results.{json,md,png}."""
-    logging.info("test retrieval:\n%s", report.results_table(self.rows))
-    if reporting.is_main_process():
-      report.write_results(self._directory, self.rows, self.curves)
+    logging.info("test retrieval:\n%s", results.results_table(self.rows))
+    if logs.is_main_process():
+      results.write_results(self._directory, self.rows, self.curves)
 
 
 def _saved_results(path: str) -> tuple[dict, dict]:
@@ -100,7 +104,7 @@ def _saved_results(path: str) -> tuple[dict, dict]:
       saved = json.load(f)
     return dict(saved["metrics"]), dict(saved["recall_curves"])
   except (OSError, ValueError, KeyError, TypeError) as e:
-    if reporting.is_main_process():
+    if logs.is_main_process():
       aside = f"{path}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
       os.replace(path, aside)
       logging.warning("%s is unreadable (%s); moved to %s, its rows are evaluated again", path,
@@ -122,31 +126,31 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str, stages=None,
   if weights_file and (stages is not None or step is not None):
     raise InputError("--weights evaluates a weights file, not a stage: drop --stages and --step")
   stages = [] if weights_file else exp.stage_names if stages is None else stages
-  workdir = experiment.check_workdir(workdir, must_exist=not weights_file)
+  workdir = workdirs.check_workdir(workdir, must_exist=not weights_file)
   unknown = set(stages) - set(exp.stage_names)
   if unknown:
     raise InputError(f"--stages: unknown {sorted(unknown)}; known: {exp.stage_names}")
   if step is not None and step < 0:
     raise InputError(f"--step={step} must be a checkpoint step (>= 0)")
-  mesh = experiment.make_mesh(exp)
-  experiment.check_batch_sizes(exp, mesh)
+  mesh = workdirs.make_mesh(exp)
+  workdirs.check_batch_sizes(exp, mesh)
   for stage in stages:  # before anything is loaded or written
-    experiment.check_stage_checkpoints(workdir, stage)
+    workdirs.check_stage_checkpoints(workdir, stage)
   output = os.path.join(workdir, "eval")
-  with interrupts.catching(), experiment.workdir_lock(output, "evaluation"):
+  with interrupts.catching(), workdirs.workdir_lock(output, "evaluation"):
     data = load_dataset(exp.data)
-    model = experiment.student_model(exp, data.vocab_size)
+    model = workdirs.student_model(exp, data.vocab_size)
     params_like = jax.eval_shape(lambda r: init_student(model, r), jax.random.key(exp.seed))
     evaluator = Evaluator(exp.eval, predict.student_predictor(model, data.eval_encoder),
                           data.test, mesh, output, relevance_cache(exp))
     names = []
     if weights_file:
       names.append(f"weights:{os.path.basename(weights_file)}")
-      params = experiment.place_params(exp, weights.load_safetensors(weights_file, params_like),
+      params = workdirs.place_params(exp, weights.load_safetensors(weights_file, params_like),
                                        mesh)
       evaluator.add(names[-1], params, {"weights": os.path.abspath(weights_file)})
     for stage in stages:
-      loaded_step, params, record = experiment.load_stage_params(
+      loaded_step, params, record = workdirs.load_stage_params(
           exp, workdir, stage, params_like, mesh, data.content, step)
       names.append(f"{stage}@{loaded_step}")
       evaluator.add(names[-1], params, record)

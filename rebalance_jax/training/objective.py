@@ -12,11 +12,12 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from rebalance_jax import chunked_losses, losses
+from rebalance_jax.training import chunked_losses
+from rebalance_jax import losses
 from rebalance_jax.data import augment
 from rebalance_jax.models import towers
 from rebalance_jax.models.student import Student
-from rebalance_jax.spec import ObjectiveSpec
+from rebalance_jax.config.spec import ObjectiveSpec
 
 
 def effective_scalars(raw: Mapping[str, jax.Array], objective: ObjectiveSpec):

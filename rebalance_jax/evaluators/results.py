@@ -6,7 +6,7 @@ import os
 import matplotlib
 import numpy as np
 
-from rebalance_jax.files import atomic_write, atomic_write_text
+from rebalance_jax.infra.files import atomic_write, atomic_write_text
 
 matplotlib.use("Agg")  # files only; no display
 import matplotlib.pyplot as plt  # noqa: E402

@@ -28,7 +28,7 @@ Communication: n − 1 permutes of a B_local × D block per ring.
 
 Example (inside a jitted loss, inputs batch-sharded over `mesh`)::
 
-    from rebalance_jax import chunked_losses
+    from rebalance_jax.training import chunked_losses
     itc = chunked_losses.itc_loss(img_emb, txt_emb, ids, 0.07, mesh)
     kd = chunked_losses.structure_distillation([fusion_cls], g_v, g_t, lam, tau2, mesh)
 """
@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from rebalance_jax import losses
-from rebalance_jax.sharding import DATA_AXIS
+from rebalance_jax.infra.sharding import DATA_AXIS
 
 _BATCH = P(DATA_AXIS)
 _REPLICATED = P()

@@ -7,7 +7,8 @@ matching rule winning.
 import jax
 import optax
 
-from rebalance_jax import spec, tree_rules
+from rebalance_jax.config import spec
+from rebalance_jax.infra import tree_rules
 
 
 def warmup_linear_decay(base_lr: float, total_steps: int, warmup_fraction: float) -> optax.Schedule:

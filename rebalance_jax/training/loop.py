@@ -22,7 +22,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from rebalance_jax import checkpointing, interrupts, reporting, sharding
+from rebalance_jax.training import checkpointing
+from rebalance_jax.infra import interrupts, logs, sharding
 from rebalance_jax.data import pipeline
 
 
@@ -127,7 +128,7 @@ class Stage:
   batch_size_field: str         # the config field it comes from, for error messages
   batches: pipeline.TrainBatches  # step -> this process's host batch
   checkpointer: checkpointing.Checkpointer
-  writer: reporting.MetricWriter
+  writer: logs.MetricWriter
   checkpoint_every: int
   log_every: int
   seed: int
@@ -154,7 +155,7 @@ def run_stage(stage: Stage, init_params, frozen, mesh: Mesh, until_step: int | N
   train_step = jit_train_step(stage.loss_fn, stage.tx, mesh, target)
   rng = jax.random.key(stage.seed)
   stage.writer.start(step)
-  progress = reporting.Progress(stage.name, stage.total_steps, step)
+  progress = logs.Progress(stage.name, stage.total_steps, step)
   pending = []  # per-step metrics on device, fetched at each log point
   # Closed on every exit, so that no reader thread outlives the stage.
   with contextlib.closing(stage.batches.iterate(step, end)) as batches:
@@ -176,7 +177,7 @@ def run_stage(stage: Stage, init_params, frozen, mesh: Mesh, until_step: int | N
           with interrupts.deferred():  # a stop request waits until the metrics are saved
             eval_metrics = _numbers(evaluation.evaluate(state["params"]))
           means.update({f"{evaluation.name}/{k}": v for k, v in eval_metrics.items()})
-          if reporting.is_main_process():
+          if logs.is_main_process():
             logging.info("%s %d: %s %s", stage.name, step, evaluation.name, " ".join(
                 f"{k}={eval_metrics[k]:.4g}" for k in ("r_mean", "rsum") if k in eval_metrics))
         means.update(progress.report(step, means, stage.batch_size))

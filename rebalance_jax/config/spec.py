@@ -20,10 +20,10 @@ from collections.abc import Mapping
 
 import ml_collections
 
-from rebalance_jax import sharding
+from rebalance_jax.infra import sharding
 from rebalance_jax.data import annotations
 from rebalance_jax.data.sources import REAL_DATASETS
-from rebalance_jax.errors import InputError
+from rebalance_jax.infra.errors import InputError
 from rebalance_jax.evaluators import ranking, retrieval
 from rebalance_jax.models import towers
 from rebalance_jax.models.fusion import FusionConfig

@@ -18,14 +18,18 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from rebalance_jax import (experiment, frozen_teachers, interrupts, objective, predict,
-                           reporting, spec, teacher_features, trainer)
+from rebalance_jax.recipe import workdirs
+from rebalance_jax.recipe.teachers import obtain, feature_job
+from rebalance_jax.infra import interrupts, logs
+from rebalance_jax.training import objective, loop
+from rebalance_jax.evaluators import predict
+from rebalance_jax.config import spec
 from rebalance_jax.data import pipeline
 from rebalance_jax.data.dataset import Dataset, load_dataset
-from rebalance_jax.errors import InputError
-from rebalance_jax.evaluators.suite import Evaluator, relevance_cache
+from rebalance_jax.infra.errors import InputError
+from rebalance_jax.recipe.evaluation import Evaluator, relevance_cache
 from rebalance_jax.models.student import Student, init_student, with_tower_weights
-from rebalance_jax.optim import make_optimizer
+from rebalance_jax.training.optim import make_optimizer
 
 
 def _stage_batches(exp: spec.Experiment, stage: spec.StageSpec, data: Dataset, teachers,
@@ -38,7 +42,7 @@ def _stage_batches(exp: spec.Experiment, stage: spec.StageSpec, data: Dataset, t
     encode = teachers["text"].encode  # not the teachers: worker processes get a copy of `extra`
     extra = lambda _, __, captions: {
         f"teacher_{k}": v for k, v in encode(captions, train=True).items()}
-  seed = trainer.stage_seed(exp.seed, stage.name)
+  seed = loop.stage_seed(exp.seed, stage.name)
   return pipeline.TrainBatches(data.train.num_captions, stage.batch_size, seed,
                                pipeline.pair_rows(data, seed, extra), exp.data.num_workers)
 
@@ -48,7 +52,7 @@ def train_student_stage(exp: spec.Experiment, stage: spec.StageSpec, workdir: st
                         until_step=None):
   """Builds and runs one student stage, evaluating with `selection_eval(params)` for model
   selection unless eval.select_on='last'. Returns (step, params, record) of the selected
-  checkpoint (`experiment.select_checkpoint`), or None when stopped at `until_step` first."""
+  checkpoint (`workdirs.select_checkpoint`), or None when stopped at `until_step` first."""
   num_pairs = data.train.num_captions
   total_steps = stage.total_steps(num_pairs)
   tx, schedule = make_optimizer(exp.optim, init_params, total_steps)
@@ -59,23 +63,23 @@ def train_student_stage(exp: spec.Experiment, stage: spec.StageSpec, workdir: st
       mesh=mesh)
   periodic_eval = None
   if exp.eval.select_on != "last":
-    periodic_eval = trainer.PeriodicEval(exp.eval.select_on, exp.eval.every(stage, num_pairs),
+    periodic_eval = loop.PeriodicEval(exp.eval.select_on, exp.eval.every(stage, num_pairs),
                                          selection_eval)
-  run_config = trainer.Stage(
+  run_config = loop.Stage(
       name=stage.name, loss_fn=loss_fn, tx=tx, schedule=schedule, total_steps=total_steps,
       batch_size=stage.batch_size, batch_size_field=f"{stage.field}.batch_size",
       batches=_stage_batches(exp, stage, data, teachers, features),
-      checkpointer=experiment.checkpointer(exp, workdir, stage.name, data.content),
-      writer=reporting.MetricWriter(os.path.join(workdir, stage.name, "logs")),
+      checkpointer=workdirs.checkpointer(exp, workdir, stage.name, data.content),
+      writer=logs.MetricWriter(os.path.join(workdir, stage.name, "logs")),
       checkpoint_every=exp.checkpoint_every, log_every=exp.log_every,
-      seed=trainer.stage_seed(exp.seed, stage.name), param_rules=exp.param_rules,
+      seed=loop.stage_seed(exp.seed, stage.name), param_rules=exp.param_rules,
       periodic_eval=periodic_eval)
   frozen = {m: t.params for m, t in teachers.items()} if online else None
   try:
-    state = trainer.run_stage(run_config, init_params, frozen, mesh, until_step)
+    state = loop.run_stage(run_config, init_params, frozen, mesh, until_step)
     if int(state["step"]) < total_steps:
       return None
-    return experiment.select_checkpoint(exp, run_config.checkpointer, init_params, mesh,
+    return workdirs.select_checkpoint(exp, run_config.checkpointer, init_params, mesh,
                                         final_state=state)
   finally:
     run_config.writer.close()
@@ -100,22 +104,22 @@ def run(config: ml_collections.ConfigDict, workdir: str, until: tuple[str, int] 
   locked for the run; SIGTERM and Ctrl-C stop it gracefully (interrupts.Interrupted).
   """
   exp = spec.from_config(config)
-  workdir = experiment.check_workdir(workdir)
-  mesh = experiment.make_mesh(exp)
-  experiment.check_batch_sizes(exp, mesh)
-  with interrupts.catching(), experiment.workdir_lock(workdir, "training run"):
+  workdir = workdirs.check_workdir(workdir)
+  mesh = workdirs.make_mesh(exp)
+  workdirs.check_batch_sizes(exp, mesh)
+  with interrupts.catching(), workdirs.workdir_lock(workdir, "training run"):
     return run_phases(exp, workdir, mesh, until)
 
 
 def run_phases(exp: spec.Experiment, workdir: str, mesh, until=None):
   """`run`'s work on a checked Experiment, in a locked workdir."""
   data = load_dataset(exp.data)
-  experiment.check_data_sizes(exp, data.train.num_captions, data.train.num_images)
-  experiment.check_checkpoint_configs(exp, workdir, data.content)
+  workdirs.check_data_sizes(exp, data.train.num_captions, data.train.num_images)
+  workdirs.check_checkpoint_configs(exp, workdir, data.content)
   logging.info("data: %d training pairs, %d test images, %d test captions, vocabulary %d",
                data.train.num_captions, data.test.num_images, data.test.num_captions,
                data.vocab_size)
-  model = experiment.student_model(exp, data.vocab_size)
+  model = workdirs.student_model(exp, data.vocab_size)
   fresh = init_student(model, jax.random.key(exp.seed))
   for stage in exp.stages:
     unknown = sorted(set(stage.fresh_params) - set(fresh))
@@ -127,9 +131,9 @@ def run_phases(exp: spec.Experiment, workdir: str, mesh, until=None):
 
   teachers = features = None
   if exp.uses_teachers:
-    teachers = frozen_teachers.obtain_teachers(exp, data, mesh, workdir)
+    teachers = obtain.obtain_teachers(exp, data, mesh, workdir)
     if exp.teachers.mode == "precomputed":
-      features = teacher_features.for_experiment(exp, teachers, data, mesh, workdir)
+      features = feature_job.for_experiment(exp, teachers, data, mesh, workdir)
     interrupts.check("the teacher phases")
 
   evaluator = Evaluator(exp.eval, predict.student_predictor(model, data.eval_encoder), data.test,

@@ -25,11 +25,13 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rebalance_jax import (experiment, files, frozen_teachers, interrupts, reporting, sharding,
-                           spec)
+from rebalance_jax.recipe import workdirs
+from rebalance_jax.infra import files, interrupts, logs, sharding
+from rebalance_jax.recipe.teachers import obtain
+from rebalance_jax.config import spec
 from rebalance_jax.data import pipeline
 from rebalance_jax.data.dataset import Dataset, load_dataset
-from rebalance_jax.errors import InputError
+from rebalance_jax.infra.errors import InputError
 
 MODALITIES = ("image", "text")
 MANIFEST = "manifest.json"
@@ -112,12 +114,12 @@ def run_job(config, workdir: str) -> "TeacherFeatures":
   if not exp.uses_teachers:
     raise InputError("no stage of config.stages distills (no iic/ttc/kd/kdi/kdt weight): there "
                      "are no teacher features to compute")
-  workdir = experiment.check_workdir(workdir)
-  mesh = experiment.make_mesh(exp)
-  with interrupts.catching(), experiment.workdir_lock(workdir, "teacher-feature job"):
+  workdir = workdirs.check_workdir(workdir)
+  mesh = workdirs.make_mesh(exp)
+  with interrupts.catching(), workdirs.workdir_lock(workdir, "teacher-feature job"):
     data = load_dataset(exp.data)
-    experiment.check_checkpoint_configs(exp, workdir, data.content)
-    teachers = frozen_teachers.obtain_teachers(exp, data, mesh, workdir)
+    workdirs.check_checkpoint_configs(exp, workdir, data.content)
+    teachers = obtain.obtain_teachers(exp, data, mesh, workdir)
     features = for_experiment(exp, teachers, data, mesh, workdir)
   logging.info("teacher features in %s: %s rows (image %d-d, text %d-d) on %d devices",
                features.directory, features.num_rows, features.dims["image"],
@@ -146,7 +148,7 @@ def teacher_features(teachers: dict, data: Dataset, mesh, directory: str, finger
   directory holds features of other teachers, preprocessing or data."""
   manifest = manifest_of(teachers, data, fingerprint, dtype, chunk_rows)
   missing, problem = {}, ""
-  if reporting.is_main_process():
+  if logs.is_main_process():
     try:
       manifest, missing = _plan(directory, manifest)
     except InputError as e:
@@ -163,7 +165,7 @@ def teacher_features(teachers: dict, data: Dataset, mesh, directory: str, finger
     todo[i, missing.get(modality, [])] = True
   todo = np.asarray(multihost_utils.broadcast_one_to_all(todo))
   if todo.any():
-    if reporting.is_main_process():
+    if logs.is_main_process():
       files.atomic_write_text(os.path.join(directory, MANIFEST), json.dumps(manifest))
     _compute(teachers, data, mesh, directory, manifest, batch_size, todo)
   multihost_utils.sync_global_devices("teacher features: complete")
@@ -228,7 +230,7 @@ def _compute(teachers: dict, data: Dataset, mesh, directory: str, manifest: dict
     features = jax.jit(teacher.features, out_shardings=replicated)
     num_rows = manifest["rows"][modality]
     chunks = np.flatnonzero(todo[i])
-    progress = reporting.Progress(f"teacher features ({modality})", len(chunks), 0)
+    progress = logs.Progress(f"teacher features ({modality})", len(chunks), 0)
     for done, chunk in enumerate(chunks):
       start = int(chunk) * chunk_rows
       stop = min(start + chunk_rows, num_rows)
@@ -239,7 +241,7 @@ def _compute(teachers: dict, data: Dataset, mesh, directory: str, manifest: dict
           interrupts.check("the teacher-feature job")
           out = features(teacher.params, *sharding.to_global(batch, mesh).values())
           blocks.append(np.asarray(out.addressable_data(0))[:stop - first])
-      if reporting.is_main_process():
+      if logs.is_main_process():
         block = np.concatenate(blocks).astype(manifest["dtype"])
         files.write_checked(chunk_path(directory, modality, int(chunk)),
                             lambda f, b=block: np.save(f, b, allow_pickle=False))

@@ -8,8 +8,8 @@ import numpy as np
 import safetensors.numpy
 from flax import traverse_util
 
-from rebalance_jax import files
-from rebalance_jax.errors import InputError
+from rebalance_jax.infra import files
+from rebalance_jax.infra.errors import InputError
 
 
 def save_safetensors(path: str, params) -> None:

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import IO
 
-from rebalance_jax.errors import InputError
+from rebalance_jax.infra.errors import InputError
 
 DIGEST_SUFFIX = ".sha256"
 

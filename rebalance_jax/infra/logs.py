@@ -10,8 +10,8 @@ import numpy as np
 from absl import logging
 from tensorboardX import SummaryWriter
 
-from rebalance_jax.errors import InputError
-from rebalance_jax.files import atomic_write_text
+from rebalance_jax.infra.errors import InputError
+from rebalance_jax.infra.files import atomic_write_text
 
 
 def quiet_library_logs() -> None:

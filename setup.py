@@ -36,7 +36,9 @@ setup(
     # machines (a looser pin pulls a multi-GB CUDA build).
     # test: rouge-score is the reference ROUGE-L the tests compare against; torch runs the parity
     # tests against transformers' PyTorch models. The real MiniLM checkpoint the tests convert is
-    # installed beside, with --no-deps (README, "Quick start").
+    # installed beside, with --no-deps (README, "Quick start"). import-linter checks the layers
+    # of setup.cfg (tests/test_layers.py).
     extras_require={"convert": ["torch==2.13.0"],
-                    "test": ["pytest>=9.0", "rouge-score==0.1.2", "torch==2.13.0"]},
+                    "test": ["pytest>=9.0", "rouge-score==0.1.2", "torch==2.13.0",
+                             "import-linter==2.16"]},
 )

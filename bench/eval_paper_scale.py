@@ -92,8 +92,8 @@ from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from configs import coco  # noqa: E402
-from rebalance_jax.evaluators import predict
-from rebalance_jax.infra import sharding
+from rebalance_jax.evaluators import predict  # noqa: E402
+from rebalance_jax.infra import sharding  # noqa: E402
 from rebalance_jax.config import spec  # noqa: E402
 from rebalance_jax.evaluators import ranking, retrieval  # noqa: E402
 from rebalance_jax.models.student import Student  # noqa: E402

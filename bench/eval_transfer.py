@@ -62,7 +62,8 @@ def main():
   args = parser.parse_args()
   flags.FLAGS(sys.argv[:1])
   sys.path.insert(0, os.getcwd())
-  from rebalance_jax.recipe.evaluation import evaluate_run  # noqa: E402  (after the flags
+  from rebalance_jax.config import spec  # noqa: E402  (after the flags)
+  from rebalance_jax.recipe.evaluation import evaluate_run  # noqa: E402
 
   to_device, to_host = collections.Counter(), collections.Counter()
   count_bytes(jax, "make_array_from_process_local_data", to_device,
@@ -70,7 +71,7 @@ def main():
   count_bytes(jax, "device_put", to_device, lambda a, out: tree_bytes(a[0]))
   count_bytes(multihost_utils, "process_allgather", to_host, lambda a, out: tree_bytes(out))
   start = time.perf_counter()
-  rows = evaluate_run(load_config(args.config), args.workdir, args.stages.split(","))
+  rows = evaluate_run(spec.from_config(load_config(args.config)), args.workdir, args.stages.split(","))
   seconds = time.perf_counter() - start
   for name, metrics in rows.items():
     print(f"{name}: rsum {metrics['rsum']:.2f}, i2i NDCG@10 {metrics['i2i_ndcg@10']:.2f}")

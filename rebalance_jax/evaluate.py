@@ -13,6 +13,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from rebalance_jax import cli
+from rebalance_jax.config import spec
 from rebalance_jax.recipe.evaluation import evaluate_run
 
 
@@ -32,7 +33,7 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the one ea
 
 def main(argv):
   cli.run_guarded("rebalance_jax.evaluate", argv,
-                  lambda: evaluate_run(_CONFIG.value, _WORKDIR.value, _STAGES.value, _STEP.value,
+                  lambda: evaluate_run(spec.from_config(_CONFIG.value), _WORKDIR.value, _STAGES.value, _STEP.value,
                                        _WEIGHTS.value))
 
 

@@ -18,8 +18,7 @@ from ml_collections import config_flags
 
 from rebalance_jax import cli
 from rebalance_jax.config import spec
-from rebalance_jax.data import conventions, real
-from rebalance_jax.infra.errors import InputError
+from rebalance_jax.data import sources
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file of a real dataset (configs/flickr.py, coco.py, "
@@ -29,26 +28,21 @@ _CONFIG = config_flags.DEFINE_config_file(
 SHOWN = 10  # bad examples listed at the end
 
 
-def run(config) -> dict:
-  """Prepares config.data; returns its prepared.json record."""
-  data = spec.from_config(config).data
-  if data.name not in conventions.OPTIONS:
-    raise InputError(f"config.data.name={data.name!r} is not a real dataset "
-                     f"{tuple(conventions.OPTIONS)}: there is nothing to prepare")
-  directory, record = real.prepare(data)
+def report(directory: str, record: dict) -> None:
+  """What `prepare` made: the splits' sizes and the bad examples it left out."""
   sizes = ", ".join(f"{name} {s['images']} images / {s['captions']} captions"
                     for name, s in record["splits"].items())
-  logging.info("prepared %s in %s: %s", data.name, directory, sizes)
+  logging.info("prepared %s in %s: %s", record["dataset"], directory, sizes)
   skipped = record["skipped"]
   if skipped["count"]:
     logging.warning("skipped %d bad examples (all of them in %s/prepared.json); the first:\n  %s",
                     skipped["count"], directory, "\n  ".join(skipped["messages"][:SHOWN]))
   print(f"{directory}\n{sizes}; skipped {skipped['count']} bad examples")
-  return record
 
 
 def main(argv):
-  cli.run_guarded("rebalance_jax.prepare", argv, lambda: run(_CONFIG.value))
+  cli.run_guarded("rebalance_jax.prepare", argv,
+                  lambda: report(*sources.prepare(spec.from_config(_CONFIG.value).data)))
 
 
 if __name__ == "__main__":

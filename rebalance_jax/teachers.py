@@ -15,6 +15,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from rebalance_jax import cli
+from rebalance_jax.config import spec
 from rebalance_jax.recipe.teachers import feature_job
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -26,7 +27,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir (teacher pre-
 
 def main(argv):
   cli.run_guarded("rebalance_jax.teachers", argv,
-                  lambda: feature_job.run_job(_CONFIG.value, _WORKDIR.value))
+                  lambda: feature_job.run_job(spec.from_config(_CONFIG.value), _WORKDIR.value))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from rebalance_jax import cli
+from rebalance_jax.config import spec
 from rebalance_jax.recipe import phases
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -20,7 +21,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 
 
 def main(argv):
-  cli.run_guarded("rebalance_jax.train", argv, lambda: phases.run(_CONFIG.value, _WORKDIR.value))
+  cli.run_guarded("rebalance_jax.train", argv,
+                  lambda: phases.run(spec.from_config(_CONFIG.value), _WORKDIR.value))
 
 
 if __name__ == "__main__":

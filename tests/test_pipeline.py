@@ -82,7 +82,8 @@ def _toy_source(data):
 
 @pytest.fixture
 def toy_data(tiny_config, tmp_path, monkeypatch):
-  monkeypatch.setattr(sources, "_REGISTRY", dict(sources._REGISTRY))  # registered for this test
+  sources.names()  # the built-in sources registered, then a registry of this test's own
+  monkeypatch.setattr(sources, "_REGISTRY", dict(sources._REGISTRY))
   sources.register("toy", _toy_source)
   tiny_config.data.name = "toy"
   del tiny_config.data["synthetic"]
@@ -129,7 +130,7 @@ def test_a_source_without_attributes_cannot_pretrain_teachers(toy_data, tiny_con
 def test_unknown_sources_are_named(tiny_config):
   tiny_config.data.name = "flickr8k"
   with pytest.raises(InputError, match=r"config\.data\.name='flickr8k' is not one of "
-                                       r"\('synthetic', 'flickr30k'"):
+                                       r"\('coco', 'flickr30k', 'synthetic', 'vizwiz'\)"):
     load_dataset(spec.from_config(tiny_config).data)
 
 
@@ -139,7 +140,7 @@ def test_a_source_without_attributes_trains_a_stage_without_teachers(toy_data, t
   stage, and nothing of the teachers is needed."""
   from rebalance_jax.recipe import phases
   del tiny_config.stages["stage2"]
-  results = phases.run(tiny_config, str(tmp_path / "run"))
+  results = phases.run(spec.from_config(tiny_config), str(tmp_path / "run"))
   assert set(results) == {"stage1"} and 0 <= results["stage1"]["rsum"] <= 600
   assert results["stage1"]["t2t_ndcg@10"] > 0
   assert not (tmp_path / "run" / "teachers").exists()

@@ -174,11 +174,11 @@ def test_a_tiny_model_trains_end_to_end_on_a_miniature(trees, tiny_teachers, tmp
   config.eval.every_steps = 3
   shared = tmp_path / "features"
   config.teachers.features_dir = str(shared)
-  job = feature_job.run_job(config, str(tmp_path / "job"))
+  job = feature_job.run_job(spec.from_config(config), str(tmp_path / "job"))
   data = load_dataset(spec.from_config(config).data)
   assert job.num_rows == {"image": data.train.num_images, "text": data.train.num_captions}
   written = {p: os.stat(os.path.join(shared, p)).st_mtime_ns for p in os.listdir(shared)}
-  results = phases.run(config, str(tmp_path / "run"))
+  results = phases.run(spec.from_config(config), str(tmp_path / "run"))
   assert set(results) == {"stage1", "stage2"}
   assert all(np.isfinite(r["rsum"]) for r in results.values())
   with open(tmp_path / "run" / "stage2" / "logs" / "metrics.jsonl") as f:
@@ -198,13 +198,13 @@ def test_features_of_other_annotations_are_refused(trees, tiny_teachers, tmp_pat
     json.dump(annotations, f)
   config = _with_tiny_teachers(real_config("flickr30k", tree, tmp_path / "cache"), tiny_teachers)
   config.teachers.features_dir = str(tmp_path / "features")
-  feature_job.run_job(config, str(tmp_path / "job"))
+  feature_job.run_job(spec.from_config(config), str(tmp_path / "job"))
   annotations["images"][0]["sentences"][0]["raw"] = "an edited caption"
   with open(tree["karpathy_file"], "w") as f:
     json.dump(annotations, f)
   with pytest.raises(InputError, match=r"teacher features in .* were made from other data, "
                                        r"teachers than this config's"):
-    feature_job.run_job(config, str(tmp_path / "job"))
+    feature_job.run_job(spec.from_config(config), str(tmp_path / "job"))
 
 
 def test_records_follow_the_index_and_the_data_config_is_in_the_fingerprint(trees, tmp_path):

@@ -57,7 +57,7 @@ def test_a_toy_tower_from_the_registry_trains_a_stage(pixel_tower, tiny_config, 
   c = tiny_config
   c.model.image = defaults.tower("pixels", width=24)
   del c.stages["stage2"]  # no distillation stage: no teachers are obtained
-  results = phases.run(c, str(tmp_path))
+  results = phases.run(spec.from_config(c), str(tmp_path))
   assert set(results) == {"stage1"} and results["stage1"]["score_mode"] == "itm"
   assert not os.path.exists(tmp_path / "teachers")
   _, state = saved_state(str(tmp_path), "stage1")

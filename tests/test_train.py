@@ -36,7 +36,7 @@ def finished_run(tmp_path_factory, data_cache):
   config = load_config("configs/demo.py:tiny")
   config.data.cache_dir = data_cache
   workdir = str(tmp_path_factory.mktemp("full"))
-  return config, workdir, phases.run(config, workdir)
+  return config, workdir, phases.run(spec.from_config(config), workdir)
 
 
 def test_two_stage_run_writes_results_metrics_and_features(finished_run):
@@ -109,11 +109,11 @@ def test_resume_reproduces_the_uninterrupted_run(finished_run, tmp_path):
   config, full_dir, full_results = finished_run
   resumed_dir = str(tmp_path)
   # Stop mid stage 1, then mid stage 2, as a preemption would; each call resumes.
-  assert phases.run(config, resumed_dir, until=("stage1", 2)) == {}
-  assert set(phases.run(config, resumed_dir, until=("stage2", 2))) == {"stage1"}
+  assert phases.run(spec.from_config(config), resumed_dir, until=("stage1", 2)) == {}
+  assert set(phases.run(spec.from_config(config), resumed_dir, until=("stage2", 2))) == {"stage1"}
   with open(os.path.join(resumed_dir, "stage2", "logs", "metrics.jsonl"), "a") as f:
     f.write('{"step": 3, "loss/itc": 0.')  # a kill while writing a line
-  assert phases.run(config, resumed_dir) == full_results
+  assert phases.run(spec.from_config(config), resumed_dir) == full_results
   with open(os.path.join(resumed_dir, "stage2", "logs", "metrics.jsonl")) as f:
     assert [json.loads(line)["step"] for line in f] == [2, 4]
   for stage in ("stage1", "stage2"):
@@ -127,19 +127,19 @@ def test_checkpoint_from_another_config_is_rejected(finished_run):
   other = config.copy_and_resolve_references()
   other.model.embed_dim = 32
   with pytest.raises(ConfigMismatchError, match=r"model\.embed_dim"):
-    phases.run(other, workdir)
+    phases.run(spec.from_config(other), workdir)
 
 
 def test_batch_size_not_divisible_by_devices(tiny_config, tmp_path):
   tiny_config.stages.stage1.batch_size = 12
   with pytest.raises(InputError, match=r"config\.stages\.stage1\.batch_size=12 .*8 devices"):
-    phases.run(tiny_config, str(tmp_path))
+    phases.run(spec.from_config(tiny_config), str(tmp_path))
 
 
 def test_non_finite_loss_stops_the_run(tiny_config, tmp_path):
   tiny_config.optim.lr = 1e30
   with pytest.raises(loop.NonFiniteLossError, match=r"stage1: non-finite .* at step 2"):
-    phases.run(tiny_config, str(tmp_path))
+    phases.run(spec.from_config(tiny_config), str(tmp_path))
   assert not os.path.exists(os.path.join(tmp_path, "stage1", "checkpoints", "2"))
 
 
@@ -183,26 +183,26 @@ def test_invalid_config_values(tiny_config, tmp_path, field, value, match):
   node[key] = value
   workdir = tmp_path / "run"
   with pytest.raises(InputError, match=match):
-    phases.run(tiny_config, str(workdir))
+    phases.run(spec.from_config(tiny_config), str(workdir))
   assert not os.path.exists(workdir / "teachers")  # refused before any work
 
 
 def test_bad_workdirs_and_a_second_run_are_refused(tiny_config, tmp_path):
   (tmp_path / "file").write_text("x")
   with pytest.raises(InputError, match=r"--workdir=.*/file is a file, not a directory"):
-    phases.run(tiny_config, str(tmp_path / "file"))
+    phases.run(spec.from_config(tiny_config), str(tmp_path / "file"))
   with pytest.raises(InputError, match=r"--workdir is empty"):
-    phases.run(tiny_config, "")
+    phases.run(spec.from_config(tiny_config), "")
   with files.WorkdirLock(str(tmp_path), "training run"):
     with pytest.raises(InputError, match=r"is in use by another training run"):
-      phases.run(tiny_config, str(tmp_path))
+      phases.run(spec.from_config(tiny_config), str(tmp_path))
 
 
 def test_dual_encoder_needs_no_itm_weight(tiny_config, tmp_path):
   tiny_config.model.dual_encoder = True
   with pytest.raises(InputError, match=r"config\.stages\.stage1\.loss_weights has an 'itm' "
                                        r"weight"):
-    phases.run(tiny_config, str(tmp_path))
+    phases.run(spec.from_config(tiny_config), str(tmp_path))
 
 
 def _cli(*args):
@@ -261,7 +261,7 @@ def test_dual_encoder_with_online_teachers(tiny_config, tmp_path, monkeypatch):
   own_vocab = tmp_path / "teacher_vocab.txt"  # the same tokens, read as the teacher's own file
   shutil.copy(load_dataset(spec.from_config(c).data).vocab_file, own_vocab)
   c.teachers.vocab_file = str(own_vocab)
-  results = phases.run(c, str(tmp_path))
+  results = phases.run(spec.from_config(c), str(tmp_path))
   assert set(results) == {"stage1", "stage2"}
   assert not os.path.exists(os.path.join(tmp_path, "teacher_features"))
   _, state = saved_state(str(tmp_path), "stage2")
@@ -282,7 +282,7 @@ def test_evaluate_run_on_a_finished_run(finished_run, monkeypatch):
     return restore(self, step, target, partial)
 
   monkeypatch.setattr(checkpointing.Checkpointer, "restore", spy)
-  rows = evaluate_run(config, workdir, ["stage1", "stage2"])
+  rows = evaluate_run(spec.from_config(config), workdir, ["stage1", "stage2"])
   steps = {stage: results[stage]["checkpoint_step"] for stage in ("stage1", "stage2")}
   assert set(rows) == {f"{stage}@{step}" for stage, step in steps.items()}
   assert restores == [({"params"}, True)] * 2  # the parameters alone: no optimizer state
@@ -292,7 +292,7 @@ def test_evaluate_run_on_a_finished_run(finished_run, monkeypatch):
     assert rows[f"{stage}@{step}"]["selected_by"] == results[stage]["selected_by"]
   assert os.path.exists(os.path.join(workdir, "eval", "results.png"))
   with pytest.raises(InputError, match=r"--stages: unknown \['stage3'\]"):
-    evaluate_run(config, workdir, ["stage3"])
+    evaluate_run(spec.from_config(config), workdir, ["stage3"])
 
 
 def test_each_stage_reports_the_checkpoint_it_selected_on_val(finished_run):
@@ -326,7 +326,7 @@ def test_a_rerun_of_a_finished_run_evaluates_nothing(finished_run, tmp_path, mon
 
   monkeypatch.setattr(Evaluator, "add", fail)
   monkeypatch.setattr(Evaluator, "selection_metrics", fail)
-  assert phases.run(config, workdir) == full_results
+  assert phases.run(spec.from_config(config), workdir) == full_results
 
 
 def test_changing_the_selection_of_a_trained_run_is_refused(finished_run):
@@ -335,7 +335,7 @@ def test_changing_the_selection_of_a_trained_run_is_refused(finished_run):
   other.eval.select_on = "last"
   with pytest.raises(ConfigMismatchError, match=r"eval\.select_on: checkpoint 'val' vs config "
                                                 r"'last'"):
-    evaluate_run(other, workdir, ["stage1"])
+    evaluate_run(spec.from_config(other), workdir, ["stage1"])
 
 
 def test_evaluate_cli_help():
@@ -358,10 +358,10 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes_identically(finished_
 
   monkeypatch.setattr(pipeline.TrainBatches, "__call__", batch_with_sigterm)
   with pytest.raises(loop.Preempted, match=r"stage1: stopped at step 1 \(SIGTERM\)") as stopped:
-    phases.run(config, str(tmp_path))
+    phases.run(spec.from_config(config), str(tmp_path))
   assert stopped.value.step == 1 and saved_state(str(tmp_path), "stage1")[0] == 1
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
-  assert phases.run(config, str(tmp_path)) == full_results
+  assert phases.run(spec.from_config(config), str(tmp_path)) == full_results
   (_, full), (_, resumed) = saved_state(full_dir, "stage2"), saved_state(str(tmp_path), "stage2")
   for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(a, b)
@@ -371,7 +371,7 @@ def test_two_processes_resume_a_single_process_run_and_match_it(finished_run, tm
   """2 processes × 4 CPU devices on localhost finish a run that 1 process × 8 devices started."""
   config, full_dir, full_results = finished_run
   workdir, logs = tmp_path / "run", tmp_path / "logs"
-  phases.run(config, str(workdir), until=("stage2", 2))
+  phases.run(spec.from_config(config), str(workdir), until=("stage2", 2))
   shutil.rmtree(workdir / "teacher_features")  # computed again, over both processes
   result = subprocess.run(
       [sys.executable, "launch/local.py", "--num_processes=2", "--devices_per_process=4",
@@ -420,7 +420,7 @@ def test_an_empty_latest_step_folder_resumes_from_the_previous_step(finished_run
   latest = os.path.join(workdir, "stage2", "checkpoints", "4")
   shutil.rmtree(latest)
   os.mkdir(latest)
-  assert phases.run(config, workdir) == full_results  # step 2 restored, steps 3-4 trained again
+  assert phases.run(spec.from_config(config), workdir) == full_results  # step 2 restored, steps 3-4 trained again
   assert set(_saved_rows(workdir)) == {"stage1", "stage2"}
   assert os.path.isdir(os.path.join(workdir, "stage2", "checkpoints.damaged", "4"))
   (_, full), (_, resumed) = saved_state(full_dir, "stage2"), saved_state(workdir, "stage2")
@@ -437,7 +437,7 @@ def test_a_refused_stage2_loses_no_results_row(finished_run, tmp_path):
   other.stages.stage2.loss_weights.kd = 3.0
   with pytest.raises(ConfigMismatchError, match=r"stage2/checkpoints/4 was written by another "
                                                 r"config \(stages\.stage2\.loss_weights\.kd"):
-    phases.run(other, workdir)
+    phases.run(spec.from_config(other), workdir)
   with open(os.path.join(workdir, "results.json"), "rb") as f:
     assert f.read() == before  # refused before stage 1 was evaluated again
 
@@ -454,7 +454,7 @@ def test_a_new_stage_reuses_the_teachers_and_stage1_of_the_run(finished_run, tmp
   arm = config.copy_and_resolve_references()
   arm.stages.stage2_no_kd = arm.stages.stage2.copy_and_resolve_references()
   del arm.stages.stage2_no_kd.loss_weights["kd"]
-  results = phases.run(arm, workdir)
+  results = phases.run(spec.from_config(arm), workdir)
   assert set(results) == {"stage1", "stage2", "stage2_no_kd"}
   assert results["stage1"] == full_results["stage1"] and results["stage2"] == full_results["stage2"]
   assert listing() == before and logs() == before_logs  # nothing of theirs trained again
@@ -562,26 +562,26 @@ def test_sigint_during_evaluation_stops_cleanly_and_the_rerun_finishes(finished_
 
   monkeypatch.setattr(Evaluator, "add", add_after_ctrl_c)
   with pytest.raises(interrupts.Interrupted, match="SIGINT: stopped during") as stopped:
-    phases.run(config, workdir)
+    phases.run(spec.from_config(config), workdir)
   assert stopped.value.exit_code == 130
   assert not os.path.exists(os.path.join(workdir, "results.json"))
-  assert phases.run(config, workdir) == full_results
+  assert phases.run(spec.from_config(config), workdir) == full_results
 
 
 def test_evaluate_refuses_bad_steps_and_workdirs_without_writing(finished_run, tmp_path):
   config, workdir, _ = finished_run
   with pytest.raises(InputError, match=r"--step=999: .*stage1/checkpoints has no checkpoint of "
                                        r"that step \(it has \[2, 4\]\)"):
-    evaluate_run(config, workdir, ["stage1"], 999)
+    evaluate_run(spec.from_config(config), workdir, ["stage1"], 999)
   with pytest.raises(InputError, match=r"--step=-1 must be a checkpoint step"):
-    evaluate_run(config, workdir, ["stage1"], -1)
+    evaluate_run(spec.from_config(config), workdir, ["stage1"], -1)
   typo = tmp_path / "no_such_run"
   with pytest.raises(InputError, match=r"--workdir=.*no_such_run does not exist"):
-    evaluate_run(config, str(typo), ["stage1"])
+    evaluate_run(spec.from_config(config), str(typo), ["stage1"])
   assert not typo.exists()
   (tmp_path / "empty").mkdir()
   with pytest.raises(InputError, match=r"no stage1 checkpoints in .*empty/stage1/checkpoints"):
-    evaluate_run(config, str(tmp_path / "empty"), ["stage1"])
+    evaluate_run(spec.from_config(config), str(tmp_path / "empty"), ["stage1"])
   assert os.listdir(tmp_path / "empty") == []
 
 
@@ -615,12 +615,12 @@ def test_a_whole_student_weights_file_scores_like_its_checkpoint(finished_run, t
   _, params, _ = workdirs.load_stage_params(exp, workdir, "stage2", like, mesh, data.content)
   path = str(tmp_path / "stage2.safetensors")
   weights.save_safetensors(path, jax.tree.map(np.asarray, params))
-  rows = evaluate_run(config, str(tmp_path / "eval_only"), weights_file=path)
+  rows = evaluate_run(spec.from_config(config), str(tmp_path / "eval_only"), weights_file=path)
   numbers = lambda m: {k: v for k, v in m.items() if isinstance(v, float)}
   assert numbers(rows["weights:stage2.safetensors"]) == pytest.approx(numbers(results["stage2"]))
   assert os.path.exists(tmp_path / "eval_only" / "eval" / "results.md")
   with pytest.raises(InputError, match="--weights evaluates a weights file, not a stage"):
-    evaluate_run(config, str(tmp_path / "eval_only"), ["stage1"], weights_file=path)
+    evaluate_run(spec.from_config(config), str(tmp_path / "eval_only"), ["stage1"], weights_file=path)
   # Training from it: config.model.init is the whole initial student, exclusive of tower inits.
   config = copy.deepcopy(config)
   config.model.init = path

@@ -21,7 +21,7 @@ import dataclasses
 
 import ml_collections
 
-from rebalance_jax.data import conventions
+from rebalance_jax.data import miniature, sources
 from rebalance_jax.models import towers
 from rebalance_jax.models.student import DISTILLATION_PARAMS
 
@@ -221,7 +221,7 @@ def reference_config(name: str, lr: float, max_tokens: int, variant: str = ""):
   c.data.max_tokens = max_tokens
   c.data.augment = "reference"
   c.data.augment_shift = 0
-  c.data[name] = conventions.OPTIONS[name]
+  c.data[name] = sources.get(name).options  # the split conventions, editable
   del c.data.synthetic
   c.tokenizer.append_sep = False
   c.tokenizer.vocab_file = BERT_VOCAB
@@ -260,8 +260,8 @@ def tiny_reference_model(c: ml_collections.ConfigDict) -> None:
   c.model.text = text(c.data.max_tokens, 64, 2, 4, 128)
   c.model.fusion = fusion(1, 4, 128)
   c.model.embed_dim = 32
-  c.teachers.image = vit(32, 8, 48, 1, 4, 96, init="")
-  c.teachers.text = text(60, 40, 1, 4, 80, init="")
+  c.teachers.image = tower(**miniature.TINY_TEACHERS["image"])
+  c.teachers.text = tower(**miniature.TINY_TEACHERS["text"])
   for stage_config in c.stages.values():
     stage_config.update(num_epochs=2, batch_size=8)
   c.optim.lr = 1e-3

@@ -21,8 +21,7 @@ from collections.abc import Mapping
 import ml_collections
 
 from rebalance_jax.infra import sharding
-from rebalance_jax.data import annotations
-from rebalance_jax.data.sources import REAL_DATASETS
+from rebalance_jax.data import annotations, sources
 from rebalance_jax.infra.errors import InputError
 from rebalance_jax.evaluators import ranking, retrieval
 from rebalance_jax.models import towers
@@ -346,9 +345,9 @@ def _check_numbers(config: ml_collections.ConfigDict) -> None:
 def _data(config: ml_collections.ConfigDict) -> DataSpec:
   d, t = config.data, config.tokenizer
   options = d.get(d.name, {})  # the source's own section, e.g. config.data.synthetic
-  if d.augment == "reference" and d.name not in REAL_DATASETS:
-    raise InputError(f"config.data.augment='reference' needs images as files (a real dataset), "
-                     f"not config.data.name={d.name!r}")
+  if d.augment == "reference" and not sources.get(d.name).encoded_images:
+    raise InputError(f"config.data.augment='reference' needs a source of encoded images (a real "
+                     f"dataset), not config.data.name={d.name!r}")
   low, high = d.crop_scale
   if not 0 < low <= high <= 1:
     raise InputError(f"config.data.crop_scale={tuple(d.crop_scale)} must be (low, high) with "

@@ -28,7 +28,6 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from rebalance_jax.config import defaults
 from rebalance_jax.models import weights
 from rebalance_jax.data import synthetic, text
 from rebalance_jax.models import towers
@@ -205,22 +204,30 @@ def _flag_lines(tree: str, paths: dict) -> list[tuple[str, str]]:
   return lines
 
 
+# The tiny stand-in teachers of the configs' :tiny variant (config.defaults.tiny_reference_model):
+# tower sections, and the size of the text teacher's own WordPiece vocabulary.
+TINY_TEACHERS = {
+    "image": dict(kind="vit", image_size=32, patch_size=8, width=48, depth=1, num_heads=4,
+                  mlp_dim=96, dropout=0.0),
+    "text": dict(kind="text", max_tokens=60, width=40, depth=1, num_heads=4, mlp_dim=80,
+                 dropout=0.0),
+}
+TINY_TEACHER_VOCAB_SIZE = 512
+
+
 def write_tiny_teachers(directory: str, seed: int = 0) -> dict[str, str]:
   """Randomly initialized weights of the tiny teachers of configs/<name>.py:tiny, and the text
   teacher's WordPiece vocabulary (trained on synthetic captions like the trees'). They are
   stand-ins that exercise the real-data teacher path (features from converted weights), not
   teachers that know anything. Returns {config field: path}."""
-  config = defaults.base_config()
-  defaults.tiny_reference_model(config)
   vocab_file = os.path.join(directory, "tiny_teacher_vocab.txt")
   scenes = _scenes("flickr30k", seed + 1, 5, num_train=200)["train"]["captions"]
   text.train_wordpiece_vocab([clean_caption(c, 60) for caps in scenes for c in caps], vocab_file,
-                             config.tokenizer.vocab_size)
+                             TINY_TEACHER_VOCAB_SIZE)
   paths = {"teachers.vocab_file": vocab_file}
   vocab_size = text.check_vocab(vocab_file)["size"]
   for i, modality in enumerate(("image", "text")):
-    section = config.teachers[modality].to_dict()
-    tower = towers.spec_from_config(section, f"config.teachers.{modality}", modality,
+    tower = towers.spec_from_config(TINY_TEACHERS[modality], f"config.teachers.{modality}", modality,
                                     **({"vocab_size": vocab_size} if modality == "text" else {}))
     path = os.path.join(directory, f"tiny_{modality}_teacher.safetensors")
     params = towers.init_params(tower, jax.random.key(seed + i))

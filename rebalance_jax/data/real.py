@@ -26,8 +26,19 @@ from jax.experimental import multihost_utils
 
 from rebalance_jax.infra import files, logs
 from rebalance_jax.data import annotations, prepared, sources
-from rebalance_jax.data.conventions import options
 from rebalance_jax.infra.errors import InputError
+
+FORMATS = ("karpathy", "reference", "vizwiz")
+# config.data.<name>: the split conventions, with their defaults ([ref]'s, except where noted).
+OPTIONS = {
+    # add_val_to_train: [ref] trains on the val images too (then val selects on training data).
+    "flickr30k": dict(format="karpathy", add_val_to_train=False, eval_captions_per_image=5),
+    "coco": dict(format="karpathy", use_restval=True, eval_captions_per_image=5),
+    # val: "rest" (the official val images after the test ones: held out); [ref] "test" (the
+    # test images themselves, so that selecting on val selects on test).
+    "vizwiz": dict(format="vizwiz", test_images=1000, val="rest", include_rejected=False,
+                   include_precanned=False, eval_captions_per_image=5),
+}
 
 # The config.data fields holding each format's annotation files.
 _ANNOTATION_FIELDS = {"karpathy": ("annotation_file",),
@@ -235,3 +246,26 @@ def _rows(spec: str, n: int) -> range:
     return range(n)
   start, stop = spec[spec.index("[") + 1:-1].split(":")
   return range(n)[slice(int(start) if start else None, int(stop) if stop else None)]
+
+
+def options(data) -> dict:
+  """config.data.<name> of `data` over its defaults; an unknown or invalid value is an
+  InputError naming the field."""
+  field = f"config.data.{data.name}"
+  o = sources.options(data)
+  if o["format"] not in FORMATS or (data.name == "vizwiz") != (o["format"] == "vizwiz"):
+    allowed = ("vizwiz",) if data.name == "vizwiz" else ("karpathy", "reference")
+    raise InputError(f"{field}.format={o['format']!r} is not one of {allowed}")
+  if o["eval_captions_per_image"] < sources.CAPTIONS_PER_IMAGE:
+    raise InputError(f"{field}.eval_captions_per_image={o['eval_captions_per_image']} is below "
+                     f"the {sources.CAPTIONS_PER_IMAGE} the evaluation protocols need")
+  if data.name == "vizwiz":
+    if o["val"] not in ("test", "rest"):
+      raise InputError(f"{field}.val={o['val']!r} is not one of ('test', 'rest')")
+    if o["test_images"] <= 0:
+      raise InputError(f"{field}.test_images={o['test_images']} must be positive")
+  return o
+
+
+for _name, _defaults in OPTIONS.items():
+  sources.register(_name, load, options=_defaults, encoded_images=True, prepare=prepare)

@@ -7,16 +7,17 @@ formats decode image files). A source is a function `DataSpec -> Source` registe
 """
 
 import dataclasses
-import os
-from collections.abc import Callable
-from typing import Protocol
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 import numpy as np
 
-from rebalance_jax.data import synthetic
 from rebalance_jax.infra.errors import InputError
 
 SPLITS = ("train", "val", "test")
+# Captions of every evaluation image: the retrieval protocols (docs/method.md §7) count five.
+CAPTIONS_PER_IMAGE = 5
 
 
 class ImageRecords(Protocol):
@@ -96,54 +97,83 @@ class Source:
   identity: str
 
 
-_REGISTRY: dict[str, Callable] = {}
-REAL_DATASETS = ("flickr30k", "coco", "vizwiz")
+@dataclasses.dataclass(frozen=True)
+class SourceKind:
+  """A registered source.
+
+  load: `load(data_spec) -> Source`.
+  options: the defaults of its config section, config.data.<name> (None: the section is passed
+    through as it is); `options(data)` checks a config's section against them.
+  encoded_images: its records are encoded images that decode at any size (`at_size`) and make
+    the reference training view (`train_views`): then `data.augment='reference'` applies, and
+    the teachers see images at their own size.
+  prepare: `prepare(data_spec) -> (directory, record)`, a one-off preparation of the files that
+    `load` reads (`python -m rebalance_jax.prepare`), or None when there is nothing to prepare.
+  """
+  load: Callable[..., Source]
+  options: Mapping[str, Any] | None = None
+  encoded_images: bool = False
+  prepare: Callable[..., tuple[str, dict]] | None = None
 
 
-def register(name: str, load: Callable) -> None:
-  """Makes `load(data_spec) -> Source` the source of config.data.name=`name`."""
-  _REGISTRY[name] = load
+_REGISTRY: dict[str, SourceKind] = {}
+# The sources that register themselves when imported, imported on the first lookup (importing
+# them here would make them import this module while it is being defined).
+_BUILTIN_MODULES = ("rebalance_jax.data.synthetic", "rebalance_jax.data.real")
+
+
+def register(name: str, load: Callable, *, options: Mapping[str, Any] | None = None,
+             encoded_images: bool = False, prepare: Callable | None = None) -> None:
+  """Makes `load(data_spec) -> Source` the source of config.data.name=`name` (see SourceKind)."""
+  _REGISTRY[name] = SourceKind(load, None if options is None else dict(options), encoded_images,
+                               prepare)
+
+
+def names() -> list[str]:
+  for module in _BUILTIN_MODULES:
+    importlib.import_module(module)
+  return sorted(_REGISTRY)
+
+
+def get(name: str) -> SourceKind:
+  if name not in names():
+    raise InputError(f"config.data.name={name!r} is not one of {tuple(names())}")
+  return _REGISTRY[name]
+
+
+def options(data) -> dict:
+  """config.data.<name> of `data` (a spec.DataSpec) over its source's defaults; an unknown field
+  is an InputError naming it."""
+  defaults = get(data.name).options
+  if defaults is None:
+    return dict(data.options)
+  unknown = sorted(set(data.options) - set(defaults))
+  if unknown:
+    raise InputError(f"config.data.{data.name}: unknown fields {unknown}; it has "
+                     f"{sorted(defaults)}")
+  return {**defaults, **data.options}
 
 
 def load(data) -> Source:
   """The source named by `data.name` (a spec.DataSpec)."""
-  if data.name in REAL_DATASETS:
-    from rebalance_jax.data import real  # it builds on this module
-    return real.load(data)
-  if data.name in _REGISTRY:
-    source = _REGISTRY[data.name](data)
-    missing = set(SPLITS) - set(source.splits)
-    if missing:
-      raise InputError(f"config.data.name={data.name!r}: the source has no {sorted(missing)} split")
-    return source
-  raise InputError(f"config.data.name={data.name!r} is not one of "
-                   f"{tuple(sorted(_REGISTRY)) + REAL_DATASETS}")
+  source = get(data.name).load(data)
+  missing = set(SPLITS) - set(source.splits)
+  if missing:
+    raise InputError(f"config.data.name={data.name!r}: the source has no {sorted(missing)} split")
+  return source
+
+
+def prepare(data) -> tuple[str, dict]:
+  """Prepares the files of `data`'s source once; returns (directory, record)."""
+  kind = get(data.name)
+  if kind.prepare is None:
+    preparable = tuple(n for n in names() if _REGISTRY[n].prepare is not None)
+    raise InputError(f"config.data.name={data.name!r} has nothing to prepare (datasets that do: "
+                     f"{preparable})")
+  return kind.prepare(data)
 
 
 def at_size(records: ImageRecords, size: int) -> ImageRecords:
   """The records viewed at `size` (records of encoded images decode at any size); others as
   they are (the tower's preprocessing resizes them)."""
   return records.at_size(size) if hasattr(records, "at_size") else records
-
-
-def _synthetic(data) -> Source:
-  try:
-    scene_config = synthetic.SyntheticConfig(**data.options, image_size=data.image_size)
-  except (TypeError, ValueError) as e:
-    raise InputError(f"config.data.synthetic: {e}") from e
-  cache_dir = os.path.expanduser(data.cache_dir)
-  try:
-    generated = synthetic.load_or_generate(scene_config, cache_dir)
-  except ValueError as e:  # a corrupt cache file: the message names it
-    raise InputError(str(e)) from e
-  splits = {}
-  for name, split in generated.items():
-    num_images, per_image = len(split["images"]), len(split["captions"][0])
-    rows = np.arange(num_images, dtype=np.int32)
-    splits[name] = Split(split["images"], tuple(c for caps in split["captions"] for c in caps),
-                         np.repeat(rows, per_image), rows, split["attributes"])
-  key = synthetic.cache_key(scene_config)
-  return Source(splits, os.path.join(cache_dir, key), identity="")  # the config describes it
-
-
-register("synthetic", _synthetic)

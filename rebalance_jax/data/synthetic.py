@@ -16,6 +16,7 @@ stream, so image i of a split does not depend on how many images the split has.
 import dataclasses
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +24,9 @@ import numpy as np
 
 from absl import logging
 
+from rebalance_jax.data import sources
 from rebalance_jax.infra import files
+from rebalance_jax.infra.errors import InputError
 
 SPLITS = ("train", "val", "test")
 SHAPES = ("circle", "square", "triangle", "cross", "diamond")
@@ -408,3 +411,28 @@ def load_or_generate(cfg: SyntheticConfig, cache_dir: str) -> dict[str, dict]:
       _save_split(generate_split(cfg, split), directory, split)
     splits[split] = _load_split(cfg, directory, split)
   return splits
+
+
+def load_source(data) -> sources.Source:
+  """The source of config.data.name='synthetic': its section config.data.synthetic holds the
+  SyntheticConfig fields; the splits are generated once into data.cache_dir."""
+  try:
+    scene_config = SyntheticConfig(**data.options, image_size=data.image_size)
+  except (TypeError, ValueError) as e:
+    raise InputError(f"config.data.synthetic: {e}") from e
+  cache_dir = os.path.expanduser(data.cache_dir)
+  try:
+    generated = load_or_generate(scene_config, cache_dir)
+  except ValueError as e:  # a corrupt cache file: the message names it
+    raise InputError(str(e)) from e
+  splits = {}
+  for name, split in generated.items():
+    num_images, per_image = len(split["images"]), len(split["captions"][0])
+    rows = np.arange(num_images, dtype=np.int32)
+    splits[name] = sources.Split(split["images"], tuple(c for caps in split["captions"] for c in caps),
+                                 np.repeat(rows, per_image), rows, split["attributes"])
+  key = cache_key(scene_config)
+  return sources.Source(splits, os.path.join(cache_dir, key), identity="")  # the config describes it
+
+
+sources.register("synthetic", load_source)

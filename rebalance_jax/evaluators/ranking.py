@@ -21,11 +21,11 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from rebalance_jax.data.sources import CAPTIONS_PER_IMAGE
 from rebalance_jax.infra.errors import InputError
 
 RECALL_KS = (1, 5, 10)
 NDCG_KS = (10, 20, 50)
-CAPTIONS_PER_IMAGE = 5
 QUERY_BLOCK = 512
 MIXED_MODES = ("calibrated", "faithful")
 SELF_RULES = ("zeroed", "removed")

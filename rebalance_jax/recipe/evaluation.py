@@ -6,7 +6,6 @@ import os
 import time
 
 import jax
-import ml_collections
 import numpy as np
 from absl import logging
 from jax.sharding import Mesh
@@ -116,13 +115,12 @@ def relevance_cache(exp: spec.Experiment) -> str:
   return os.path.join(os.path.expanduser(exp.data.cache_dir), "relevance")
 
 
-def evaluate_run(config: ml_collections.ConfigDict, workdir: str, stages=None,
+def evaluate_run(exp: spec.Experiment, workdir: str, stages=None,
                  step: int | None = None, weights_file: str | None = None) -> dict:
   """Evaluates each stage's checkpoint (default: every stage) into <workdir>/eval; returns
   {'<stage>@<step>': metrics} of this call. Reads the run's checkpoints and writes nothing else.
   With `weights_file` (a whole student's converted weights, e.g. a model trained with the
   reference implementation) it evaluates that file instead, as the row 'weights:<file name>'."""
-  exp = spec.from_config(config)
   if weights_file and (stages is not None or step is not None):
     raise InputError("--weights evaluates a weights file, not a stage: drop --stages and --step")
   stages = [] if weights_file else exp.stage_names if stages is None else stages

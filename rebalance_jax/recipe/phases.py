@@ -13,7 +13,6 @@ import functools
 import os
 
 import jax
-import ml_collections
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
@@ -94,16 +93,15 @@ def stage_init(stage: spec.StageSpec, inherited, fresh):
   return {k: fresh[k] if k in stage.fresh_params else v for k, v in inherited.items()}
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, until: tuple[str, int] | None = None):
+def run(exp: spec.Experiment, workdir: str, until: tuple[str, int] | None = None):
   """Runs every phase; `until=(stage, step)` stops once `stage` reaches `step` (as a preemption
   would). Returns {model name: test metrics} of the stages evaluated in the workdir so far under
   this config.eval.
 
-  Everything that can be checked is checked before any work: the config, the workdir, batch sizes
+  Everything that can be checked is checked before any work: the workdir, batch sizes
   against devices and data, and every phase's checkpoints against the config. The workdir is
   locked for the run; SIGTERM and Ctrl-C stop it gracefully (interrupts.Interrupted).
   """
-  exp = spec.from_config(config)
   workdir = workdirs.check_workdir(workdir)
   mesh = workdirs.make_mesh(exp)
   workdirs.check_batch_sizes(exp, mesh)

@@ -67,7 +67,7 @@ def run_all(runs: list[grid.Run], workdir: str) -> list[dict]:
     logging.info("study: run %s", run.name)
     run_start = time.perf_counter()
     trunk = os.path.join(workdir, run.trunk)
-    rows = phases.run(run.config, trunk)
+    rows = phases.run(spec.from_config(run.config), trunk)
     record = {"student": run.student, "level": run.level, "seed": run.seed, "arm": run.arm,
               "trunk": run.trunk, "fingerprint": fingerprint, "metrics": rows[run.arm],
               "stage1": rows[grid.FIRST_STAGE]}

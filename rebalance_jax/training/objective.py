@@ -8,19 +8,22 @@ objective, so a stage without distillation terms needs no teacher features.
 
 import functools
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 
-from rebalance_jax.training import chunked_losses
 from rebalance_jax import losses
 from rebalance_jax.data import augment
 from rebalance_jax.models import towers
 from rebalance_jax.models.student import Student
-from rebalance_jax.config.spec import ObjectiveSpec
+from rebalance_jax.training import chunked_losses
+
+if TYPE_CHECKING:  # the config layer builds the spec; this library only reads it
+  from rebalance_jax.config.spec import ObjectiveSpec
 
 
-def effective_scalars(raw: Mapping[str, jax.Array], objective: ObjectiveSpec):
+def effective_scalars(raw: Mapping[str, jax.Array], objective: "ObjectiveSpec"):
   """τ, τ2 and λ as the losses use them, from the raw parameters and the loss options."""
   return {
       "temp": raw["temp"],
@@ -30,7 +33,7 @@ def effective_scalars(raw: Mapping[str, jax.Array], objective: ObjectiveSpec):
   }
 
 
-def batch_loss(params, batch, frozen, rng, *, model: Student, objective: ObjectiveSpec,
+def batch_loss(params, batch, frozen, rng, *, model: Student, objective: "ObjectiveSpec",
                augment_shift: int, online_teachers: dict | None, mesh):
   """`stage_loss` of a host batch (uint8 "image", "ids", "mask", "image_id", and the
   precomputed "teacher_image"/"teacher_text" rows when the objective distills): augments and
@@ -53,7 +56,7 @@ def batch_loss(params, batch, frozen, rng, *, model: Student, objective: Objecti
 
 
 def stage_loss(params, batch: Mapping[str, jax.Array], teacher_features, rng: jax.Array, *,
-               model: Student, objective: ObjectiveSpec, num_negative_groups: int, mesh=None,
+               model: Student, objective: "ObjectiveSpec", num_negative_groups: int, mesh=None,
                train: bool = True):
   """Weighted sum of the stage's loss terms over the global batch.
 
@@ -134,7 +137,7 @@ class _ChunkedLosses:
     self.structure_distillation = bind(chunked_losses.structure_distillation)
 
 
-def _global_batch_losses(objective: ObjectiveSpec, mesh):
+def _global_batch_losses(objective: "ObjectiveSpec", mesh):
   """`losses` (global view under GSPMD), or the ring-chunked equivalents."""
   if not objective.chunked:
     return losses

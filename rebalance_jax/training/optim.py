@@ -4,11 +4,15 @@ Parameter groups are chosen by regular expressions over '/'-joined parameter pat
 matching rule winning.
 """
 
+from typing import TYPE_CHECKING
+
 import jax
 import optax
 
-from rebalance_jax.config import spec
 from rebalance_jax.infra import tree_rules
+
+if TYPE_CHECKING:  # the config layer builds the spec; this library only reads it
+  from rebalance_jax.config import spec
 
 
 def warmup_linear_decay(base_lr: float, total_steps: int, warmup_fraction: float) -> optax.Schedule:

@@ -107,10 +107,9 @@ def manifest_of(teachers: dict, data: Dataset, fingerprint: dict, dtype: str,
       "chunk_rows": chunk_rows}))
 
 
-def run_job(config, workdir: str) -> "TeacherFeatures":
+def run_job(exp: spec.Experiment, workdir: str) -> "TeacherFeatures":
   """`python -m rebalance_jax.teachers`: the features of a config's teachers, computed (or
   completed) in its features directory, in a locked workdir."""
-  exp = spec.from_config(config)
   if not exp.uses_teachers:
     raise InputError("no stage of config.stages distills (no iic/ttc/kd/kdi/kdt weight): there "
                      "are no teacher features to compute")

@@ -15,6 +15,9 @@ from transformers import BertConfig, FlaxBertModel
 from conftest import REPO
 from rebalance_jax.config import defaults, spec
 from rebalance_jax import convert
+from rebalance_jax.models import conversion
+from rebalance_jax.models.towers import clip_vit
+from rebalance_jax.models.towers import text as text_tower
 from rebalance_jax.models import weights
 from rebalance_jax.infra.errors import InputError
 from rebalance_jax.models import towers
@@ -66,8 +69,8 @@ def _our_tower(params, fields):
 
 def test_converted_bert_matches_transformers_bert(bert_dir, tmp_path):
   directory, reference = bert_dir
-  config, tensors = convert.read_hf_directory(str(directory))
-  params, fields, dropped = convert.convert_hf_bert_text(config, tensors, range(3), max_tokens=16)
+  config, tensors = conversion.read_hf_directory(str(directory))
+  params, fields, dropped = text_tower.convert_hf_bert_text(config, tensors, range(3), max_tokens=16)
   pooler = "the pooler is not part of the text tower (it pools on its own)"
   assert dropped == {"bert.pooler.dense.weight": pooler, "bert.pooler.dense.bias": pooler,
                      "cls.predictions.bias": "pre-training heads are not part of the text tower"}
@@ -87,8 +90,8 @@ def test_converted_bert_matches_transformers_bert(bert_dir, tmp_path):
 
 def test_a_layer_range_keeps_those_layers(bert_dir):
   directory, reference = bert_dir
-  config, tensors = convert.read_hf_directory(str(directory))
-  params, fields, dropped = convert.convert_hf_bert_text(config, tensors, range(0, 2), 16)
+  config, tensors = conversion.read_hf_directory(str(directory))
+  params, fields, dropped = text_tower.convert_hf_bert_text(config, tensors, range(0, 2), 16)
   assert fields["depth"] == 2 and sum("layer.2." in n for n in dropped) == 16
   # The reference with its first two layers only.
   two = FlaxBertModel(BertConfig(**{**CONFIG.to_dict(), "num_hidden_layers": 2}), seed=1)
@@ -103,16 +106,16 @@ def test_a_layer_range_keeps_those_layers(bert_dir):
 
 def test_unknown_or_missing_tensors_are_errors(bert_dir):
   directory, _ = bert_dir
-  config, tensors = convert.read_hf_directory(str(directory))
+  config, tensors = conversion.read_hf_directory(str(directory))
   with pytest.raises(InputError, match=r"1 tensors match no rule of the format: "
                                        r"bert\.adapter\.weight"):
-    convert.convert_hf_bert_text(config, {**tensors, "bert.adapter.weight": np.zeros(2)},
+    text_tower.convert_hf_bert_text(config, {**tensors, "bert.adapter.weight": np.zeros(2)},
                                  range(3), 16)
   partial = {k: v for k, v in tensors.items() if "layer.1.output.dense" not in k}
   with pytest.raises(InputError, match=r"missing \['layer1/mlp/fc2/bias', 'layer1/mlp/fc2/kernel'"):
-    convert.convert_hf_bert_text(config, partial, range(3), 16)
+    text_tower.convert_hf_bert_text(config, partial, range(3), 16)
   with pytest.raises(InputError, match=r"--max_tokens=100 exceeds the checkpoint's 64 positions"):
-    convert.convert_hf_bert_text(config, tensors, range(3), 100)
+    text_tower.convert_hf_bert_text(config, tensors, range(3), 100)
 
 
 def test_cli_converts_and_prints_the_config_fields(bert_dir, tmp_path):
@@ -141,17 +144,17 @@ def test_pytorch_model_bin_converts_like_safetensors(bert_dir, tmp_path):
   torch = pytest.importorskip("torch", reason="reading pytorch_model.bin needs torch (the "
                               "convert extra)")
   directory, _ = bert_dir
-  config, tensors = convert.read_hf_directory(str(directory))
+  config, tensors = conversion.read_hf_directory(str(directory))
   (tmp_path / "config.json").write_text(json.dumps(config))
   torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, tmp_path / "pytorch_model.bin")
-  from_pickle = convert.convert_hf_bert_text(*convert.read_hf_directory(str(tmp_path)), range(3),
+  from_pickle = text_tower.convert_hf_bert_text(*conversion.read_hf_directory(str(tmp_path)), range(3),
                                              16)[0]
-  from_safetensors = convert.convert_hf_bert_text(config, tensors, range(3), 16)[0]
+  from_safetensors = text_tower.convert_hf_bert_text(config, tensors, range(3), 16)[0]
   jax.tree.map(np.testing.assert_array_equal, from_pickle, from_safetensors)
   # Arbitrary objects are never unpickled (weights_only=True).
   torch.save({"model": {"w": torch.zeros(1)}, "hook": print}, tmp_path / "pytorch_model.bin")
   with pytest.raises(InputError, match="not a loadable PyTorch checkpoint of tensors"):
-    convert.read_hf_directory(str(tmp_path))
+    conversion.read_hf_directory(str(tmp_path))
 
 
 FUSION_CONFIG = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=4,
@@ -166,8 +169,8 @@ def test_fusion_layers_with_cross_attention_match_transformers_bert_layers(tmp_p
   reference = FlaxBertModel(FUSION_CONFIG, seed=0)
   safetensors.numpy.save_file(_pytorch_names(reference.params), str(tmp_path / "model.safetensors"))
   FUSION_CONFIG.to_json_file(str(tmp_path / "config.json"))
-  config, tensors = convert.read_hf_directory(str(tmp_path))
-  params, fields, dropped = convert.convert_hf_bert_fusion(config, tensors, range(2, 4))
+  config, tensors = conversion.read_hf_directory(str(tmp_path))
+  params, fields, dropped = text_tower.convert_hf_bert_fusion(config, tensors, range(2, 4))
   assert fields == {"depth": 2, "num_heads": 4, "mlp_dim": 37}
   assert not any(".layer.2." in n or ".layer.3." in n for n in dropped)
   rng = np.random.default_rng(1)
@@ -191,15 +194,15 @@ def test_bert_base_fusion_layers_start_their_cross_attention_fresh(bert_dir, tmp
   feed-forward weights and keeps its fresh cross-attention (METHOD.md §2)."""
   directory, _ = bert_dir
   out = tmp_path / "fusion.safetensors"
-  convert.run("hf_bert", str(directory), str(out), "1:3", 512, part="fusion")
+  convert.run("hf_bert", str(directory), str(out), conversion.Options(layers="1:3", part="fusion"))
   c = tiny_config
   c.model.text = defaults.text(16, 32, 1, 4, 37)
   c.model.fusion = defaults.fusion(2, 4, 37, init=str(out))
   model = Student(spec.from_config(c).student_config(vocab_size=50))
   fresh = init_student(model, jax.random.key(0))
   loaded = with_tower_weights(model, fresh)["fusion_encoder"]
-  config, tensors = convert.read_hf_directory(str(directory))
-  converted, _, _ = convert.convert_hf_bert_fusion(config, tensors, range(1, 3))
+  config, tensors = conversion.read_hf_directory(str(directory))
+  converted, _, _ = text_tower.convert_hf_bert_fusion(config, tensors, range(1, 3))
   for layer in ("layer0", "layer1"):
     for part in ("attention", "attention_norm", "mlp", "mlp_norm"):
       for a, b in zip(jax.tree.leaves(loaded[layer][part]),
@@ -235,8 +238,8 @@ def test_converted_clip_vision_matches_transformers_clip(tmp_path):
   tensors["logit_scale"] = np.zeros((), np.float32)
   safetensors.numpy.save_file(tensors, str(tmp_path / "model.safetensors"))
   config.to_json_file(str(tmp_path / "config.json"))
-  hf_config, stored = convert.read_hf_directory(str(tmp_path))
-  params, fields, dropped = convert.convert_hf_clip_vision(hf_config, stored)
+  hf_config, stored = conversion.read_hf_directory(str(tmp_path))
+  params, fields, dropped = clip_vit.convert_hf_clip_vision(hf_config, stored)
   assert set(dropped) == {"text_model.embeddings.token_embedding.weight", "logit_scale"}
   images = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
   expected = reference(pixel_values=images.transpose(0, 3, 1, 2))

@@ -18,7 +18,7 @@ from rebalance_jax.config import defaults, spec
 from rebalance_jax import convert
 from rebalance_jax.data import text
 from rebalance_jax.infra.errors import InputError
-from rebalance_jax.models import towers
+from rebalance_jax.models import conversion, towers
 from rebalance_jax.models.student import Student, init_student, with_tower_weights
 from rebalance_jax.models.towers.text import mean_pool
 
@@ -80,10 +80,11 @@ def minilm_dir():
 def converted(minilm_dir, tmp_path_factory):
   """(tower spec, params, config section) of the checkpoint converted by the command's function."""
   output = str(tmp_path_factory.mktemp("minilm") / "minilm_text.safetensors")
-  section = convert.run("hf_bert", minilm_dir, output, "", MAX_TOKENS)
-  assert section == {"init": output, "width": 384, "depth": 6, "num_heads": 12, "mlp_dim": 1536,
+  section = convert.run("hf_bert", minilm_dir, output,
+                        conversion.Options(max_tokens=MAX_TOKENS)).sections["model.text"]
+  assert section == {"width": 384, "depth": 6, "num_heads": 12, "mlp_dim": 1536,
                      "max_tokens": MAX_TOKENS}
-  fields = {k: v for k, v in section.items() if k != "init"}
+  fields = section
   tower = towers.spec_from_config(defaults.tower("text", init=output, pooling="mean",
                                                     **fields).to_dict(),
                                   "config.teachers.text", "text", vocab_size=30522)
@@ -143,7 +144,7 @@ def test_minilm_sentence_embeddings_know_close_sentences(converted, minilm_dir):
 
 def test_demo_minilm_variants_load_the_conversion(minilm_dir, tmp_path, monkeypatch, converted):
   """Without the conversion the variant's run stops before anything runs with one line naming the
-  field and the file; after the README's command the teacher and the student's text tower load
+  field and the file; after docs/weights.md's command the teacher and the student's text tower load
   it."""
   monkeypatch.setenv("HOME", str(tmp_path))  # the default data.cache_dir ~/.cache/rebalance_jax
   expected = os.path.join(str(tmp_path), ".cache/rebalance_jax/weights", WEIGHTS)
@@ -151,13 +152,14 @@ def test_demo_minilm_variants_load_the_conversion(minilm_dir, tmp_path, monkeypa
   with pytest.raises(InputError, match=rf"^config\.teachers\.text\.init='[^\n]*"
                                        rf"{re.escape(WEIGHTS)}' does not exist"):
     spec.from_config(c)
-  readme = _readme_section()  # its MiniLM command: the last convert before the file's name
+  readme = _weights_page()  # its MiniLM command: the last convert before the file's name
   end = readme.index(WEIGHTS) + len(WEIGHTS)
   command = readme[readme.rindex("python -m rebalance_jax.convert", 0, end):end]
   flags = dict(re.findall(r"--(\w+)=(\S+)", command))  # --source is the package's model/ folder
   assert set(flags) == {"format", "max_tokens", "source", "output"}
   assert flags["output"] == f"$HOME/.cache/rebalance_jax/weights/{WEIGHTS}"
-  convert.run(flags["format"], minilm_dir, expected, "", int(flags["max_tokens"]))
+  convert.run(flags["format"], minilm_dir, expected,
+              conversion.Options(max_tokens=int(flags["max_tokens"])))
 
   _, params, _ = converted
   exp = spec.from_config(load_config("configs/demo.py:minilm"))
@@ -181,7 +183,6 @@ def test_demo_minilm_variants_load_the_conversion(minilm_dir, tmp_path, monkeypa
     np.testing.assert_array_equal(a, b)
 
 
-def _readme_section() -> str:
-  with open(os.path.join(REPO, "README.md")) as f:
-    readme = f.read()
-  return readme[readme.index("### Converted weights"):readme.index("### Faithful")]
+def _weights_page() -> str:
+  with open(os.path.join(REPO, "docs", "weights.md")) as f:
+    return f.read()

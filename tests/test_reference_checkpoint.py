@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from rebalance_jax import convert
+from rebalance_jax.models import conversion, reference
 from rebalance_jax.models import weights
 from rebalance_jax.infra.errors import InputError
 from rebalance_jax.models import towers
@@ -92,7 +93,8 @@ def test_reference_checkpoint_converts_to_the_same_student(tmp_path):
   source = tmp_path / "checkpoint_best.pth"
   torch.save({"model": state, "config": {"image_res": 64, "embed_dim": EMBED}}, source)
   output = str(tmp_path / "student.safetensors")
-  sections = convert.run("reference", str(source), output, max_tokens=12, num_heads=HEADS)
+  sections = convert.run("reference", str(source), output,
+                         conversion.Options(max_tokens=12, num_heads=HEADS)).sections
   assert sections["model.fusion"] == {"depth": 2, "num_heads": 4, "mlp_dim": 96}
   assert sections["model.text"]["depth"] == 2 and sections["model"] == {"embed_dim": EMBED}
   assert sections["model.image"]["window_size"] == 2
@@ -125,10 +127,10 @@ def test_reference_checkpoint_names_are_checked(tmp_path):
   _, _, _, state = _reference_model()
   tensors = {k: v.float().numpy() for k, v in state.items()}
   with pytest.raises(InputError, match=r"1 tensors match no rule of the format: image_queue"):
-    convert.convert_reference({**tensors, "image_queue": np.zeros((4, 16))}, 64, 12, HEADS)
+    reference.convert_reference({**tensors, "image_queue": np.zeros((4, 16))}, 64, 12, HEADS)
   del tensors["lamba"]
   with pytest.raises(InputError, match=r"has nothing for the student's \['lam'\]"):
-    convert.convert_reference(tensors, 64, 12, HEADS)
+    reference.convert_reference(tensors, 64, 12, HEADS)
   weights.save_safetensors(str(tmp_path / "other.safetensors"), {"temp": np.zeros(())})
   model = _student(str(tmp_path / "other.safetensors"))
   with pytest.raises(InputError, match=r"config.model.init=.*missing \("):

@@ -11,6 +11,7 @@ import pytest
 from conftest import stage2_loss_and_grads
 from rebalance_jax.config import defaults
 from rebalance_jax import convert
+from rebalance_jax.models import conversion
 from rebalance_jax.models import weights
 from rebalance_jax.infra.errors import InputError
 from rebalance_jax.models import towers
@@ -105,8 +106,8 @@ def test_swin_matches_transformers_through_the_release_format(tmp_path, images):
   model = hf_swin(64, 2)
   output = tmp_path / "swin.safetensors"
   fields = convert.run("swin", _save(tmp_path, release_state_dict(model)), str(output),
-                       image_size=64)
-  del fields["init"]
+                       conversion.Options(image_size=64)).sections["model.image"]
+  del fields["kind"]
   assert fields == {"image_size": 64, "patch_size": 4, "embed_dim": 16, "depths": (2, 2, 1, 1),
                     "num_heads": (1, 2, 2, 4), "window_size": 2, "mlp_ratio": 4.0}
   spec = towers.spec_from_config({"kind": "swin", **fields}, "test", "image")
@@ -138,8 +139,8 @@ def test_window_interpolated_load_matches_a_model_with_the_resized_tables(tmp_pa
         p.copy_(resized.reshape(heads, 49).T)
       else:
         p.copy_(q)
-  params, fields, _ = convert.convert_swin(
-      convert.read_pytorch(_save(tmp_path, state))[0], 128, 4, "bicubic")
+  params, fields, _ = swin.convert_swin(
+      conversion.read_pytorch(_save(tmp_path, state))[0], 128, 4, "bicubic")
   tokens, pooled = _ours(params, fields, images)
   ref_tokens, ref_pooled = _reference_tokens(target, images)
   np.testing.assert_allclose(tokens[:, 1:], ref_tokens, rtol=1e-5, atol=1e-5)
@@ -150,23 +151,23 @@ def test_geometric_interpolation_is_the_reference_loaders():
   # Known answers: X-VLM's loader (BEiT's geometric offsets, then scipy's cubic interp2d per
   # head) run with scipy 1.13, the last release that has interp2d.
   table = np.arange(25, dtype=np.float32).reshape(25, 1) ** 1.5  # window 3 -> 4
-  out = convert.resize_relative_position_table(table, 4, "geometric")[:, 0].reshape(7, 7)
+  out = swin.resize_relative_position_table(table, 4, "geometric")[:, 0].reshape(7, 7)
   np.testing.assert_allclose(out[3], [31.622776, 32.700897, 36.482872, 41.56922, 46.872166,
                                       51.09649, 52.3832], rtol=1e-5)
   np.testing.assert_allclose(out[[0, 0, 6, 6, 1], [0, 6, 0, 6, 5]],
                              [0.0, 8.0, 89.44272, 117.57551, 10.4357], rtol=1e-5, atol=1e-5)
   table = np.random.RandomState(0).randn(169, 2).astype(np.float32)  # window 7 -> 12
-  out = convert.resize_relative_position_table(table, 12, "geometric")
+  out = swin.resize_relative_position_table(table, 12, "geometric")
   np.testing.assert_allclose(out[[0, 100, 264, 300, 528]],
                              [[1.7640147, 0.4002441], [-1.3431047, -0.7530708],
                               [1.1880298, 0.3169426], [0.409388, 0.1975726],
                               [-1.7559496, 0.4509711]], rtol=1e-5, atol=1e-6)
   # An interpolating cubic spline reproduces a cubic exactly at the integer target offsets.
-  source = convert._geometric_offsets(13, 23)  # pylint: disable=protected-access
+  source = swin._geometric_offsets(13, 23)  # pylint: disable=protected-access
   assert source[0] == -source[-1] and abs(source[-1] - 11.0) < 1e-4  # spans the target range
   poly = lambda a, b: 0.3 * a**3 - a * b + 2.0 * b**2 + 1.0
   table = poly(source[:, None], source[None, :]).reshape(169, 1)
-  out = convert.resize_relative_position_table(table, 12, "geometric")[:, 0].reshape(23, 23)
+  out = swin.resize_relative_position_table(table, 12, "geometric")[:, 0].reshape(23, 23)
   inner = np.arange(-10, 11, dtype=np.float64)
   np.testing.assert_allclose(out[1:-1, 1:-1], poly(inner[:, None], inner[None, :]), rtol=1e-4,
                              atol=1e-3)
@@ -174,21 +175,21 @@ def test_geometric_interpolation_is_the_reference_loaders():
 
 def test_release_names_are_checked(tmp_path):
   state = release_state_dict(hf_swin(64, 2))
-  tensors = convert.read_pytorch(_save(tmp_path, state))[0]
+  tensors = conversion.read_pytorch(_save(tmp_path, state))[0]
   with pytest.raises(InputError, match=r"1 tensors match no rule of the format: absolute_pos"):
-    convert.convert_swin({**tensors, "absolute_pos_embed": np.zeros((1, 256, 16))}, 64)
+    swin.convert_swin({**tensors, "absolute_pos_embed": np.zeros((1, 256, 16))}, 64)
   partial = {k: v for k, v in tensors.items() if not k.startswith("layers.1.downsample.norm")}
   with pytest.raises(InputError, match=r"missing \['stage1_merge/norm/bias', "
                                        r"'stage1_merge/norm/scale'\]"):
-    convert.convert_swin(partial, 64)
+    swin.convert_swin(partial, 64)
   with pytest.raises(InputError, match=r"the 15x15 patch grid does not halve 3 times evenly"):
-    convert.convert_swin(tensors, 60)
+    swin.convert_swin(tensors, 60)
   with pytest.raises(InputError, match=r"stage 0: resolution 16 \(image_size=64\) is not a "
                                        r"multiple of window_size=3"):
-    convert.convert_swin(tensors, 64, window_size=3)
+    swin.convert_swin(tensors, 64, window_size=3)
   (tmp_path / "bad.pth").write_bytes(b"not a pickle")
   with pytest.raises(InputError, match=r"bad\.pth: not a loadable PyTorch checkpoint"):
-    convert.read_pytorch(str(tmp_path / "bad.pth"))
+    conversion.read_pytorch(str(tmp_path / "bad.pth"))
 
 
 def test_window_clamps_to_a_smaller_stage_and_drop_path_trains():

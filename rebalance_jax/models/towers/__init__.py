@@ -43,6 +43,9 @@ class TowerKind:
   # (path, abstract params) -> params: reads `init`; the default reads a safetensors file of
   # '/'-joined parameter names (`weights.save_safetensors`, what weight conversion writes).
   load_weights: Callable = weights.load_safetensors
+  # {format: converter} of other frameworks' checkpoints into this tower
+  # (`python -m rebalance_jax.convert --format=...`; `models/conversion.py`).
+  converters: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)

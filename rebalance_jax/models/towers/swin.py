@@ -12,13 +12,17 @@ Stochastic depth (`drop_path`, rising linearly over the blocks) as the reference
 
 import dataclasses
 import functools
+import math
+import re
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.interpolate
 
-from rebalance_jax.models import towers
+from rebalance_jax.infra.errors import InputError
+from rebalance_jax.models import conversion, towers
 from rebalance_jax.models.layers import Mlp, block_class, default_kernel_init, embedding_init, patch_tokens
 from rebalance_jax.models.towers.clip_vit import CLIP_MEAN, CLIP_STD
 
@@ -212,4 +216,156 @@ class SwinTransformer(nn.Module):
     return towers.TowerOutput(x, x[:, 0], jnp.ones(x.shape[:2], jnp.int32))
 
 
-towers.register("swin", towers.TowerKind("image", SwinConfig, SwinTransformer))
+INTERPOLATIONS = ("geometric", "bicubic")
+
+
+def resize_relative_position_table(table: np.ndarray, window: int, mode: str) -> np.ndarray:
+  """A Swin bias table ((2w'-1)², heads) resized to `window` ((2w-1)², heads).
+
+  "geometric" is the reference's loader (X-VLM, after BEiT): the source offsets are placed on a
+  geometric progression spanning the target range and each head's table is fitted with an
+  interpolating bicubic spline, evaluated at the integer target offsets (clamped at the edge).
+  "bicubic" is Swin's own loader: PyTorch's bicubic resize (a = -0.75, align_corners=False)."""
+  rows, heads = table.shape
+  src, dst = math.isqrt(rows), 2 * window - 1
+  if src * src != rows:
+    raise InputError(f"a relative-position table of {rows} rows is not a square")
+  if src == dst:
+    return table
+  grid = table.T.reshape(heads, src, src).astype(np.float64)
+  if mode == "bicubic":
+    weights = _bicubic_resize_matrix(src, dst)
+    out = np.einsum("ij,hjk,lk->hil", weights, grid, weights)
+  elif mode == "geometric":
+    source = _geometric_offsets(src, dst)
+    target = np.arange(-(dst // 2), dst // 2 + 0.1, 1.0)
+    out = np.stack([scipy.interpolate.RectBivariateSpline(source, source, g, kx=3, ky=3, s=0)(
+        target, target) for g in grid])
+  else:
+    raise InputError(f"--rel_pos_interpolation={mode!r} is not one of {INTERPOLATIONS}")
+  return out.reshape(heads, dst * dst).T.astype(np.float32)
+
+
+def _geometric_offsets(src: int, dst: int) -> np.ndarray:
+  """The reference's source offsets: ±(1 + q + ... + q^(k-1)) for k = 1..src//2, with the ratio q
+  found by bisection so that the outermost offset reaches dst//2."""
+  half, low, high = src // 2, 1.01, 1.5
+  while high - low > 1e-6:
+    q = (low + high) / 2.0
+    if (1.0 - q**half) / (1.0 - q) > dst // 2:
+      high = q
+    else:
+      low = q
+  distances = np.cumsum([q**i for i in range(half)])
+  return np.concatenate([-distances[::-1], [0.0], distances])
+
+
+def _bicubic_resize_matrix(src: int, dst: int) -> np.ndarray:
+  """(dst, src): PyTorch's 1-D bicubic resize (a = -0.75, align_corners=False, edge clamped)."""
+  def cubic(t):
+    t, a = abs(t), -0.75
+    if t <= 1:
+      return ((a + 2) * t - (a + 3)) * t * t + 1
+    return (((t - 5) * t + 8) * t - 4) * a if t < 2 else 0.0
+
+  weights = np.zeros((dst, src))
+  for i in range(dst):
+    x = (i + 0.5) * src / dst - 0.5
+    base = math.floor(x)
+    for k in range(base - 1, base + 3):
+      weights[i, min(max(k, 0), src - 1)] += cubic(x - k)
+  return weights
+
+
+def swin_release_fields(tensors: dict[str, np.ndarray], image_size: int,
+                        window_size: int | None) -> dict:
+  """The `swin` tower fields of a release state dict (names without prefix) at `image_size`;
+  the window is the checkpoint's unless `window_size` is given."""
+  try:
+    patch = tensors["patch_embed.proj.weight"]
+  except KeyError:
+    raise InputError("no patch_embed.proj.weight: not a Swin state dict") from None
+  blocks = {}
+  for name in tensors:
+    match = re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", name)
+    if match:
+      blocks.setdefault(int(match.group(1)), set()).add(int(match.group(2)))
+  if sorted(blocks) != list(range(len(blocks))) or not blocks:
+    raise InputError(f"the Swin stages {sorted(blocks)} are not 0..N-1")
+  table = lambda i: tensors[f"layers.{i}.blocks.0.attn.relative_position_bias_table"]
+  source_window = (math.isqrt(table(0).shape[0]) + 1) // 2
+  embed_dim = patch.shape[0]
+  return {"image_size": image_size, "patch_size": patch.shape[2], "embed_dim": embed_dim,
+          "depths": tuple(len(blocks[i]) for i in sorted(blocks)),
+          "num_heads": tuple(table(i).shape[1] for i in sorted(blocks)),
+          "window_size": window_size or source_window,
+          "mlp_ratio": tensors["layers.0.blocks.0.mlp.fc1.weight"].shape[0] / embed_dim}
+
+
+def _swin_rules(config, interpolation: str):
+  """Rules over Swin release names (layers.N.blocks.M...)."""
+  kind = r"(?P<kind>weight|bias)"
+  leaf = lambda m: "scale" if m.group("kind") == "weight" else "bias"
+  block = lambda m: f"stage{m.group(1)}_block{m.group(2)}"
+  windows = [w for _, w in config.stage_windows()]
+
+  def linear(name):
+    def to_ours(m, x):
+      ours, value = conversion.from_linear(x, m.group("kind"), "plain", 1)
+      return {f"{name(m)}/{ours}": value}
+    return to_ours
+
+  def table(m, x):
+    return {f"{block(m)}/attention/relative_position_bias_table":
+            resize_relative_position_table(x, windows[int(m.group(1))], interpolation)}
+
+  blocks = r"layers\.(\d+)\.blocks\.(\d+)"
+  return [
+      (r"patch_embed\.proj\.weight", lambda m, x: {"patch_embed/kernel": x.transpose(2, 3, 1, 0)}),
+      (r"patch_embed\.proj\.bias", lambda m, x: {"patch_embed/bias": x}),
+      (rf"patch_embed\.norm\.{kind}", lambda m, x: {f"patch_norm/{leaf(m)}": x}),
+      (rf"{blocks}\.(norm[12])\.{kind}", lambda m, x: {f"{block(m)}/{m.group(3)}/{leaf(m)}": x}),
+      (rf"{blocks}\.attn\.(qkv|proj)\.{kind}",
+       linear(lambda m: f"{block(m)}/attention/{m.group(3)}")),
+      (rf"{blocks}\.attn\.relative_position_bias_table", table),
+      (rf"{blocks}\.mlp\.(fc[12])\.{kind}", linear(lambda m: f"{block(m)}/mlp/{m.group(3)}")),
+      (rf"layers\.(\d+)\.downsample\.norm\.{kind}",
+       lambda m, x: {f"stage{m.group(1)}_merge/norm/{leaf(m)}": x}),
+      (r"layers\.(\d+)\.downsample\.reduction\.(?P<kind>weight)",
+       linear(lambda m: f"stage{m.group(1)}_merge/reduction")),
+      (rf"norm\.{kind}", lambda m, x: {f"norm/{leaf(m)}": x}),
+      (rf"{blocks}\.attn\.relative_position_index|{blocks}\.attn_mask",
+       "a buffer, rebuilt from the window size"),
+      (r"head\..*", "the ImageNet classifier is not part of the image tower"),
+  ]
+
+
+def convert_swin(tensors: dict[str, np.ndarray], image_size: int, window_size: int | None = None,
+                 interpolation: str = "geometric", prefix: str = ""):
+  """(params of the `swin` tower, its fields, {dropped name: reason}) from a Swin release state
+  dict (names under `prefix`), at `image_size`, with the relative-position tables resized to the
+  target window (`interpolation`: "geometric" as the reference's loader, or "bicubic")."""
+  if interpolation not in INTERPOLATIONS:
+    raise InputError(f"--rel_pos_interpolation={interpolation!r} is not one of {INTERPOLATIONS}")
+  own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+  fields = swin_release_fields(own, image_size, window_size)
+  spec = towers.spec_from_config({"kind": "swin", **fields}, "--source", "image")
+  params, dropped = conversion.apply_rules(own, _swin_rules(spec.config, interpolation),
+                                 range(len(fields["depths"])), prefix="")
+  conversion.check_filled(params, conversion.tower_shapes(spec), "swin tower")
+  return conversion.tree(params), fields, {prefix + k: v for k, v in dropped.items()}
+
+
+
+
+def _convert_release(source: str, options: conversion.Options) -> conversion.Converted:
+  """--format=swin: a Swin release file ({'model': state_dict}) -> the `swin` tower at
+  --image_size, its relative-position tables resized to --window_size."""
+  params, fields, dropped = convert_swin(conversion.read_pytorch(source)[0], options.image_size,
+                                         options.window_size or None, options.interpolation)
+  return conversion.Converted(params, {"model.image": {"kind": "swin", **fields}},
+                              "model.image.init", dropped)
+
+
+towers.register("swin", towers.TowerKind("image", SwinConfig, SwinTransformer,
+                                           converters={"swin": _convert_release}))

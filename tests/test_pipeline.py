@@ -1,11 +1,15 @@
-"""The input pipeline: step-indexed order, per-process rows, record sources (the synthetic one
-and a toy one registered by this test alone), and the splits' shapes."""
+"""The input pipeline: step-indexed order, per-process rows, record sources (the synthetic one,
+and toy ones registered by these tests alone: one of arrays, one of encoded images that gets the
+reference augmentation), and the splits' shapes."""
+
+import io
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from rebalance_jax.config import spec
-from rebalance_jax.data import pipeline, sources
+from rebalance_jax.data import pipeline, prepared, sources, transforms
 from rebalance_jax.data.dataset import load_dataset
 from rebalance_jax.infra.errors import InputError
 
@@ -144,3 +148,69 @@ def test_a_source_without_attributes_trains_a_stage_without_teachers(toy_data, t
   assert set(results) == {"stage1"} and 0 <= results["stage1"]["rsum"] <= 600
   assert results["stage1"]["t2t_ndcg@10"] > 0
   assert not (tmp_path / "run" / "teachers").exists()
+
+
+class _JpegRows:
+  """Encoded images by row, as a prepared dataset's record source reads them."""
+
+  def __init__(self, images: list[bytes]):
+    self._images = images
+
+  def __len__(self):
+    return len(self._images)
+
+  def __getitems__(self, rows):
+    return [{"image": self._images[r]} for r in rows]
+
+
+def _jpeg(colour, size=(40, 30)) -> bytes:
+  out = io.BytesIO()
+  Image.fromarray(np.full(size[::-1] + (3,), colour, np.uint8)).save(out, "JPEG")
+  return out.getvalue()
+
+
+def _jpegs(split: int, n: int = 12) -> list[bytes]:
+  return [_jpeg((20 * i, 255 - 20 * i, 7 * split)) for i in range(n)]
+
+
+def _encoded_source(data):
+  """Three splits of 12 JPEGs (five captions each) whose records decode at any size and make the
+  reference training view."""
+  splits = {}
+  for offset, name in enumerate(sources.SPLITS):
+    images = _jpegs(offset)
+    n = len(images)
+    records = prepared.ImageFileRecords(_JpegRows(images), [f"{name}/{i}.jpg" for i in range(n)],
+                                        data.image_size, data.crop_scale, data.randaugment)
+    captions = tuple(f"{_WORDS[i % 6]} {_WORDS[(i + c) % 6]} shape" for i in range(n)
+                     for c in range(5))
+    splits[name] = sources.Split(records, captions, np.repeat(np.arange(n, dtype=np.int32), 5),
+                                 np.arange(n, dtype=np.int32))
+  return sources.Source(splits, sources.options(data)["cache"], identity="encoded-toy")
+
+
+def test_a_registered_source_of_encoded_images_gets_the_reference_augmentation(
+    tiny_config, tmp_path, monkeypatch):
+  sources.names()
+  monkeypatch.setattr(sources, "_REGISTRY", dict(sources._REGISTRY))
+  sources.register("toy_jpegs", _encoded_source, options={"cache": str(tmp_path)},
+                   encoded_images=True)
+  sources.register("toy_arrays", _toy_source)
+  c = tiny_config
+  c.data.name, c.data.augment, c.data.augment_shift = "toy_jpegs", "reference", 0
+  del c.data["synthetic"]
+  data = load_dataset(spec.from_config(c).data)
+  assert data.train.images.at_size(16)[0].shape == (16, 16, 3)  # a teacher's own size
+  rows = np.array([0, 7, 33])
+  batch = pipeline.pair_rows(data, seed=5)(rows, 4)
+  for image, row in zip(batch["image"], rows):
+    decoded = transforms.decode(_jpegs(0)[row // 5])
+    expected = transforms.train_view(decoded, np.random.default_rng((5, 4, int(row))),
+                                     c.data.image_size, tuple(c.data.crop_scale),
+                                     tuple(c.data.randaugment))
+    np.testing.assert_array_equal(image, expected)
+  c.data.name = "toy_arrays"  # a source without encoded images cannot make that view
+  c.data.toy_arrays = {"cache": str(tmp_path)}
+  with pytest.raises(InputError, match=r"config\.data\.augment='reference' needs a source of "
+                                       r"encoded images .*config\.data\.name='toy_arrays'"):
+    spec.from_config(c)

@@ -20,7 +20,8 @@ from rebalance_jax.models import weights
 from rebalance_jax.data.dataset import load_dataset
 from rebalance_jax.infra.errors import InputError
 from rebalance_jax.evaluators import ranking, retrieval
-from rebalance_jax.models import towers
+from rebalance_jax import convert
+from rebalance_jax.models import conversion, towers
 from rebalance_jax.models.student import Student, init_student, with_tower_weights
 from rebalance_jax.recipe.teachers.network import Teacher
 from conftest import saved_state, stage2_loss_and_grads
@@ -46,11 +47,29 @@ class PixelTower(nn.Module):
     return towers.TowerOutput(tokens, tokens.mean(1), jnp.ones(tokens.shape[:2], jnp.int32))
 
 
+def convert_pixel_npz(source: str, options: conversion.Options) -> conversion.Converted:
+  """The toy tower's converter: an .npz of a PyTorch-layout Linear ('proj.weight' (out, in),
+  'proj.bias') through the shared name rules and shape check."""
+  with np.load(source) as f:
+    tensors = dict(f)
+  params, dropped = conversion.apply_rules(tensors, [
+      (r"proj\.(?P<kind>weight|bias)",
+       lambda m, x: {"embed/" + conversion.from_linear(x, m.group("kind"), "plain", 1)[0]:
+                     conversion.from_linear(x, m.group("kind"), "plain", 1)[1]}),
+      (r"step", "a counter, not a weight")], range(0), prefix="")
+  fields = {"width": params["embed/kernel"].shape[1]}
+  spec = towers.spec_from_config({"kind": "pixels", **fields}, "--source", "image")
+  conversion.check_filled(params, conversion.tower_shapes(spec), "pixels tower")
+  return conversion.Converted(conversion.tree(params), {"model.image": {"kind": "pixels", **fields}},
+                              "model.image.init", dropped)
+
+
 @pytest.fixture
 def pixel_tower(monkeypatch):
   towers.kinds()  # the built-in towers register on first use
   monkeypatch.setattr(towers, "_REGISTRY", {**towers._REGISTRY})  # registered for this test
-  towers.register("pixels", towers.TowerKind("image", PixelConfig, PixelTower))
+  towers.register("pixels", towers.TowerKind("image", PixelConfig, PixelTower,
+                                             converters={"pixel_npz": convert_pixel_npz}))
 
 
 def test_a_toy_tower_from_the_registry_trains_a_stage(pixel_tower, tiny_config, tmp_path):
@@ -63,6 +82,25 @@ def test_a_toy_tower_from_the_registry_trains_a_stage(pixel_tower, tiny_config, 
   _, state = saved_state(str(tmp_path), "stage1")
   assert state["params"]["image_encoder"]["embed"]["kernel"].shape == (3, 24)
   assert state["params"]["image_proj"]["kernel"].shape == (24, c.model.embed_dim)
+
+
+def test_a_toy_tower_brings_its_converter_to_the_convert_command(pixel_tower, tmp_path, capsys):
+  weight = np.arange(30, dtype=np.float32).reshape(10, 3)  # PyTorch Linear: (out, in)
+  source = tmp_path / "pixels.npz"
+  np.savez(source, **{"proj.weight": weight, "proj.bias": np.ones(10, np.float32), "step": 7})
+  output = str(tmp_path / "pixels.safetensors")
+  converted = convert.run("pixel_npz", str(source), output, conversion.Options())
+  assert converted.dropped == {"step": "a counter, not a weight"}
+  assert (f"use it with: --config.model.image.init={output} --config.model.image.kind=pixels "
+          "--config.model.image.width=10") in capsys.readouterr().out
+  tower = towers.spec_from_config({"kind": "pixels", "width": 10, "init": output},
+                                  "config.model.image", "image")
+  like = jax.eval_shape(lambda r: towers.init_params(tower, r), jax.random.key(0))
+  loaded = towers.load_init(tower, like, "config.model.image")
+  np.testing.assert_array_equal(loaded["embed"]["kernel"], weight.T)
+  np.testing.assert_array_equal(loaded["embed"]["bias"], np.ones(10))
+  with pytest.raises(InputError, match=r"--format='pixel_h5' is not one of \(.*'pixel_npz'"):
+    convert.run("pixel_h5", str(source), output, conversion.Options())
 
 
 def _vit(**fields):

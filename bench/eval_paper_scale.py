@@ -4,7 +4,7 @@
       [--block 256] [--slice_blocks 1] [--memory_devices 1,2,4,8]
       [--device_tflops 989] [--utilization 0.4] [--accelerators 1] [--interconnect_gbs 450]
 
-Random weights and random states, no training, no towers. Shapes (METHOD.md §2, §6-7):
+Random weights and random states, no training, no towers. Shapes (docs/method.md §2, §6-7):
 - 5,000 test images, each a Swin-B-shaped token state (145 tokens = pooled [CLS] + 12 x 12 patches,
   1,024 wide, mask of ones) and 25,000 captions (5 per image), each a BERT-base text state
   (L = 40 tokens x 768: configs/coco.py cuts eval captions to data.max_words_eval = 30 words, then

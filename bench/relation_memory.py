@@ -31,7 +31,7 @@ MIB = 2**20
 
 
 def stage2_loss(terms):
-  """The relation + contrastive part of the stage-2 objective (METHOD.md §4.4 weights)."""
+  """The relation + contrastive part of the stage-2 objective (docs/method.md §4.4 weights)."""
 
   def loss(image, text, fusion_cls, image_teacher, text_teacher, ids, tau, tau2, lam):
     itc = terms.itc_loss(image, text, ids, tau)

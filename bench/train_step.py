@@ -7,7 +7,7 @@ the student's parameters, and prints the figures.
   python bench/train_step.py --config=configs/bench_tiny.py --batch_size=8 --stage=stage2 \
       --threads=1
 
-Builds the stage as `phases.py` does, with the same library pieces (`objective.batch_loss`,
+Builds the stage as `recipe/phases.py` does, with the same library pieces (`objective.batch_loss`,
 `optim.make_optimizer`, `loop.abstract_state`/`create_state`, `loop.jit_train_step` with
 `loop.run_stage`'s shardings and donation), but with nothing read from disk: random student
 parameters (every `init` of the config, config.model.init included, is set to ''), and a random
@@ -25,7 +25,7 @@ other processes' load slows the steps), and the student's parameter count by top
 sizes its thread pools from the CPUs it may run on, and the threads it runs cannot use more than
 those N cores (compilation included). The text tower's vocabulary: --vocab_size, else the size of
 config.tokenizer.vocab_file if that file exists, else config.tokenizer.vocab_size (the WordPiece
-vocabulary train.py trains when vocab_file is ''; its real size can be a little smaller). The
+vocabulary a run trains when vocab_file is ''; its real size can be a little smaller). The
 reference configs name bert-base-uncased's vocab.txt: without it, pass --vocab_size=30522.
 """
 

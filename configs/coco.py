@@ -1,5 +1,5 @@
 """MS-COCO (Karpathy split) with the reference's student, teachers and hyperparameters
-(METHOD.md §2-§6).
+(docs/method.md §2-§6).
 
 The student and teachers are configs/flickr.py's (see its docstring for the convert commands)
 with captions of at most 40 tokens, so the text tower and the text teacher are converted with

@@ -1,4 +1,4 @@
-"""Flickr30K with the reference's student, teachers and hyperparameters (METHOD.md §2-§6).
+"""Flickr30K with the reference's student, teachers and hyperparameters (docs/method.md §2-§6).
 
 The paper's student: Swin-B/384 (window 12) from the ImageNet-22k release, BERT-base layers 0-5 as
 the text tower and 6-11 as the fusion encoder (fresh cross-attention). The frozen teachers: CLIP
@@ -33,7 +33,7 @@ naming its config field; every path can be overridden. Global batch 36 as [ref] 
 must divide the device count. Expected: the paper's Flickr30K rows (not yet measured here: no
 accelerator and no Flickr30K on this project's machines).
 
-Variant :tiny (config_base.tiny_reference_model): the same data pipeline with tiny towers and
+Variant :tiny (config.defaults.tiny_reference_model): the same data pipeline with tiny towers and
 teachers, e.g. on the miniature trees of `python -m rebalance_jax.data.miniature --out=DIR`
 (it prints the flags); about a minute on 2 CPU cores, numbers meaningless.
 """

@@ -5,7 +5,7 @@
 Runs are trained one after another (`study.runner`); re-running the command skips the finished
 ones and resumes an interrupted one. The workdir ends up with:
   <student>/<level>/seed<k>/   one trunk per (student, imbalance level, seed): a training
-                               workdir (phases.py) with stage 1 and each arm's stage, and
+                               workdir (recipe/phases.py) with stage 1 and each arm's stage, and
                                study/<arm>.json, each run's record
   study.json                   every run's record
   report.md, figures/          the tables (mean ± std over seeds, paired differences against

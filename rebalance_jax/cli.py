@@ -31,7 +31,7 @@ def parse_flags(argv: list[str]) -> list[str]:
              re.search(rf"\.{re.escape(text)}(\.|$)", f)] or [" or ".join(given) or "--config"]
     what = (f"the config has no field {text!r}" if text.isidentifier() else
             f"not a field of the config ({text})")
-    message = f"{named[0]}: {what} (the fields are listed in rebalance_jax/config_base.py)"
+    message = f"{named[0]}: {what} (the fields are listed in rebalance_jax/config/defaults.py)"
   sys.stderr.write(f"FATAL Flags parsing error: {message}\n")
   sys.exit(1)
 

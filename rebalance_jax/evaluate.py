@@ -1,4 +1,4 @@
-"""Evaluates a run's student checkpoints with the paper's protocols (METHOD.md §7).
+"""Evaluates a run's student checkpoints with the paper's protocols (docs/method.md §7).
 
   python -m rebalance_jax.evaluate --config=configs/demo.py --workdir=runs/demo
 

@@ -1,4 +1,4 @@
-"""Loss terms of structure-aware distillation (METHOD.md §4) as small pure functions.
+"""Loss terms of structure-aware distillation (docs/method.md §4) as small pure functions.
 
 This module is the plug-and-play public API: it depends on nothing but JAX, so any image-text model
 can add the paper's representation-level and structure-aware distillation to its own loss. Every

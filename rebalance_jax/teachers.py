@@ -1,4 +1,4 @@
-"""Runs the frozen teachers over the training set once and stores their features (METHOD.md §3).
+"""Runs the frozen teachers over the training set once and stores their features (docs/method.md §3).
 
   python -m rebalance_jax.teachers --config=configs/flickr.py --workdir=runs/flickr
 

@@ -2,9 +2,9 @@
 
   python -m rebalance_jax.train --config=configs/demo.py --workdir=runs/demo
 
-The config is read once (`spec.from_config`); its stages run in `init_from` order (`phases.run`).
+The config is read once (`spec.from_config`); its stages run in `init_from` order (`recipe.phases.run`).
 Each phase resumes from what the workdir already holds, so re-running the same command after an
-interruption continues where it stopped. The workdir's layout is in rebalance_jax/phases.py.
+interruption continues where it stopped. The workdir's layout is in rebalance_jax/recipe/phases.py.
 """
 
 from absl import app, flags

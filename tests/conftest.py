@@ -7,7 +7,7 @@ import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
-# "_v2": entries written before the guard (compilation_cache.py) may hold what it now refuses.
+# "_v2": entries written before the guard (infra/compilation_cache.py) may hold what it now refuses.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "rebalance_jax_test_xla_cache_v2"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")

@@ -191,7 +191,7 @@ def test_fusion_layers_with_cross_attention_match_transformers_bert_layers(tmp_p
 def test_bert_base_fusion_layers_start_their_cross_attention_fresh(bert_dir, tmp_path,
                                                                    tiny_config):
   """bert-base has no cross-attention: the student loads the layers' self-attention and
-  feed-forward weights and keeps its fresh cross-attention (METHOD.md §2)."""
+  feed-forward weights and keeps its fresh cross-attention (docs/method.md §2)."""
   directory, _ = bert_dir
   out = tmp_path / "fusion.safetensors"
   convert.run("hf_bert", str(directory), str(out), conversion.Options(layers="1:3", part="fusion"))

@@ -1,4 +1,4 @@
-"""Tests of the loss terms (rebalance_jax.losses) against METHOD.md §4.
+"""Tests of the loss terms (rebalance_jax.losses) against docs/method.md §4.
 
 Every term is compared with a hand computation or with a float64 numpy re-derivation written as plain
 Python loops (deliberately naive, so it is obviously the formula of the spec). JAX runs in float32.

@@ -1,4 +1,4 @@
-"""Tests of the ranking metrics (rebalance_jax.evaluators.ranking) against METHOD.md §7.
+"""Tests of the ranking metrics (rebalance_jax.evaluators.ranking) against docs/method.md §7.
 
 Hand-built score matrices with the expected values worked out in comments, plus a plain-loop float64
 reference of the NDCG protocols (deliberately naive, so it is obviously the spec) on random data.

@@ -282,7 +282,7 @@ def test_the_best_checkpoint_is_kept_besides_the_newest(tmp_path):
 
 @pytest.mark.parametrize("looped", [True, False])
 def test_the_cache_guard_spots_collectives_inside_loops(looped):
-  """The executables XLA:CPU cannot load from the persistent cache (compilation_cache.py)."""
+  """The executables XLA:CPU cannot load from the persistent cache (infra/compilation_cache.py)."""
   mesh = sharding.make_mesh()
   ring = [(i, (i + 1) % 8) for i in range(8)]
 

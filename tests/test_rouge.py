@@ -1,4 +1,4 @@
-"""ROUGE-L relevance (rebalance_jax.evaluators.rouge, METHOD.md §7): hand-computed cases, a plain
+"""ROUGE-L relevance (rebalance_jax.evaluators.rouge, docs/method.md §7): hand-computed cases, a plain
 Python DP on random data (references longer than one 64-bit word included), the disk cache, input
 errors, and agreement with Google's rouge_score package."""
 

@@ -218,7 +218,7 @@ def test_cli_unknown_config_key_is_one_line(tmp_path, flag):
   assert result.returncode == 1
   assert result.stderr.splitlines()[0] == (
       f"FATAL Flags parsing error: {flag.split('=')[0]}: the config has no field "
-      f"'{flag.split('.')[-1].split('=')[0]}' (the fields are listed in rebalance_jax/config_base.py)")
+      f"'{flag.split('.')[-1].split('=')[0]}' (the fields are listed in rebalance_jax/config/defaults.py)")
   assert "Traceback" not in result.stderr
 
 

@@ -144,7 +144,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.tau2_fixed = 0.07         # for "fixed"
   c.loss.distance = "mae"          # or "mse"
   c.loss.itm_negatives = "device"  # [ref] "device": within each device's batch; or "global"
-  # Ring-chunked ITC, L_iic/L_ttc and relation losses (chunked_losses.py): per-device memory
+  # Ring-chunked ITC, L_iic/L_ttc and relation losses (training/chunked_losses.py): per-device memory
   # O(B_local x tile) instead of O(B_local x B), same values; chunk_tile 0 = B_local.
   c.loss.chunked = False
   c.loss.chunk_tile = 0
@@ -162,7 +162,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.lr_multipliers = ()
 
   # The stages, run in init_from order; stage 2 starts from stage 1's selected checkpoint with
-  # the distillation parameters (U_v, U_t, λ, τ2) fresh (METHOD.md §5).
+  # the distillation parameters (U_v, U_t, λ, τ2) fresh (docs/method.md §5).
   c.stages = ml_collections.ConfigDict(dict(
       stage1=stage("", STAGE1_WEIGHTS),
       stage2=stage("stage1", STAGE2_WEIGHTS, fresh_params=DISTILLATION_PARAMS)))
@@ -188,7 +188,7 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-# The converted checkpoints the paper's student starts from (METHOD.md §2), relative to the
+# The converted checkpoints the paper's student starts from (docs/method.md §2), relative to the
 # working directory; configs/flickr.py's docstring gives the commands that write them.
 SWIN_B_384 = "weights/swin_base_patch4_window12_384_22k.safetensors"
 BERT_VOCAB = "weights/bert-base-uncased-vocab.txt"

@@ -1,4 +1,4 @@
-"""Miniature dataset trees in the real layouts of METHOD.md §6, for tests and for trying the real
+"""Miniature dataset trees in the real layouts of docs/method.md §6, for tests and for trying the real
 pipeline without the real data.
 
 The images are real JPEGs (quality 90) of `synthetic` scenes, each resized to its own non-square

@@ -62,6 +62,14 @@ class PreparedImages(tfds.core.GeneratorBasedBuilder):
     for i, example in enumerate(examples):
       yield i, example
 
+  # TFDS prints "Downloading and preparing dataset ..." and "... downloaded and prepared" to
+  # stdout around every build; nothing is downloaded here, and prepare logs its own lines.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
+
 
 def write(directory: str, splits: dict[str, list[ImageEntry]], image_root: str,
           bad: BadExamples, record: dict) -> dict:

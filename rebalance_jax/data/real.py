@@ -1,4 +1,4 @@
-"""The paper's datasets (METHOD.md §6): Flickr30K, MS-COCO and VizWiz-Captions from local files.
+"""The paper's datasets (docs/method.md §6): Flickr30K, MS-COCO and VizWiz-Captions from local files.
 
 `prepare(data)` parses the annotation files (`annotations.py`: Karpathy split files, the reference
 implementation's JSON lists, VizWiz-Captions), verifies every image and writes the prepared

@@ -1,6 +1,6 @@
 """Caption cleaning and tokenization with a real WordPiece tokenizer (`tokenizers`/`transformers`).
 
-Follows the reference (METHOD.md §5): lower-case, punctuation stripped, cut to a word budget, and
+Follows the reference (docs/method.md §5): lower-case, punctuation stripped, cut to a word budget, and
 `[CLS] x` with no final `[SEP]` unless `append_sep` is set.
 """
 

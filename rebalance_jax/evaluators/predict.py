@@ -53,7 +53,7 @@ def student_predictor(model: Student, encode_captions: Callable) -> Predictor:
 
 
 def teacher_predictor(image_teacher=None, text_teacher=None) -> Predictor:
-  """Frozen teachers (frozen_teachers.FrozenTeacher; params {"image", "text"}): each evaluated
+  """Frozen teachers (recipe.teachers.obtain.FrozenTeacher; params {"image", "text"}): each evaluated
   on its own modality (their spaces are unrelated), its normalized features as embeddings."""
   def embed(teacher, modality):
     if teacher is None:

@@ -1,4 +1,4 @@
-"""Ranking metrics of the evaluation protocols (METHOD.md §7): small, pure, vectorized numpy.
+"""Ranking metrics of the evaluation protocols (docs/method.md §7): small, pure, vectorized numpy.
 
 Conventions: N_i test images and N_c captions; caption c belongs to image `text_to_image[c]`, and
 `first_caption[i]` is image i's first caption (5i in the standard layout). `rel` is the (N_c, N_i)
@@ -220,7 +220,7 @@ def mixed_ndcg(image_emb: np.ndarray, text_emb: np.ndarray, rel: np.ndarray,
   Queries: every image i and its first caption q = first_caption[i]; each ranks one joint gallery of
   the N_i images and the N_c captions.
 
-  mode="calibrated" (METHOD.md's fix): the gallery is the images (positions 0..N_i-1), then the
+  mode="calibrated" (docs/method.md's fix): the gallery is the images (positions 0..N_i-1), then the
   captions (N_i + c), all scored by the cosine of the normalized embeddings, the query itself
   excluded. Relevance for both queries of image i: image j -> rel[q, j], caption c -> rel[c, i].
 

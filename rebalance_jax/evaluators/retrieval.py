@@ -1,4 +1,4 @@
-"""The paper's evaluation protocols (METHOD.md §7) for any model with the predict contract.
+"""The paper's evaluation protocols (docs/method.md §7) for any model with the predict contract.
 
 Embeddings are extracted sharded over every device and process, and only they (N x D) come to the
 host, where scores and metrics are computed with the pure functions of `ranking`. Token states

@@ -1,4 +1,4 @@
-"""ROUGE-L graded relevance between captions and images (METHOD.md §7), COCO-caption convention.
+"""ROUGE-L graded relevance between captions and images (docs/method.md §7), COCO-caption convention.
 
 For a candidate caption c and the reference captions r_1..r_m of image j (`pycocoevalcap` Rouge):
   P = max_k LCS(c, r_k) / |c|,  R = max_k LCS(c, r_k) / |r_k|,
@@ -22,7 +22,7 @@ every pair is updated with V ← (V + U) | (V − U), U = V & match, and at the 
 zero bits of V among the reference's positions. Captions are sorted by length so a block only runs
 as many steps as its longest caption; images are sorted by their longest reference so that masks of
 more than one word are needed in few blocks. COCO-5K (25,000 × 5,000 × 5 LCS) takes about 30 s on one
-CPU core (bench/rouge_speed.py).
+CPU core (bench/eval_speed.py --rouge_captions 25000 --rouge_images 5000).
 """
 
 import hashlib

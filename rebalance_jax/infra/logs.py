@@ -3,6 +3,7 @@
 import json
 import logging as python_logging
 import os
+import re
 import time
 
 import jax
@@ -58,13 +59,19 @@ class MetricWriter:
     self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
     self._jsonl.flush()
     for name, value in metrics.items():
-      self._tb.add_scalar(name, value, step)
+      self._tb.add_scalar(tensorboard_name(name), value, step)
     self._tb.flush()
 
   def close(self) -> None:
     if self._jsonl is not None:
       self._jsonl.close()
       self._tb.close()
+
+
+def tensorboard_name(name: str) -> str:
+  """A metric's name as TensorBoard accepts it (letters, digits, '_', '-', '.', '/'):
+  'itm/i2t_ndcg@10' -> 'itm/i2t_ndcg_10'. metrics.jsonl keeps the name as it is."""
+  return re.sub(r"[^\w./-]", "_", name)
 
 
 def read_records(path: str) -> list[str]:
@@ -91,7 +98,8 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-  """Logs `name step/total (pct) | key metrics | rate | ETA`, timing from the first report."""
+  """Logs `name step/total (pct) | key metrics | rate | ETA`, timing from the first report (whose
+  line has no rate: its interval includes compilation)."""
 
   def __init__(self, name: str, total_steps: int, first_step: int):
     self.name, self.total = name, total_steps
@@ -105,10 +113,12 @@ class Progress:
       rate = float("nan")
     else:
       rate = (step - self._start_step) / max(now - self._start_time, 1e-9)
-    eta = format_duration((self.total - step) / rate) if rate > 0 else "?"
     shown = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items()
                      if k.startswith("loss/") or k.startswith("scalars/"))
+    parts = [f"{self.name} {step}/{self.total} ({100.0 * step / self.total:.0f}%)", shown]
+    if rate > 0:
+      parts += [f"{rate * examples_per_step:.1f} ex/s",
+                f"ETA {format_duration((self.total - step) / rate)}"]
     if is_main_process():
-      logging.info("%s %d/%d (%.0f%%) | %s | %.1f ex/s | ETA %s", self.name, step, self.total,
-                   100.0 * step / self.total, shown, rate * examples_per_step, eta)
+      logging.info("%s", " | ".join(p for p in parts if p))
     return {"perf/examples_per_sec": rate * examples_per_step} if np.isfinite(rate) else {}

@@ -13,7 +13,7 @@ from rebalance_jax.models.towers import swin
 from rebalance_jax.models.towers import text as text_tower
 
 
-# The reference's heads -> the student's parameters (METHOD.md §2; [ref] names, 'lamba' its own).
+# The reference's heads -> the student's parameters (docs/method.md §2; [ref] names, 'lamba' its own).
 _REFERENCE_HEADS = {"vision_proj": "image_proj", "text_proj": "text_proj",
                     "sig_vision_proj": "teacher_image_proj", "sig_text_proj": "teacher_text_proj",
                     "itm_head.0": "itm_head/fc1", "itm_head.1": "itm_head/norm",

@@ -1,4 +1,4 @@
-"""The cross-modal student (METHOD.md §2) and its learnable scalars.
+"""The cross-modal student (docs/method.md §2) and its learnable scalars.
 
 One module holds every student parameter of every stage: the image and text towers (any registered
 kinds), projection heads, fusion encoder and ITM head (unless dual-encoder), the teacher
@@ -21,7 +21,7 @@ from rebalance_jax.models import towers
 from rebalance_jax.models.fusion import FusionConfig, FusionEncoder, ItmHead
 from rebalance_jax.models.layers import default_kernel_init
 
-# The parameter subtrees of the distillation terms (METHOD.md §5: fresh in stage 2).
+# The parameter subtrees of the distillation terms (docs/method.md §5: fresh in stage 2).
 DISTILLATION_PARAMS = ("teacher_image_proj", "teacher_text_proj", "lam", "temp2")
 # The student's towers and where each one's `init` weights go in its parameter tree.
 TOWER_PARAMS = {"image": "image_encoder", "text": "text_encoder"}

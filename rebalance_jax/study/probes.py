@@ -66,7 +66,7 @@ def matching_accuracy(run: LoadedRun, stage: str) -> dict[str, float]:
 def relations(run: LoadedRun, arm: str) -> dict[str, np.ndarray]:
   """R^V, R^T (the teachers'), R^E (fused with the arm's λ) and the student's R^M after stage 1
   and after the arm, over the first RELATION_BATCH training images with their first caption, all
-  at the arm's τ2 (METHOD.md §4.3). The student relation is the fusion [CLS] of each matched pair
+  at the arm's τ2 (docs/method.md §4.3). The student relation is the fusion [CLS] of each matched pair
   (a dual encoder's: config.model.dual_relation embeddings; with "both", the mean of the image and
   text relations, where training sums their two distances)."""
   split = run.data.train

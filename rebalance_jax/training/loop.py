@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import functools
 import signal
+import time
 import zlib
 from collections.abc import Callable
 
@@ -157,11 +158,14 @@ def run_stage(stage: Stage, init_params, frozen, mesh: Mesh, until_step: int | N
   stage.writer.start(step)
   progress = logs.Progress(stage.name, stage.total_steps, step)
   pending = []  # per-step metrics on device, fetched at each log point
+  compiled = False
   # Closed on every exit, so that no reader thread outlives the stage.
   with contextlib.closing(stage.batches.iterate(step, end)) as batches:
     while step < end:
       batch = sharding.to_global(next(batches), mesh)
-      state, metrics = train_step(state, batch, frozen, rng)
+      step_fn = train_step if compiled else functools.partial(_first_step, stage.name, train_step)
+      state, metrics = step_fn(state, batch, frozen, rng)
+      compiled = True
       pending.append(metrics)
       step += 1
       stop = _stop_requested(step)
@@ -189,6 +193,19 @@ def run_stage(stage: Stage, init_params, frozen, mesh: Mesh, until_step: int | N
         raise Preempted(stop, stage.name, step)
   stage.checkpointer.wait()
   return state
+
+
+def _first_step(name: str, train_step, state, batch, frozen, rng):
+  """The first call of the jitted step, which traces and compiles it (or loads it from the
+  persistent compilation cache) before dispatching it: timed and logged, as it can take a
+  minute at paper scale."""
+  if logs.is_main_process():
+    logging.info("%s: compiling the train step", name)
+  started = time.perf_counter()
+  out = train_step(state, batch, frozen, rng)  # returns once compiled; the step runs async
+  if logs.is_main_process():
+    logging.info("%s: train step compiled in %.1f s", name, time.perf_counter() - started)
+  return out
 
 
 def _numbers(metrics: dict) -> dict[str, float]:

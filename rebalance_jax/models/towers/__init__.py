@@ -7,7 +7,7 @@ are called as `tower(images, train)` on preprocessed float images (B, S, S, 3), 
 converted checkpoint (`init` in the config) into the tower's parameter tree.
 
 In a config a tower is `dict(kind=..., init=..., <fields of the kind's config dataclass>)`
-(`config_base.tower`); `spec_from_config` turns it into a `TowerSpec`. Nothing outside this
+(`config.defaults.tower`); `spec_from_config` turns it into a `TowerSpec`. Nothing outside this
 package names a tower type: a new tower is one module in this package that calls `register` (every
 module here is imported on first use), or a `register` call from the user's own code.
 """

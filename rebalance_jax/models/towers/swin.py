@@ -1,4 +1,4 @@
-"""Swin Transformer image tower (the paper's student backbone, METHOD.md §2), in the layout of
+"""Swin Transformer image tower (the paper's student backbone, docs/method.md §2), in the layout of
 Microsoft's release so its checkpoints convert name by name (`convert --format=swin`).
 
 Patch embedding (conv + LayerNorm), then stages of blocks that attend within non-overlapping

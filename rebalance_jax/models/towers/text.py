@@ -165,7 +165,7 @@ def convert_hf_bert_fusion(hf_config: dict, tensors: dict[str, np.ndarray], laye
   """(params of the fusion encoder, its config fields, {dropped name: reason}) from the layers
   `layers` of a BERT checkpoint. Their self-attention and feed-forward weights are BERT's; their
   cross-attention comes from the checkpoint when it has one (a trained model of the reference),
-  else it is absent and the student initializes it fresh (METHOD.md §2)."""
+  else it is absent and the student initializes it fresh (docs/method.md §2)."""
   text = hf_bert_text_fields(hf_config, layers, 1)
   fields = {"depth": text["depth"], "num_heads": text["num_heads"], "mlp_dim": text["mlp_dim"]}
   params, dropped = conversion.apply_rules(

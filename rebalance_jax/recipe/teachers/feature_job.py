@@ -1,4 +1,4 @@
-"""The teacher-feature job: the frozen teachers run once over the training set (METHOD.md §3).
+"""The teacher-feature job: the frozen teachers run once over the training set (docs/method.md §3).
 
 Features are stored per image (one row per training image) and per caption (one row per training
 caption), not one row per pair, in chunks of `chunk_rows` global rows: `<modality>-<chunk>.npy`

@@ -1,4 +1,4 @@
-"""A modal-independent teacher network (METHOD.md §3): one registered tower, and optionally a head
+"""A modal-independent teacher network (docs/method.md §3): one registered tower, and optionally a head
 over the dataset's scene attributes used only to pre-train it (the synthetic data's analogue of
 ImageNet / language pre-training). Its feature is the tower's pooled output."""
 

@@ -1,7 +1,7 @@
 """Frozen teachers: each a model, its parameters, its own preprocessing and tokenizer, feature
 dimension and a fingerprint of its weights, obtained from the config.
 
-A teacher with `init` weights (converted weights: `weights.py`) loads them onto the devices; one
+A teacher with `init` weights (converted weights: `models/weights.py`) loads them onto the devices; one
 without is pre-trained on the dataset's scene attributes (the synthetic data has them), with the
 same resumable loop as the student. Teachers are never trained after that: their parameters are a
 separate, non-differentiated input of the student's train step.

@@ -269,10 +269,11 @@ def test_bad_real_data_settings_name_the_field(trees, tmp_path, field, value, me
     load_dataset(spec.from_config(config).data)
 
 
-def test_reference_augmentation_needs_image_files(tiny_config):
+def test_reference_augmentation_needs_encoded_images(tiny_config):
   tiny_config.data.augment = "reference"  # configs/demo.py:tiny: the synthetic data
-  with pytest.raises(InputError, match=r"config\.data\.augment='reference' needs images as "
-                                       r"files"):
+  with pytest.raises(InputError, match=r"config\.data\.augment='reference' needs a source of "
+                                       r"encoded images \(a real dataset\), not "
+                                       r"config\.data\.name='synthetic'"):
     spec.from_config(tiny_config)
 
 
@@ -304,6 +305,7 @@ def test_prepare_names_a_bad_image_or_skips_and_reports_it(trees, tmp_path):
   skipped = _prepare_cli("configs/flickr.py:tiny", *paths, "--config.data.on_bad_example=skip")
   assert skipped.returncode == 0, skipped.stderr[-2000:]
   assert "skipped 2 bad examples" in skipped.stdout
+  assert "download" not in (skipped.stdout + skipped.stderr).lower()  # nothing is downloaded
   assert f"images[7]: {images / corrupt['filename']}" in skipped.stderr
   config = real_config("flickr30k", dict(tree, image_root=str(images)), tmp_path / "cache")
   config.data.on_bad_example = "skip"

@@ -216,7 +216,7 @@ def test_the_workdir_lock_refuses_a_second_holder_and_dies_with_its_holder(tmp_p
     pass
   # A holder killed with -9 leaves the file but not the lock.
   holder = subprocess.Popen([sys.executable, "-c", (
-      "import sys, time; sys.path.insert(0, sys.argv[1]); from rebalance_jax import files; "
+      "import sys, time; sys.path.insert(0, sys.argv[1]); from rebalance_jax.infra import files; "
       "lock = files.WorkdirLock(sys.argv[2], 'x').__enter__(); print('held', flush=True); "
       "time.sleep(60)"), REPO, str(tmp_path)], stdout=subprocess.PIPE, text=True)
   assert holder.stdout.readline().strip() == "held"

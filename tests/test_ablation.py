@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import load_config
 
-from rebalance_jax import ablation, losses
+from rebalance_jax import losses
 from rebalance_jax.config import spec
 from rebalance_jax.data.sources import Split
 from rebalance_jax.infra.errors import InputError
@@ -121,7 +121,7 @@ def test_tiny_study_end_to_end(data_cache, tmp_path):
   config = load_config("configs/ablation.py:tiny")
   config.data.cache_dir = data_cache
   workdir = str(tmp_path / "study")
-  markdown = ablation.run(config, workdir)
+  markdown = runner.run_study(config, workdir)
   runs = grid.plan(config)
   with open(os.path.join(workdir, "study.json")) as f:
     records = json.load(f)["runs"]
@@ -158,7 +158,7 @@ def test_tiny_study_end_to_end(data_cache, tmp_path):
                      [runner.record_path(workdir, r) for r in runs] +
                      [os.path.join(workdir, report.FIGURES, "probes.npz")]}
   before = written()
-  assert ablation.run(config, workdir) == markdown
+  assert runner.run_study(config, workdir) == markdown
   assert written() == before
   # A record from another config, or a torn one, is not a finished run.
   run = runs[0]

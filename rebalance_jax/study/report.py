@@ -5,6 +5,7 @@ metrics, the matching-head diagnostic, and the figures (`figures`)."""
 import json
 import os
 
+import ml_collections
 import numpy as np
 from scipy import stats
 
@@ -278,3 +279,31 @@ def write_report(workdir: str, records: list[dict], probes: dict, figure_trunk: 
   text = markdown(summary, wall_seconds, settings_text, len(records), teacher_ndcg)
   atomic_write_text(os.path.join(workdir, "report.md"), text)
   return text
+
+
+def settings(config: ml_collections.ConfigDict, runs: list[grid.Run]) -> str:
+  """The report's paragraph on what was run, from the config."""
+  s = config.study
+  first = runs[0].config.stages[grid.FIRST_STAGE]
+  used = dict.fromkeys(r.level for r in runs)
+  levels = "; ".join(f"{name} (" + ", ".join(f"{k}={v}" for k, v in s.levels[name].items()) + ")"
+                     for name in used)
+  select = {"val": "on the validation split", "test": "on the test split (optimistic)",
+            "last": "as the last checkpoint"}[config.eval.select_on]
+  return (
+      f"{len(runs)} runs: seeds {tuple(s.seeds)} of each (student, imbalance level, arm). Every "
+      f"run trains stage 1 (its student's matching losses: ITC + ITM, a dual encoder ITC) for "
+      f"{s.num_steps} steps at batch {first.batch_size}, then its arm's stage for {s.num_steps} "
+      f"more from stage 1's checkpoint selected {select} ({config.eval.select_metric}); the "
+      f"baseline arm's stage is stage 1's objective again, so every arm's student trains the same "
+      f"{2 * s.num_steps} steps on the same data and schedule, and each stage's model is "
+      f"selected the same way. What differs besides the loss: the distilling arms read frozen "
+      f"teachers, pre-trained for {config.teachers.num_steps} steps each on the scene attributes "
+      f"(labels the student never sees; the paper's teachers are pre-trained models too). A seed "
+      f"sets the student's and the teachers' initialization and batch order; stage 1 is shared "
+      f"by the arms of a seed, and each arm's stage draws its own batch order (its seed depends "
+      f"on its name), so the pairing against the baseline is through the seed's stage 1 and "
+      f"teachers. The data is the same in every seed (data.synthetic.seed="
+      f"{config.data.synthetic.seed}): {config.data.synthetic.num_train} training images, "
+      f"{config.data.synthetic.num_val} validation, {config.data.synthetic.num_test} test. "
+      f"Imbalance levels: {levels}.")

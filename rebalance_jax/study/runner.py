@@ -1,4 +1,5 @@
-"""Runs the grid's runs one after another, each with `phases.run` in its trunk's workdir.
+"""The study: the grid's runs one after another, each with `phases.run` in its trunk's workdir,
+then study.json, report.md and its figures (`run_study`).
 
 A finished run leaves `<trunk>/study/<arm>.json`: its test metrics, stage 1's, the matching
 head's pairwise accuracy (`probes.matching_accuracy`), the fingerprint of its experiment and its
@@ -13,12 +14,16 @@ import json
 import os
 import time
 
+import jax
+import ml_collections
+import numpy as np
 from absl import logging
 
-from rebalance_jax.infra import files, interrupts, logs
-from rebalance_jax.recipe import phases
 from rebalance_jax.config import spec
-from rebalance_jax.study import grid, probes
+from rebalance_jax.infra import files, interrupts, logs
+from rebalance_jax.infra.errors import InputError
+from rebalance_jax.recipe import phases, workdirs
+from rebalance_jax.study import grid, probes, report
 
 RECORD_DIR = "study"
 
@@ -81,3 +86,43 @@ def run_all(runs: list[grid.Run], workdir: str) -> list[dict]:
     logging.info("study: %d runs in %s", len(pending),
                  logs.format_duration(time.perf_counter() - started))
   return records
+
+
+def figure_probes(config, workdir: str, runs: list[grid.Run]) -> dict[str, np.ndarray]:
+  """The figure trunk's probes, cached in figures/probes.npz under its runs' fingerprints."""
+  student, level = config.study.figure_trunk
+  seed = config.study.seeds[0]
+  arms = tuple(config.study.figure_arms)
+  chosen = {r.arm: r for r in runs if (r.student, r.level, r.seed) == (student, level, seed)}
+  relation_arm = next(a for a in arms if a != "baseline")
+  key = hashlib.sha256(json.dumps([[a, run_fingerprint(chosen[a])] for a in arms] +
+                                  [relation_arm]).encode()).hexdigest()[:16]
+  path = os.path.join(workdir, report.FIGURES, "probes.npz")
+  if os.path.exists(path):
+    with np.load(path) as saved:
+      if str(saved["key"]) == key:
+        return {k: saved[k] for k in saved.files if k != "key"}
+  opened = {a: probes.LoadedRun.open(chosen[a].config, os.path.join(workdir, chosen[a].trunk))
+            for a in arms}
+  out = probes.figure_probes(opened, relation_arm)
+  files.atomic_write(path, lambda f: np.savez(f, key=key, **out))
+  return out
+
+
+def run_study(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Trains what is missing, writes study.json, report.md and the figures; returns report.md."""
+  if jax.process_count() > 1:
+    raise InputError("the ablation study runs in one process (it trains small runs one after "
+                     f"another); this job has {jax.process_count()}")
+  runs = grid.plan(config)
+  workdir = workdirs.check_workdir(workdir)
+  with interrupts.catching(), workdirs.workdir_lock(workdir, "ablation study"):
+    records = run_all(runs, workdir)
+    files.atomic_write_text(os.path.join(workdir, "study.json"),
+                            json.dumps({"runs": records}, indent=1))
+    probed = figure_probes(config, workdir, runs)
+    markdown = report.write_report(workdir, records, probed, config.study.figure_trunk,
+                                   config.study.figure_arms, sum(r["wall_s"] for r in records),
+                                   report.settings(config, runs))
+  logging.info("study: report in %s", os.path.join(workdir, "report.md"))
+  return markdown

@@ -2,7 +2,8 @@
 
   python -m rebalance_jax.ablation --config=configs/ablation.py --workdir=runs/ablation
 
-Runs are trained one after another (`study.runner.run_study`); re-running the command skips the finished
+Runs are trained one after another (`study.runner.run_study`); re-running the command skips the
+finished
 ones and resumes an interrupted one. The workdir ends up with:
   <student>/<level>/seed<k>/   one trunk per (student, imbalance level, seed): a training
                                workdir (recipe/phases.py) with stage 1 and each arm's stage, and

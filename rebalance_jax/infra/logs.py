@@ -16,14 +16,18 @@ from rebalance_jax.infra.files import atomic_write_text
 
 
 def quiet_library_logs() -> None:
-  """Hides Orbax's per-save INFO lines (it logs through absl) and its warning on every periodic
-  checkpoint saved without selection metrics; other warnings and errors still show."""
+  """Hides Orbax's per-save INFO lines (it logs through absl), its warning on every periodic
+  checkpoint saved without selection metrics, and JAX's note on each accelerator backend it does
+  not find; other warnings and errors still show."""
   def keep(record):
     if "/orbax/" not in record.pathname:
       return True
     return (record.levelno >= python_logging.WARNING and
             not str(record.msg).startswith("Requested `tracked_metric`"))
   python_logging.getLogger("absl").addFilter(keep)
+  python_logging.getLogger("jax._src.xla_bridge").addFilter(
+      lambda r: r.levelno >= python_logging.WARNING or
+      not str(r.msg).startswith("Unable to initialize backend"))
 
 
 def is_main_process() -> bool:

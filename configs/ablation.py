@@ -10,8 +10,8 @@ lists the arms). The baseline arm trains ITC + ITM for as many steps as stage 1 
 every other arm. Runs on the same (student, level, seed) share the teachers, their features and
 stage 1. The workdir ends up with report.md, its figures, and study.json (every run's test
 metrics). Expected on 2 CPU cores: about 80 minutes for the 51 runs (1 h 21 min measured, with
-a test run sharing the cores for 20 of them); the results are in README, "The ablation study",
-and docs/ablation/report.md.
+a test run sharing the cores for 20 of them); the results are in docs/ablation/report.md, in short
+in docs/demo.md.
 
 Variants (--config=configs/ablation.py:<arg>):
   quick   one seed, the main arms at 100 steps per stage: 6 minutes, to see the report.

@@ -7,7 +7,7 @@ It generates the synthetic scene-caption dataset (3,000 train / 200 val / 1,000 
 captions each; cached), pre-trains the image-only and text-only teachers, writes their features,
 trains stage 1 (ITC + ITM) and stage 2 (all distillation terms), and evaluates each stage on the
 1,000 test images. Expected: a few minutes on 2 CPU cores; R@1 far above the 0.1% chance level
-(see README "Results of the demo").
+(docs/demo.md gives a run's results).
 
 Variants (--config=configs/demo.py:<arg>):
   tiny            a seconds-long smoke run (used by the tests).

@@ -165,7 +165,7 @@ def _with_tiny_teachers(config, tiny_teachers):
 def test_a_tiny_model_trains_end_to_end_on_a_miniature(trees, tiny_teachers, tmp_path):
   """prepare, the teacher-feature job, stage 1, stage 2 reading the job's features, evaluation
   (COCO's and VizWiz's splits differ only in what the tests above check; their whole runs are
-  the README's commands)."""
+  the commands of docs/datasets.md)."""
   config = real_config("flickr30k", trees["flickr30k"], tmp_path / "cache")
   _with_tiny_teachers(config, tiny_teachers)
   for stage in config.stages.values():

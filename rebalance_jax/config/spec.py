@@ -289,7 +289,7 @@ def _check_weights_file(field: str, path: str) -> None:
   """Converted weights a config names exist, before anything runs."""
   if path and not os.path.isfile(os.path.expanduser(path)):
     raise InputError(f"{field}={path!r} does not exist: convert the checkpoint into it first "
-                     "(python -m rebalance_jax.convert; README, 'Converted weights')")
+                     "(python -m rebalance_jax.convert; docs/weights.md)")
 
 
 def _student(config: ml_collections.ConfigDict, teachers: "TeachersSpec") -> StudentConfig:

@@ -8,7 +8,7 @@ fori_loops (while loops), with no data dependence between the two. Run it in fre
   python bench/cpu_cache_collectives_repro.py           # loads it: SIGABRT within a few calls
   JAX_ENABLE_COMPILATION_CACHE=false python bench/cpu_cache_collectives_repro.py  # passes
   python bench/cpu_cache_collectives_repro.py --unroll  # no loop: passes warm too
-  python bench/cpu_cache_collectives_repro.py --guard   # rebalance_jax.infra.compilation_cache's guard
+  python bench/cpu_cache_collectives_repro.py --guard   # infra/compilation_cache.py's guard
 
 Cause (jaxlib 0.10.2): a compiled XLA:CPU program gives every collective one shared communicator
 resource, so each device runs its collectives one at a time and in the same order. Deserializing
@@ -43,7 +43,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
 
 from rebalance_jax.infra import compilation_cache  # noqa: E402
 

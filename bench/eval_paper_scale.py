@@ -89,13 +89,17 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import monitoring  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
 
 from configs import coco  # noqa: E402
-from rebalance_jax.evaluators import predict  # noqa: E402
-from rebalance_jax.infra import sharding  # noqa: E402
 from rebalance_jax.config import spec  # noqa: E402
-from rebalance_jax.evaluators import ranking, retrieval  # noqa: E402
+from rebalance_jax.evaluators import (  # noqa: E402
+  predict,  # noqa: E402
+  ranking,
+  retrieval,
+)
+from rebalance_jax.infra import sharding  # noqa: E402
 from rebalance_jax.models.student import Student  # noqa: E402
 
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",

@@ -71,7 +71,8 @@ def main():
   count_bytes(jax, "device_put", to_device, lambda a, out: tree_bytes(a[0]))
   count_bytes(multihost_utils, "process_allgather", to_host, lambda a, out: tree_bytes(out))
   start = time.perf_counter()
-  rows = evaluate_run(spec.from_config(load_config(args.config)), args.workdir, args.stages.split(","))
+  rows = evaluate_run(spec.from_config(load_config(args.config)), args.workdir,
+                      args.stages.split(","))
   seconds = time.perf_counter() - start
   for name, metrics in rows.items():
     print(f"{name}: rsum {metrics['rsum']:.2f}, i2i NDCG@10 {metrics['i2i_ndcg@10']:.2f}")

@@ -21,9 +21,9 @@ import time
 import jax
 import jax.numpy as jnp
 
-from rebalance_jax.training import chunked_losses
 from rebalance_jax import losses
 from rebalance_jax.infra import sharding
+from rebalance_jax.training import chunked_losses
 
 TEMPERATURE, RELATION_TEMPERATURE, LAM = 0.07, 0.5, 0.5
 GIB = 2**30

@@ -67,14 +67,13 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from rebalance_jax import cli  # noqa: E402
-from rebalance_jax.training import loop  # noqa: E402
-from rebalance_jax.recipe import workdirs  # noqa: E402
-from rebalance_jax.training import objective  # noqa: E402
-from rebalance_jax.infra import sharding  # noqa: E402
 from rebalance_jax.config import spec  # noqa: E402
 from rebalance_jax.data import text  # noqa: E402
+from rebalance_jax.infra import sharding  # noqa: E402
 from rebalance_jax.infra.errors import InputError  # noqa: E402
 from rebalance_jax.models.student import init_student  # noqa: E402
+from rebalance_jax.recipe import workdirs  # noqa: E402
+from rebalance_jax.training import loop, objective  # noqa: E402
 from rebalance_jax.training.optim import make_optimizer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",

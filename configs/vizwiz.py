@@ -1,4 +1,5 @@
-"""VizWiz-Captions with the reference's student, teachers and hyperparameters (docs/method.md §2-§6).
+"""VizWiz-Captions with the reference's student, teachers and hyperparameters
+(docs/method.md §2-§6).
 
 The student and teachers are configs/flickr.py's (see its docstring for the convert commands)
 with captions of at most 40 tokens, so the text tower and the text teacher are converted with

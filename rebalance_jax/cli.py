@@ -13,8 +13,8 @@ from collections.abc import Callable
 from absl import flags, logging
 
 from rebalance_jax.infra import compilation_cache, distributed, interrupts
-from rebalance_jax.training import loop
 from rebalance_jax.infra.errors import InputError
+from rebalance_jax.training import loop
 
 
 def parse_flags(argv: list[str]) -> list[str]:

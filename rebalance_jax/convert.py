@@ -58,7 +58,8 @@ _INTERPOLATION = flags.DEFINE_enum("rel_pos_interpolation", "geometric", list(sw
                                    "'geometric' (the reference's loader) or 'bicubic' (Swin's).")
 
 
-def run(format_: str, source: str, output: str, options: conversion.Options) -> conversion.Converted:
+def run(format_: str, source: str, output: str,
+        options: conversion.Options) -> conversion.Converted:
   """Converts `source` into `output` and prints what it wrote and the config fields that use
   it."""
   converted = conversion.convert(format_, source, output, options)

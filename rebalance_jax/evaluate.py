@@ -16,7 +16,6 @@ from rebalance_jax import cli
 from rebalance_jax.config import spec
 from rebalance_jax.recipe.evaluation import evaluate_run
 
-
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "The run's config file (with the same --config.<field> overrides).",
     lock_config=True)

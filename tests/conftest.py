@@ -66,9 +66,9 @@ def saved_state(workdir, stage):
 def stage2_loss_and_grads(config, train: bool = False):
   """((stage-2 loss, metrics), gradients) of a fresh student of `config` (its towers at 16 px and
   16 tokens, teachers 24- and 40-wide, as the tiny config's) on a fixed random batch of 8."""
-  from rebalance_jax.training import objective
   from rebalance_jax.config import spec  # pylint: disable=import-outside-toplevel
   from rebalance_jax.models.student import Student, init_student  # pylint: disable=import-outside-toplevel
+  from rebalance_jax.training import objective
   exp = spec.from_config(config)
   model = Student(exp.student_config(vocab_size=50))
   params = init_student(model, jax.random.key(0))

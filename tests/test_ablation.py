@@ -15,8 +15,8 @@ from conftest import load_config
 from rebalance_jax import losses
 from rebalance_jax.config import spec
 from rebalance_jax.data.sources import Split
-from rebalance_jax.infra.errors import InputError
 from rebalance_jax.evaluators import matching
+from rebalance_jax.infra.errors import InputError
 from rebalance_jax.study import grid, report, runner
 
 

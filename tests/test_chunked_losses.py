@@ -11,9 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from rebalance_jax.training import chunked_losses
 from rebalance_jax import losses
 from rebalance_jax.infra import sharding
+from rebalance_jax.training import chunked_losses
 
 RTOL = 1e-5
 ATOL = 1e-6

@@ -9,20 +9,18 @@ import jax
 import numpy as np
 import pytest
 import safetensors.numpy
+from conftest import REPO
 from flax import traverse_util
 from transformers import BertConfig, FlaxBertModel
 
-from conftest import REPO
-from rebalance_jax.config import defaults, spec
 from rebalance_jax import convert
-from rebalance_jax.models import conversion
-from rebalance_jax.models.towers import clip_vit
-from rebalance_jax.models.towers import text as text_tower
-from rebalance_jax.models import weights
+from rebalance_jax.config import defaults, spec
 from rebalance_jax.infra.errors import InputError
-from rebalance_jax.models import towers
+from rebalance_jax.models import conversion, towers, weights
 from rebalance_jax.models.fusion import FusionConfig, FusionEncoder
 from rebalance_jax.models.student import Student, init_student, with_tower_weights
+from rebalance_jax.models.towers import clip_vit
+from rebalance_jax.models.towers import text as text_tower
 
 CONFIG = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                     intermediate_size=37, max_position_embeddings=64)

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import grimp
-
 from conftest import REPO
 
 ENTRY_POINTS = {"train", "evaluate", "prepare", "teachers", "convert", "ablation"}

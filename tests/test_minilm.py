@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import REPO, load_config
-from rebalance_jax.config import defaults, spec
+
 from rebalance_jax import convert
+from rebalance_jax.config import defaults, spec
 from rebalance_jax.data import text
 from rebalance_jax.infra.errors import InputError
 from rebalance_jax.models import conversion, towers

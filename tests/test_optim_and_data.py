@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from rebalance_jax.config import defaults
-from rebalance_jax.training import optim
 from rebalance_jax.data import text
 from rebalance_jax.infra.errors import InputError
+from rebalance_jax.training import optim
 
 
 def test_warmup_then_linear_decay_to_zero():

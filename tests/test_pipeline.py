@@ -123,8 +123,8 @@ def test_a_toy_source_goes_through_the_pipeline(toy_data, monkeypatch):
 
 
 def test_a_source_without_attributes_cannot_pretrain_teachers(toy_data, tiny_config, tmp_path):
-  from rebalance_jax.recipe.teachers import obtain
   from rebalance_jax.infra import sharding
+  from rebalance_jax.recipe.teachers import obtain
   exp = spec.from_config(tiny_config)
   with pytest.raises(InputError, match=r"config\.teachers\.image\.init is empty and "
                                        r"config\.data\.name='toy' has no scene attributes"):

@@ -9,14 +9,14 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import REPO, load_config
-from rebalance_jax.recipe import phases
+
 from rebalance_jax.config import spec
-from rebalance_jax.recipe.teachers import feature_job
 from rebalance_jax.data import miniature, pipeline, prepared, real
 from rebalance_jax.data.dataset import load_dataset
 from rebalance_jax.infra.errors import InputError
+from rebalance_jax.recipe import phases
+from rebalance_jax.recipe.teachers import feature_job
 
 CONFIGS = {"flickr30k": "configs/flickr.py:tiny", "coco": "configs/coco.py:tiny",
            "vizwiz": "configs/vizwiz.py:tiny"}

@@ -7,17 +7,15 @@ assembled here from transformers' PyTorch Swin and BERT layers on the same rando
 import jax
 import numpy as np
 import pytest
+from test_swin import hf_swin, release_state_dict
 
 from rebalance_jax import convert
-from rebalance_jax.models import conversion, reference
-from rebalance_jax.models import weights
 from rebalance_jax.infra.errors import InputError
-from rebalance_jax.models import towers
+from rebalance_jax.models import conversion, reference, towers, weights
 from rebalance_jax.models.fusion import FusionConfig
 from rebalance_jax.models.student import Student, StudentConfig, init_student, with_tower_weights
 from rebalance_jax.models.towers.swin import SwinConfig
 from rebalance_jax.models.towers.text import TextConfig
-from test_swin import hf_swin, release_state_dict
 
 torch = pytest.importorskip("torch", reason="the reference's forward runs in PyTorch; install "
                             "the test extra (torch==2.13.0)")

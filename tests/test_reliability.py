@@ -14,15 +14,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import REPO
 from jax.sharding import PartitionSpec as P
 
-from conftest import REPO
-from rebalance_jax.training import checkpointing, loop
 from rebalance_jax import cli
-from rebalance_jax.infra import compilation_cache, files, interrupts, logs, sharding
-from rebalance_jax.training.checkpointing import Checkpointer, ConfigMismatchError, DamagedCheckpointError
 from rebalance_jax.data import pipeline, text
+from rebalance_jax.infra import compilation_cache, files, interrupts, logs, sharding
 from rebalance_jax.infra.errors import InputError
+from rebalance_jax.training import checkpointing, loop
+from rebalance_jax.training.checkpointing import (
+  Checkpointer,
+  ConfigMismatchError,
+  DamagedCheckpointError,
+)
 
 RULES = sharding.ParamRules(((r".*", "fsdp"),), min_size=1)
 

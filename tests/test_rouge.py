@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from rebalance_jax.infra import files
 from rebalance_jax.data.text import clean_caption
 from rebalance_jax.evaluators import rouge
+from rebalance_jax.infra import files
 
 BETA = 1.2
 

@@ -7,9 +7,9 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from rebalance_jax.training import checkpointing, loop
 from rebalance_jax.infra import sharding
 from rebalance_jax.infra.errors import InputError
+from rebalance_jax.training import checkpointing, loop
 
 PARAMS = {"encoder": {"kernel": np.arange(32 * 12, dtype=np.float32).reshape(32, 12),
                       "norm": {"scale": np.ones(32, np.float32)}},

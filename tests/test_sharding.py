@@ -8,16 +8,15 @@ import jax
 import numpy as np
 import pytest
 
-from rebalance_jax.training import objective
-from rebalance_jax.evaluators import predict
-from rebalance_jax.infra import sharding
 from rebalance_jax.config import spec
 from rebalance_jax.data import pipeline
 from rebalance_jax.data.sources import Split
-from rebalance_jax.evaluators import retrieval
-from rebalance_jax.recipe.workdirs import student_model
+from rebalance_jax.evaluators import predict, retrieval
+from rebalance_jax.infra import sharding
 from rebalance_jax.models import towers
 from rebalance_jax.models.student import Student, init_student
+from rebalance_jax.recipe.workdirs import student_model
+from rebalance_jax.training import objective
 
 BATCH = 16
 

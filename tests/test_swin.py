@@ -7,14 +7,12 @@ import re
 import jax
 import numpy as np
 import pytest
-
 from conftest import stage2_loss_and_grads
-from rebalance_jax.config import defaults
+
 from rebalance_jax import convert
-from rebalance_jax.models import conversion
-from rebalance_jax.models import weights
+from rebalance_jax.config import defaults
 from rebalance_jax.infra.errors import InputError
-from rebalance_jax.models import towers
+from rebalance_jax.models import conversion, towers, weights
 from rebalance_jax.models.towers import swin
 
 torch = pytest.importorskip("torch", reason="the Swin parity tests run transformers' PyTorch "

@@ -5,9 +5,15 @@ import re
 import numpy as np
 import pytest
 
-from rebalance_jax.infra import files
 from rebalance_jax.data import synthetic
-from rebalance_jax.data.synthetic import ATTRIBUTE_NAMES, COLOURS, SHAPE_NOUNS, SIZE_WORDS, SyntheticConfig
+from rebalance_jax.data.synthetic import (
+  ATTRIBUTE_NAMES,
+  COLOURS,
+  SHAPE_NOUNS,
+  SIZE_WORDS,
+  SyntheticConfig,
+)
+from rebalance_jax.infra import files
 
 SMALL = SyntheticConfig(image_size=24, num_train=40, num_val=10, num_test=30)
 

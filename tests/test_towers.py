@@ -10,21 +10,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from rebalance_jax.config import defaults, spec
-from rebalance_jax.recipe.teachers import obtain
-from rebalance_jax.recipe import phases
-from rebalance_jax.evaluators import predict
-from rebalance_jax.infra import sharding
-from rebalance_jax.models import weights
-from rebalance_jax.data.dataset import load_dataset
-from rebalance_jax.infra.errors import InputError
-from rebalance_jax.evaluators import ranking, retrieval
-from rebalance_jax import convert
-from rebalance_jax.models import conversion, towers
-from rebalance_jax.models.student import Student, init_student, with_tower_weights
-from rebalance_jax.recipe.teachers.network import Teacher
 from conftest import saved_state, stage2_loss_and_grads
+
+from rebalance_jax import convert
+from rebalance_jax.config import defaults, spec
+from rebalance_jax.data.dataset import load_dataset
+from rebalance_jax.evaluators import predict, ranking, retrieval
+from rebalance_jax.infra import sharding
+from rebalance_jax.infra.errors import InputError
+from rebalance_jax.models import conversion, towers, weights
+from rebalance_jax.models.student import Student, init_student, with_tower_weights
+from rebalance_jax.recipe import phases
+from rebalance_jax.recipe.teachers import obtain
+from rebalance_jax.recipe.teachers.network import Teacher
 
 
 @dataclasses.dataclass(frozen=True)

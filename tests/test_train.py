@@ -12,21 +12,21 @@ import sys
 import jax
 import numpy as np
 import pytest
-
 from conftest import REPO, saved_state
-from rebalance_jax.training import checkpointing, objective, loop
-from rebalance_jax.recipe import workdirs, phases
-from rebalance_jax.infra import files, interrupts
-from rebalance_jax.recipe.teachers import obtain, feature_job
+
 from rebalance_jax.config import spec
-from rebalance_jax.models import weights
-from rebalance_jax.training.checkpointing import ConfigMismatchError
 from rebalance_jax.data import pipeline
 from rebalance_jax.data.dataset import load_dataset
-from rebalance_jax.infra.errors import InputError
 from rebalance_jax.evaluators import retrieval
-from rebalance_jax.recipe.evaluation import Evaluator, evaluate_run
+from rebalance_jax.infra import files, interrupts
+from rebalance_jax.infra.errors import InputError
+from rebalance_jax.models import weights
 from rebalance_jax.models.student import init_student, with_tower_weights
+from rebalance_jax.recipe import phases, workdirs
+from rebalance_jax.recipe.evaluation import Evaluator, evaluate_run
+from rebalance_jax.recipe.teachers import feature_job, obtain
+from rebalance_jax.training import checkpointing, loop, objective
+from rebalance_jax.training.checkpointing import ConfigMismatchError
 
 
 @pytest.fixture(scope="module")

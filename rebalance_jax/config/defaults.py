@@ -144,8 +144,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.tau2_fixed = 0.07         # for "fixed"
   c.loss.distance = "mae"          # or "mse"
   c.loss.itm_negatives = "device"  # [ref] "device": within each device's batch; or "global"
-  # Ring-chunked ITC, L_iic/L_ttc and relation losses (training/chunked_losses.py): per-device memory
-  # O(B_local x tile) instead of O(B_local x B), same values; chunk_tile 0 = B_local.
+  # Ring-chunked ITC, L_iic/L_ttc and relation losses (training/chunked_losses.py): per-device
+  # memory O(B_local x tile) instead of O(B_local x B), same values; chunk_tile 0 = B_local.
   c.loss.chunked = False
   c.loss.chunk_tile = 0
 

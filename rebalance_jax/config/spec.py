@@ -20,10 +20,10 @@ from collections.abc import Mapping
 
 import ml_collections
 
-from rebalance_jax.infra import sharding
 from rebalance_jax.data import annotations, sources
-from rebalance_jax.infra.errors import InputError
 from rebalance_jax.evaluators import ranking, retrieval
+from rebalance_jax.infra import sharding
+from rebalance_jax.infra.errors import InputError
 from rebalance_jax.models import towers
 from rebalance_jax.models.fusion import FusionConfig
 from rebalance_jax.models.student import DISTILLATION_PARAMS, StudentConfig

@@ -1,4 +1,5 @@
-"""The three annotation formats of docs/method.md §6 read into image entries, and a bad-example policy.
+"""The three annotation formats of docs/method.md §6 read into image entries, and a bad-example
+policy.
 
 * Karpathy split files (`dataset_flickr30k.json`, `dataset_coco.json`);
 * the reference implementation's JSON lists (train: one `{"image", "caption", "image_id"}` per

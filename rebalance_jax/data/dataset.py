@@ -8,8 +8,8 @@ import numpy as np
 import transformers
 from absl import logging
 
-from rebalance_jax.infra import files
 from rebalance_jax.data import sources, text
+from rebalance_jax.infra import files
 from rebalance_jax.infra.errors import InputError
 
 

@@ -28,10 +28,9 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from rebalance_jax.models import weights
 from rebalance_jax.data import synthetic, text
-from rebalance_jax.models import towers
 from rebalance_jax.data.text import clean_caption
+from rebalance_jax.models import towers, weights
 
 PRECANNED = "Quality issues are too severe to recognize visual content."
 REJECTED = "i cant tell what this is lol"

@@ -15,10 +15,10 @@ from collections.abc import Callable, Iterator, Sequence
 import grain
 import numpy as np
 
-from rebalance_jax.infra import sharding
-from rebalance_jax.data.dataset import Dataset
 from rebalance_jax.data import sources
+from rebalance_jax.data.dataset import Dataset
 from rebalance_jax.data.sources import Split
+from rebalance_jax.infra import sharding
 
 # Batches assembled ahead of the train step, and the threads assembling them.
 PREFETCH_BATCHES = 4

@@ -24,9 +24,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from rebalance_jax.infra import files
 from rebalance_jax.data import transforms
 from rebalance_jax.data.annotations import BadExamples, ImageEntry, read_image
+from rebalance_jax.infra import files
 from rebalance_jax.infra.errors import InputError
 
 PREPARED = "prepared.json"

@@ -24,8 +24,8 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from rebalance_jax.infra import files, logs
 from rebalance_jax.data import annotations, prepared, sources
+from rebalance_jax.infra import files, logs
 from rebalance_jax.infra.errors import InputError
 
 FORMATS = ("karpathy", "reference", "vizwiz")

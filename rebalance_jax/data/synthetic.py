@@ -21,7 +21,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-
 from absl import logging
 
 from rebalance_jax.data import sources

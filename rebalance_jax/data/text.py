@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 import transformers
 
-from rebalance_jax.infra.errors import InputError
 from rebalance_jax.infra import files
+from rebalance_jax.infra.errors import InputError
 
 _PUNCTUATION = re.compile(r"[^\w\s']|_")
 _SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

@@ -17,14 +17,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
-from rebalance_jax.infra import interrupts, sharding
 from rebalance_jax.data import pipeline
 from rebalance_jax.data.sources import Split
-from rebalance_jax.infra.errors import InputError
 from rebalance_jax.evaluators import ranking, rouge
 from rebalance_jax.evaluators.predict import Predictor
+from rebalance_jax.infra import interrupts, sharding
+from rebalance_jax.infra.errors import InputError
 
 CURVE_KS = tuple(range(1, 51))  # recall@K curves
 

@@ -33,8 +33,8 @@ from collections.abc import Sequence
 import numpy as np
 from absl import logging
 
-from rebalance_jax.infra import files
 from rebalance_jax.data.text import clean_caption
+from rebalance_jax.infra import files
 from rebalance_jax.infra.errors import InputError
 
 _MAX_WORDS = 10_000

@@ -12,7 +12,8 @@ import dataclasses
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from rebalance_jax.infra import tree_rules
 from rebalance_jax.infra.errors import InputError

@@ -12,7 +12,6 @@ from rebalance_jax.models import conversion
 from rebalance_jax.models.towers import swin
 from rebalance_jax.models.towers import text as text_tower
 
-
 # The reference's heads -> the student's parameters (docs/method.md §2; [ref] names, 'lamba' its own).
 _REFERENCE_HEADS = {"vision_proj": "image_proj", "text_proj": "text_proj",
                     "sig_vision_proj": "teacher_image_proj", "sig_text_proj": "teacher_text_proj",

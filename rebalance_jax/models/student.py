@@ -14,10 +14,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rebalance_jax.models import weights
 from rebalance_jax.infra.errors import InputError
 from rebalance_jax.losses import l2_normalize
-from rebalance_jax.models import towers
+from rebalance_jax.models import towers, weights
 from rebalance_jax.models.fusion import FusionConfig, FusionEncoder, ItmHead
 from rebalance_jax.models.layers import default_kernel_init
 

@@ -10,17 +10,16 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from rebalance_jax.recipe import workdirs
-from rebalance_jax.infra import interrupts, logs
-from rebalance_jax.evaluators import predict
 from rebalance_jax.config import spec
-from rebalance_jax.models import weights
 from rebalance_jax.data.dataset import load_dataset
 from rebalance_jax.data.sources import Split
-from rebalance_jax.infra.errors import InputError
-from rebalance_jax.evaluators import results, retrieval
-from rebalance_jax.models.student import init_student
+from rebalance_jax.evaluators import predict, results, retrieval
 from rebalance_jax.evaluators.predict import Predictor
+from rebalance_jax.infra import interrupts, logs
+from rebalance_jax.infra.errors import InputError
+from rebalance_jax.models import weights
+from rebalance_jax.models.student import init_student
+from rebalance_jax.recipe import workdirs
 
 
 class Evaluator:

@@ -17,17 +17,17 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from rebalance_jax.recipe import workdirs
-from rebalance_jax.recipe.teachers import obtain, feature_job
-from rebalance_jax.infra import interrupts, logs
-from rebalance_jax.training import objective, loop
-from rebalance_jax.evaluators import predict
 from rebalance_jax.config import spec
 from rebalance_jax.data import pipeline
 from rebalance_jax.data.dataset import Dataset, load_dataset
+from rebalance_jax.evaluators import predict
+from rebalance_jax.infra import interrupts, logs
 from rebalance_jax.infra.errors import InputError
-from rebalance_jax.recipe.evaluation import Evaluator, relevance_cache
 from rebalance_jax.models.student import Student, init_student, with_tower_weights
+from rebalance_jax.recipe import workdirs
+from rebalance_jax.recipe.evaluation import Evaluator, relevance_cache
+from rebalance_jax.recipe.teachers import feature_job, obtain
+from rebalance_jax.training import loop, objective
 from rebalance_jax.training.optim import make_optimizer
 
 

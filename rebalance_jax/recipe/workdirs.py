@@ -9,11 +9,11 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from rebalance_jax.training import checkpointing, loop
+from rebalance_jax.config.spec import Experiment
 from rebalance_jax.infra import files, logs, sharding
 from rebalance_jax.infra.errors import InputError
 from rebalance_jax.models.student import Student
-from rebalance_jax.config.spec import Experiment
+from rebalance_jax.training import checkpointing, loop
 
 # The teachers' pre-training phases (fingerprint phase "teachers"), beside the stages.
 TEACHER_PHASES = {"teacher_image": os.path.join("teachers", "image"),

@@ -8,8 +8,8 @@ import os
 import matplotlib
 import numpy as np
 
-from rebalance_jax.infra import logs
 from rebalance_jax.evaluators.results import NDCG_KS, NDCG_PROTOCOLS
+from rebalance_jax.infra import logs
 from rebalance_jax.infra.files import atomic_write
 from rebalance_jax.study import grid
 

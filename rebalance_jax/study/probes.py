@@ -9,20 +9,19 @@ import jax
 import ml_collections
 import numpy as np
 
-from rebalance_jax.recipe import workdirs
-from rebalance_jax.recipe.teachers import obtain, feature_job
 from rebalance_jax import losses
-from rebalance_jax.training import objective
-from rebalance_jax.evaluators import predict
 from rebalance_jax.config import spec
 from rebalance_jax.data import synthetic
 from rebalance_jax.data.dataset import Dataset, load_dataset
-from rebalance_jax.evaluators import matching, retrieval
+from rebalance_jax.evaluators import matching, predict, retrieval
 from rebalance_jax.evaluators.results import NDCG_COLUMNS
-from rebalance_jax.recipe.evaluation import relevance_cache
 from rebalance_jax.models import towers
 from rebalance_jax.models.student import Student, init_student
+from rebalance_jax.recipe import workdirs
+from rebalance_jax.recipe.evaluation import relevance_cache
+from rebalance_jax.recipe.teachers import feature_job, obtain
 from rebalance_jax.study import grid
+from rebalance_jax.training import objective
 
 RELATION_BATCH = 32  # images in the heatmaps' batch: the first training images, one caption each
 

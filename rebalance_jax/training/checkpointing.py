@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from orbax.checkpoint import checkpoint_managers as preservation
 from absl import logging
 from jax.experimental import multihost_utils
+from orbax.checkpoint import checkpoint_managers as preservation
 
 from rebalance_jax.infra import logs
 from rebalance_jax.infra.errors import InputError

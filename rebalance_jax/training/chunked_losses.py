@@ -38,7 +38,8 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from rebalance_jax import losses
 from rebalance_jax.infra.sharding import DATA_AXIS

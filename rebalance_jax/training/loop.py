@@ -23,9 +23,9 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from rebalance_jax.training import checkpointing
-from rebalance_jax.infra import interrupts, logs, sharding
 from rebalance_jax.data import pipeline
+from rebalance_jax.infra import interrupts, logs, sharding
+from rebalance_jax.training import checkpointing
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -22,8 +22,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rebalance_jax.models import weights
 from rebalance_jax.infra.errors import InputError
+from rebalance_jax.models import weights
 from rebalance_jax.models.layers import DTYPES
 
 MODALITIES = ("image", "text")

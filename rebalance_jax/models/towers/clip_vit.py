@@ -6,8 +6,8 @@ exactly CLIP's pooled output). Preprocessing: CLIP's mean and std."""
 import dataclasses
 
 import flax.linen as nn
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 
 from rebalance_jax.infra.errors import InputError
 from rebalance_jax.models import conversion, towers

@@ -23,7 +23,13 @@ import scipy.interpolate
 
 from rebalance_jax.infra.errors import InputError
 from rebalance_jax.models import conversion, towers
-from rebalance_jax.models.layers import Mlp, block_class, default_kernel_init, embedding_init, patch_tokens
+from rebalance_jax.models.layers import (
+  Mlp,
+  block_class,
+  default_kernel_init,
+  embedding_init,
+  patch_tokens,
+)
 from rebalance_jax.models.towers.clip_vit import CLIP_MEAN, CLIP_STD
 
 _EPS = 1e-5  # PyTorch's LayerNorm default, used throughout the release

@@ -25,13 +25,13 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rebalance_jax.recipe import workdirs
-from rebalance_jax.infra import files, interrupts, logs, sharding
-from rebalance_jax.recipe.teachers import obtain
 from rebalance_jax.config import spec
 from rebalance_jax.data import pipeline
 from rebalance_jax.data.dataset import Dataset, load_dataset
+from rebalance_jax.infra import files, interrupts, logs, sharding
 from rebalance_jax.infra.errors import InputError
+from rebalance_jax.recipe import workdirs
+from rebalance_jax.recipe.teachers import obtain
 
 MODALITIES = ("image", "text")
 MANIFEST = "manifest.json"

@@ -19,15 +19,15 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from rebalance_jax.recipe import workdirs
-from rebalance_jax.infra import logs
-from rebalance_jax.training import loop
+from rebalance_jax.config.spec import Experiment, TeacherSpec, with_vocab_size
 from rebalance_jax.data import pipeline, text
 from rebalance_jax.data.dataset import Dataset
+from rebalance_jax.infra import logs
 from rebalance_jax.infra.errors import InputError
 from rebalance_jax.models import towers
+from rebalance_jax.recipe import workdirs
 from rebalance_jax.recipe.teachers.network import Teacher
-from rebalance_jax.config.spec import Experiment, TeacherSpec, with_vocab_size
+from rebalance_jax.training import loop
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

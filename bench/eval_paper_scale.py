@@ -90,7 +90,7 @@ import numpy as np  # noqa: E402
 from jax import monitoring  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from configs import coco  # noqa: E402
 from rebalance_jax.config import spec  # noqa: E402
@@ -315,11 +315,12 @@ def main():
   for n in MEMORY_DEVICES:
     the_mesh = sharding.make_mesh(devices[:n])
     rows_spec = P(the_mesh.axis_names)
-    states = lambda e: {key: abstract(v, the_mesh, rows_spec) for key, v in e.states.items()}
+    states = lambda e, m=the_mesh, s=rows_spec: {key: abstract(v, m, s)
+                                                 for key, v in e.states.items()}
     index = jax.ShapeDtypeStruct((block,), jnp.int32, sharding=NamedSharding(the_mesh, rows_spec))
     begin = time.perf_counter()
     compiled[n] = retrieval.itm_score_fn(predictor, the_mesh).lower(
-        jax.tree.map(lambda x: abstract(x, the_mesh, P()), params), states(images), states(texts),
+        jax.tree.map(lambda x, m=the_mesh: abstract(x, m, P()), params), states(images), states(texts),
         index, index).compile()
     compile_secs[n] = time.perf_counter() - begin
   cost = compiled[MEMORY_DEVICES[0]].cost_analysis()

@@ -392,7 +392,7 @@ def test_mixed_matches_loop_reference(mode):
   result = ranking.mixed_ndcg(image_emb, text_emb, rel, first_caption, text_to_image, ks=ks,
                               mode=mode, i2t_scores=i2t, t2i_scores=t2i, block=2)
   for k in ks:
-    def loop(text_query):
+    def loop(text_query, k=k):
       if mode == "faithful":
         return [_loop_faithful(image_emb, text_emb, rel, first_caption, i2t, t2i, i, k, text_query)
                 for i in range(5)]

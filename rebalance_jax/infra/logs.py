@@ -88,7 +88,8 @@ def read_records(path: str) -> list[str]:
       json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
       if number < len(lines):
-        raise InputError(f"{path}:{number} is not a metrics record; repair or delete the file")
+        raise InputError(f"{path}:{number} is not a metrics record; repair or delete the "
+                         "file") from None
       logging.warning("%s: dropping the torn last line %d", path, number)
       return lines[:-1]
   return lines

@@ -16,6 +16,7 @@ training batch's rows by global index from the memory-mapped chunks.
 """
 
 import contextlib
+import functools
 import json
 import os
 
@@ -225,7 +226,7 @@ def _compute(teachers: dict, data: Dataset, mesh, directory: str, manifest: dict
     if modality == "image":
       load_rows = pipeline.image_rows(train, size=teacher.tower.config.image_size)
     else:
-      load_rows = pipeline.caption_rows(train, lambda c: teacher.encode(c, train=True))
+      load_rows = pipeline.caption_rows(train, functools.partial(teacher.encode, train=True))
     features = jax.jit(teacher.features, out_shardings=replicated)
     num_rows = manifest["rows"][modality]
     chunks = np.flatnonzero(todo[i])
@@ -235,7 +236,8 @@ def _compute(teachers: dict, data: Dataset, mesh, directory: str, manifest: dict
       stop = min(start + chunk_rows, num_rows)
       blocks = []
       batches = list(pipeline.padded_batches(stop, batch_size, start))
-      with contextlib.closing(pipeline.read_ahead(batches, lambda b: load_rows(b[1]))) as loaded:
+      read = lambda b, load_rows=load_rows: load_rows(b[1])
+      with contextlib.closing(pipeline.read_ahead(batches, read)) as loaded:
         for (first, _, _), batch in zip(batches, loaded):
           interrupts.check("the teacher-feature job")
           out = features(teacher.params, *sharding.to_global(batch, mesh).values())

@@ -91,7 +91,7 @@ def obtain_teachers(exp: Experiment, data: Dataset, mesh, workdir: str) -> dict[
   for spec, tower in ((t.image, t.image.tower), (t.text, text_tower)):
     if tower.init:
       model = Teacher(tower)
-      like = jax.eval_shape(lambda r: towers.init_params(tower, r), jax.random.key(0))
+      like = jax.eval_shape(functools.partial(towers.init_params, tower), jax.random.key(0))
       loaded = {"encoder": towers.load_init(tower, like, spec.field)}
       params = jax.device_put(loaded, exp.param_rules.param_shardings(loaded, mesh))
     else:

@@ -38,8 +38,10 @@ setup(
     # tests against transformers' PyTorch models. The real MiniLM checkpoint the tests convert is
     # installed beside, with --no-deps (README, "Quick start"). import-linter checks the layers
     # of setup.cfg (tests/test_layers.py), ruff the code (ruff.toml, tests/test_lint.py);
-    # pytest-timeout fails a hanging test instead of the whole run (setup.cfg).
+    # pytest-timeout fails a hanging test instead of the whole run, pytest-xdist runs the test
+    # files on two workers (setup.cfg).
     extras_require={"convert": ["torch==2.13.0"],
-                    "test": ["pytest>=9.0", "pytest-timeout==2.4.0", "rouge-score==0.1.2",
-                             "torch==2.13.0", "import-linter==2.16", "ruff==0.17.5"]},
+                    "test": ["pytest>=9.0", "pytest-timeout==2.4.0", "pytest-xdist==3.8.0",
+                             "rouge-score==0.1.2", "torch==2.13.0", "import-linter==2.16",
+                             "ruff==0.17.5"]},
 )

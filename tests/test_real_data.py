@@ -113,6 +113,7 @@ def _assert_replays(batches, start, end):
     replay.close()
 
 
+@pytest.mark.slow
 def test_each_process_reads_its_rows_and_resumed_batches_are_the_same(trees, tmp_path,
                                                                      monkeypatch):
   data = load_dataset(spec.from_config(real_config("flickr30k", trees["flickr30k"],
@@ -162,6 +163,7 @@ def _with_tiny_teachers(config, tiny_teachers):
   return config
 
 
+@pytest.mark.slow
 def test_a_tiny_model_trains_end_to_end_on_a_miniature(trees, tiny_teachers, tmp_path):
   """prepare, the teacher-feature job, stage 1, stage 2 reading the job's features, evaluation
   (COCO's and VizWiz's splits differ only in what the tests above check; their whole runs are
@@ -189,6 +191,7 @@ def test_a_tiny_model_trains_end_to_end_on_a_miniature(trees, tiny_teachers, tmp
   assert not os.path.exists(tmp_path / "run" / "teacher_features")
 
 
+@pytest.mark.slow
 def test_features_of_other_annotations_are_refused(trees, tiny_teachers, tmp_path):
   """The same annotation path with other contents (edited in place) is another dataset."""
   tree = dict(trees["flickr30k"], karpathy_file=str(tmp_path / "dataset_flickr30k.json"))
@@ -282,6 +285,7 @@ def _prepare_cli(config_file, *flags):
                          *flags], cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_prepare_names_a_bad_image_or_skips_and_reports_it(trees, tmp_path):
   tree = trees["flickr30k"]
   with open(tree["karpathy_file"]) as f:

@@ -17,6 +17,8 @@ from rebalance_jax.models.student import Student, StudentConfig, init_student, w
 from rebalance_jax.models.towers.swin import SwinConfig
 from rebalance_jax.models.towers.text import TextConfig
 
+pytestmark = pytest.mark.slow  # parity with PyTorch / transformers, and the convert command
+
 torch = pytest.importorskip("torch", reason="the reference's forward runs in PyTorch; install "
                             "the test extra (torch==2.13.0)")
 transformers = pytest.importorskip("transformers")

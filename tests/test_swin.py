@@ -15,6 +15,8 @@ from rebalance_jax.infra.errors import InputError
 from rebalance_jax.models import conversion, towers, weights
 from rebalance_jax.models.towers import swin
 
+pytestmark = pytest.mark.slow  # parity with PyTorch / transformers, and the convert command
+
 torch = pytest.importorskip("torch", reason="the Swin parity tests run transformers' PyTorch "
                             "SwinModel; install the test extra (torch==2.13.0)")
 transformers = pytest.importorskip("transformers")

@@ -70,6 +70,7 @@ def pixel_tower(monkeypatch):
                                              converters={"pixel_npz": convert_pixel_npz}))
 
 
+@pytest.mark.slow
 def test_a_toy_tower_from_the_registry_trains_a_stage(pixel_tower, tiny_config, tmp_path):
   c = tiny_config
   c.model.image = defaults.tower("pixels", width=24)
@@ -207,6 +208,7 @@ def test_two_teachers_are_each_evaluated_on_their_own_modality(tiny_config):
   assert 0 < metrics["i2i_ndcg@10"] <= 100 and 0 < metrics["t2t_ndcg@10"] <= 100
 
 
+@pytest.mark.slow
 def test_a_bfloat16_rematerialized_student_matches_float32(tiny_config):
   """Every tower and the fusion encoder in bf16 with remat: float32 parameters and gradients, and
   the stage-2 loss within bf16 rounding of the float32 one."""

@@ -39,6 +39,7 @@ def finished_run(tmp_path_factory, data_cache):
   return config, workdir, phases.run(spec.from_config(config), workdir)
 
 
+@pytest.mark.slow
 def test_two_stage_run_writes_results_metrics_and_features(finished_run):
   config, workdir, results = finished_run
   assert set(results) == {"stage1", "stage2"}
@@ -92,6 +93,7 @@ def test_two_stage_run_writes_results_metrics_and_features(finished_run):
   np.testing.assert_array_equal(rows["teacher_text"], text[[7, 0]])
 
 
+@pytest.mark.slow
 def test_checkpoints_hold_only_the_student(finished_run):
   config, workdir, _ = finished_run
   step, state = saved_state(workdir, "stage2")
@@ -105,6 +107,7 @@ def test_checkpoints_hold_only_the_student(finished_run):
   assert kernel.shape == (config.teachers.image.width, config.model.embed_dim)
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(finished_run, tmp_path):
   config, full_dir, full_results = finished_run
   resumed_dir = str(tmp_path)
@@ -122,6 +125,7 @@ def test_resume_reproduces_the_uninterrupted_run(finished_run, tmp_path):
       np.testing.assert_array_equal(a, b, err_msg=f"{stage} {jax.tree_util.keystr(path)}")
 
 
+@pytest.mark.slow
 def test_checkpoint_from_another_config_is_rejected(finished_run):
   config, workdir, _ = finished_run
   other = config.copy_and_resolve_references()
@@ -136,6 +140,7 @@ def test_batch_size_not_divisible_by_devices(tiny_config, tmp_path):
     phases.run(spec.from_config(tiny_config), str(tmp_path))
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_the_run(tiny_config, tmp_path):
   tiny_config.optim.lr = 1e30
   with pytest.raises(loop.NonFiniteLossError, match=r"stage1: non-finite .* at step 2"):
@@ -211,6 +216,7 @@ def _cli(*args):
                         env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})  # 1 device
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag", ["--config.stages.stage1.no_such_key=3",
                                   "--config.stages.stage2.loss_weights.bogus=1"])
 def test_cli_unknown_config_key_is_one_line(tmp_path, flag):
@@ -222,6 +228,7 @@ def test_cli_unknown_config_key_is_one_line(tmp_path, flag):
   assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_cli_missing_weights_or_dataset_path_is_one_clear_line(tmp_path):
   result = _cli("--config=configs/flickr.py", f"--workdir={tmp_path}")
   assert result.returncode == 1 and "Traceback" not in result.stderr
@@ -241,6 +248,7 @@ def test_cli_missing_weights_or_dataset_path_is_one_clear_line(tmp_path):
   assert "config.data.annotation_file='/nonexistent.json' does not exist" in result.stderr
 
 
+@pytest.mark.slow
 def test_dual_encoder_with_online_teachers(tiny_config, tmp_path, monkeypatch):
   """The plug-and-play setting: no fusion/ITM, student relations from both embeddings, teachers
   run inside the train step (no feature files); the text teacher has a tokenizer of its own."""
@@ -272,6 +280,7 @@ def test_dual_encoder_with_online_teachers(tiny_config, tmp_path, monkeypatch):
   assert steps_with_teacher_ids == [False, True]  # traced once per stage: stage 2 feeds them
 
 
+@pytest.mark.slow
 def test_evaluate_run_on_a_finished_run(finished_run, monkeypatch):
   config, workdir, results = finished_run
   restores = []
@@ -295,6 +304,7 @@ def test_evaluate_run_on_a_finished_run(finished_run, monkeypatch):
     evaluate_run(spec.from_config(config), workdir, ["stage3"])
 
 
+@pytest.mark.slow
 def test_each_stage_reports_the_checkpoint_it_selected_on_val(finished_run):
   config, workdir, results = finished_run
   # What config.eval.select_metric may name is exactly what the evaluation reports.
@@ -317,6 +327,7 @@ def test_each_stage_reports_the_checkpoint_it_selected_on_val(finished_run):
   assert [r["step"] for r in records] == [2, 4] and "val/r_mean" in records[0]
 
 
+@pytest.mark.slow
 def test_a_rerun_of_a_finished_run_evaluates_nothing(finished_run, tmp_path, monkeypatch):
   config, full_dir, full_results = finished_run
   workdir = _copy_of(full_dir, tmp_path)
@@ -329,6 +340,7 @@ def test_a_rerun_of_a_finished_run_evaluates_nothing(finished_run, tmp_path, mon
   assert phases.run(spec.from_config(config), workdir) == full_results
 
 
+@pytest.mark.slow
 def test_changing_the_selection_of_a_trained_run_is_refused(finished_run):
   config, workdir, _ = finished_run
   other = config.copy_and_resolve_references()
@@ -338,12 +350,14 @@ def test_changing_the_selection_of_a_trained_run_is_refused(finished_run):
     evaluate_run(spec.from_config(other), workdir, ["stage1"])
 
 
+@pytest.mark.slow
 def test_evaluate_cli_help():
   result = subprocess.run([sys.executable, "-m", "rebalance_jax.evaluate", "--help"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
   assert "--stages" in result.stdout and "--step" in result.stdout and "--workdir" in result.stdout
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes_identically(finished_run, tmp_path,
                                                                       monkeypatch):
   config, full_dir, full_results = finished_run
@@ -367,6 +381,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes_identically(finished_
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_two_processes_resume_a_single_process_run_and_match_it(finished_run, tmp_path):
   """2 processes × 4 CPU devices on localhost finish a run that 1 process × 8 devices started."""
   config, full_dir, full_results = finished_run
@@ -414,6 +429,7 @@ def _saved_rows(workdir):
     return json.load(f)["metrics"]
 
 
+@pytest.mark.slow
 def test_an_empty_latest_step_folder_resumes_from_the_previous_step(finished_run, tmp_path):
   config, full_dir, full_results = finished_run
   workdir = _copy_of(full_dir, tmp_path)
@@ -428,6 +444,7 @@ def test_an_empty_latest_step_folder_resumes_from_the_previous_step(finished_run
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_a_refused_stage2_loses_no_results_row(finished_run, tmp_path):
   config, full_dir, _ = finished_run
   workdir = _copy_of(full_dir, tmp_path)
@@ -442,6 +459,7 @@ def test_a_refused_stage2_loses_no_results_row(finished_run, tmp_path):
     assert f.read() == before  # refused before stage 1 was evaluated again
 
 
+@pytest.mark.slow
 def test_a_new_stage_reuses_the_teachers_and_stage1_of_the_run(finished_run, tmp_path):
   """Experiments as data: an arm that differs only in a later stage trains only that stage."""
   config, full_dir, full_results = finished_run
@@ -462,6 +480,7 @@ def test_a_new_stage_reuses_the_teachers_and_stage1_of_the_run(finished_run, tmp
   assert int(state["step"]) == config.stages.stage2.num_steps
 
 
+@pytest.mark.slow
 def test_the_vocabulary_is_in_every_fingerprint(finished_run):
   config, workdir, _ = finished_run
   exp = spec.from_config(config)
@@ -474,6 +493,7 @@ def test_the_vocabulary_is_in_every_fingerprint(finished_run):
   reader.close()
 
 
+@pytest.mark.slow
 def test_tampered_or_missing_teacher_features_are_recomputed(finished_run, tmp_path):
   config, full_dir, _ = finished_run
   workdir = _copy_of(full_dir, tmp_path)
@@ -548,6 +568,7 @@ def test_a_tampered_cached_vocabulary_is_trained_again(tiny_config, tmp_path, ta
                                 first.encode(captions, True)["ids"])
 
 
+@pytest.mark.slow
 def test_sigint_during_evaluation_stops_cleanly_and_the_rerun_finishes(finished_run, tmp_path,
                                                                        monkeypatch):
   config, full_dir, full_results = finished_run
@@ -568,6 +589,7 @@ def test_sigint_during_evaluation_stops_cleanly_and_the_rerun_finishes(finished_
   assert phases.run(spec.from_config(config), workdir) == full_results
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_bad_steps_and_workdirs_without_writing(finished_run, tmp_path):
   config, workdir, _ = finished_run
   with pytest.raises(InputError, match=r"--step=999: .*stage1/checkpoints has no checkpoint of "
@@ -585,6 +607,7 @@ def test_evaluate_refuses_bad_steps_and_workdirs_without_writing(finished_run, t
   assert os.listdir(tmp_path / "empty") == []
 
 
+@pytest.mark.slow
 def test_a_damaged_best_checkpoint_gives_way_to_the_next_best(finished_run, tmp_path):
   config, full_dir, results = finished_run
   workdir = _copy_of(full_dir, tmp_path)
@@ -603,6 +626,7 @@ def test_a_damaged_best_checkpoint_gives_way_to_the_next_best(finished_run, tmp_
   assert record["selected_by"].endswith(f"after the damaged step {best}")
 
 
+@pytest.mark.slow
 def test_a_whole_student_weights_file_scores_like_its_checkpoint(finished_run, tmp_path):
   # What convert --format=reference writes (the whole student as one safetensors tree), evaluated
   # with --weights: here stage 2's selected parameters, which must give stage 2's numbers.

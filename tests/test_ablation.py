@@ -139,9 +139,9 @@ def test_tiny_study_end_to_end(data_cache, tmp_path):
   rows = [line for i, line in enumerate(lines) if line.startswith("| ") and not header(i)]
   # Results (2 arms x 2 tables), the teachers, paired differences, matching.
   assert len(rows) == 4 + 1 + 2 + 2
-  # "mean ± std" (bold if best, a paired difference with its seed count), a seed count, or a
-  # single value (the teachers' row).
-  number = re.compile(r"^\**[+-]?\d+\.\d+ ± \d+\.\d+\**( \(\d+/\d+\))?$|^\d+(\.\d+)?$")
+  # "mean" or "mean ± std" (bold if best, a paired difference with its seed count), a seed
+  # count, or a single value (the teachers' row).
+  number = re.compile(r"^\**[+-]?\d+\.\d+( ± \d+\.\d+)?\**( \(\d+/\d+\))?$|^\d+(\.\d+)?$")
   for row in rows:
     cells = [c.strip() for c in row.strip("|").split("|")]
     labels = [c for c in cells if c in grid.ARMS or c == "frozen teachers" or

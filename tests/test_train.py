@@ -2,6 +2,7 @@
 
 import copy
 import json
+import logging
 import os
 import re
 import shutil
@@ -108,18 +109,25 @@ def test_checkpoints_hold_only_the_student(finished_run):
 
 
 @pytest.mark.slow
-def test_resume_reproduces_the_uninterrupted_run(finished_run, tmp_path):
+def test_resume_reproduces_the_uninterrupted_run(finished_run, tmp_path, caplog):
   config, full_dir, full_results = finished_run
-  resumed_dir = str(tmp_path)
-  # Stop mid stage 1, then mid stage 2, as a preemption would; each call resumes.
-  assert phases.run(spec.from_config(config), resumed_dir, until=("stage1", 2)) == {}
-  assert set(phases.run(spec.from_config(config), resumed_dir, until=("stage2", 2))) == {"stage1"}
-  with open(os.path.join(resumed_dir, "stage2", "logs", "metrics.jsonl"), "a") as f:
-    f.write('{"step": 3, "loss/itc": 0.')  # a kill while writing a line
-  assert phases.run(spec.from_config(config), resumed_dir) == full_results
-  with open(os.path.join(resumed_dir, "stage2", "logs", "metrics.jsonl")) as f:
-    assert [json.loads(line)["step"] for line in f] == [2, 4]
+  # A copy of the run as a kill would leave it in the middle of each stage: the last checkpoint of
+  # both stages gone, no results yet, and a torn metrics line (a kill while writing it).
+  resumed_dir = _copy_of(full_dir, tmp_path)
   for stage in ("stage1", "stage2"):
+    shutil.rmtree(os.path.join(resumed_dir, stage, "checkpoints", "4"))
+    with open(os.path.join(resumed_dir, stage, "logs", "metrics.jsonl"), "a") as f:
+      f.write('{"step": 3, "loss/itc": 0.')
+  for name in ("results.json", "results.md", "results.png"):
+    os.remove(os.path.join(resumed_dir, name))
+  caplog.set_level(logging.INFO, logger="absl")
+  assert phases.run(spec.from_config(config), resumed_dir) == full_results
+  resumed = [r.getMessage() for r in caplog.records if "resumed from" in r.getMessage()]
+  assert [m for m in resumed if m.startswith("stage")] == [
+      "stage1: resumed from step 2", "stage2: resumed from step 2"]
+  for stage in ("stage1", "stage2"):
+    with open(os.path.join(resumed_dir, stage, "logs", "metrics.jsonl")) as f:
+      assert [json.loads(line)["step"] for line in f] == [2, 4]
     (_, full), (_, resumed) = saved_state(full_dir, stage), saved_state(resumed_dir, stage)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(full), jax.tree.leaves(resumed)):
       np.testing.assert_array_equal(a, b, err_msg=f"{stage} {jax.tree_util.keystr(path)}")

@@ -156,10 +156,16 @@ def test_non_finite_loss_stops_the_run(tiny_config, tmp_path):
   assert not os.path.exists(os.path.join(tmp_path, "stage1", "checkpoints", "2"))
 
 
+def _set(config, field: str, value) -> None:
+  *path, key = field.split(".")
+  for name in path:
+    config = config[name]
+  config[key] = value
+
+
 @pytest.mark.parametrize("field,value,match", [
     ("loss.lambda_mode", "softmax", r"config\.loss\.lambda_mode='softmax'"),
     ("loss.lambda_fixed", float("inf"), r"config\.loss\.lambda_fixed=inf must be finite"),
-    ("data.name", "flickr8k", r"config\.data\.name='flickr8k'"),
     ("optim.lr", float("nan"), r"config\.optim\.lr=nan must be a positive finite number"),
     ("optim.lr", -0.05, r"config\.optim\.lr=-0\.05 must be a positive finite number"),
     ("model.temp_init", 0.0, r"config\.model\.temp_init=0\.0 must be a positive"),
@@ -168,18 +174,10 @@ def test_non_finite_loss_stops_the_run(tiny_config, tmp_path):
     ("eval.select_on", "best", r"config\.eval\.select_on='best' is not one of"),
     ("eval.select_metric", "rsumm", r"config\.eval\.select_metric='rsumm' is not a metric"),
     ("data.augment_shift", -2, r"config\.data\.augment_shift=-2 must lie in \[0, "),
-    ("teachers.batch_size", 12, r"config\.teachers\.batch_size=12 must be a positive multiple "
-                                r"of the device count \(8 devices"),
-    ("teachers.batch_size", 64, r"config\.teachers\.batch_size=64 exceeds the 48 training images"),
-    ("stages.stage1.batch_size", 320,
-     r"config\.stages\.stage1\.batch_size=320 exceeds the 240 training pairs"),
     ("stages.stage2.init_from", "stage3", r"config\.stages\.stage2\.init_from='stage3' is not a "
                                           r"stage"),
     ("stages.stage1.init_from", "stage2", r"config\.stages: the init_from chain through "
                                           r"'stage1' is a cycle"),
-    ("stages.stage2.fresh_params", ("teacher_image_proj", "teacher_text_proj", "lam", "temp2",
-                                    "lambda"),
-     r"config\.stages\.stage2\.fresh_params: \['lambda'\] are not parameter subtrees"),
     ("model.image.kind", "swin_v2", r"config\.model\.image\.kind: tower kind 'swin_v2' is not "
                                     r"registered; known: \['clip_vit', 'swin', 'text', 'vit'\]"),
     ("model.image.kind", "text", r"config\.model\.image\.kind='text' is a text tower"),
@@ -188,12 +186,28 @@ def test_non_finite_loss_stops_the_run(tiny_config, tmp_path):
      r"config\.model\.image\.init='/nonexistent\.safetensors' does not exist: convert the "
      r"checkpoint into it first"),
 ])
-def test_invalid_config_values(tiny_config, tmp_path, field, value, match):
-  *path, key = field.split(".")
-  node = tiny_config
-  for name in path:
-    node = node[name]
-  node[key] = value
+def test_invalid_config_values_are_named_when_the_config_is_read(tiny_config, field, value, match):
+  _set(tiny_config, field, value)
+  with pytest.raises(InputError, match=match):
+    spec.from_config(tiny_config)
+
+
+# What the config alone cannot tell: sizes against the devices and the data, parameter names
+# against the student; and one case of the above, to show the run refuses all before any work.
+@pytest.mark.parametrize("field,value,match", [
+    ("data.name", "flickr8k", r"config\.data\.name='flickr8k'"),
+    ("teachers.batch_size", 12, r"config\.teachers\.batch_size=12 must be a positive multiple "
+                                r"of the device count \(8 devices"),
+    ("teachers.batch_size", 64, r"config\.teachers\.batch_size=64 exceeds the 48 training images"),
+    ("stages.stage1.batch_size", 320,
+     r"config\.stages\.stage1\.batch_size=320 exceeds the 240 training pairs"),
+    ("stages.stage2.fresh_params", ("teacher_image_proj", "teacher_text_proj", "lam", "temp2",
+                                    "lambda"),
+     r"config\.stages\.stage2\.fresh_params: \['lambda'\] are not parameter subtrees"),
+    ("loss.lambda_mode", "softmax", r"config\.loss\.lambda_mode='softmax'"),
+])
+def test_invalid_values_stop_the_run_before_any_work(tiny_config, tmp_path, field, value, match):
+  _set(tiny_config, field, value)
   workdir = tmp_path / "run"
   with pytest.raises(InputError, match=match):
     phases.run(spec.from_config(tiny_config), str(workdir))

@@ -1,5 +1,6 @@
 """Test session setup: 8 fake CPU devices and a persistent compilation cache, set before JAX loads."""
 
+import collections
 import importlib.util
 import os
 import sys
@@ -36,6 +37,13 @@ def load_config(spec: str):
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg) if arg else module.get_config()
+
+
+def pytest_collection_modifyitems(items):
+  """Files with the most slow tests first (a stable sort otherwise): the xdist workers take whole
+  files in this order, so the longest ones start early and the two workers finish together."""
+  slow = collections.Counter(item.path for item in items if item.get_closest_marker("slow"))
+  items.sort(key=lambda item: -slow[item.path])
 
 
 @pytest.fixture(scope="session")

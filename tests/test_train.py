@@ -13,7 +13,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, saved_state
+from conftest import REPO, load_config, saved_state
 
 from rebalance_jax.config import spec
 from rebalance_jax.data import pipeline
@@ -33,7 +33,6 @@ from rebalance_jax.training.checkpointing import ConfigMismatchError
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, data_cache):
   """One uninterrupted tiny run, shared by the tests that only read its outputs."""
-  from conftest import load_config
   config = load_config("configs/demo.py:tiny")
   config.data.cache_dir = data_cache
   workdir = str(tmp_path_factory.mktemp("full"))
@@ -252,22 +251,30 @@ def test_cli_unknown_config_key_is_one_line(tmp_path, flag):
 
 @pytest.mark.slow
 def test_cli_missing_weights_or_dataset_path_is_one_clear_line(tmp_path):
+  # Through the command once: one line, exit status 1, no traceback.
   result = _cli("--config=configs/flickr.py", f"--workdir={tmp_path}")
   assert result.returncode == 1 and "Traceback" not in result.stderr
   assert ("config.teachers.image.init='weights/clip_vit_large_patch14_vision.safetensors' does "
           "not exist: convert the checkpoint into it first") in result.stderr
-  converted = []
+  # The next missing inputs, where they are found: reading the config, then the data.
   for field in ("model.image", "model.text", "model.fusion", "teachers.image", "teachers.text"):
-    converted.append(f"--config.{field}.init={tmp_path / field}.safetensors")
     (tmp_path / f"{field}.safetensors").write_bytes(b"")  # read only once training starts
-  result = _cli("--config=configs/flickr.py", f"--workdir={tmp_path}", *converted)
-  assert result.returncode == 1
-  assert "config.data.image_root is not set" in result.stderr
-  assert "Traceback" not in result.stderr
-  result = _cli("--config=configs/coco.py", f"--workdir={tmp_path}", *converted,
-                f"--config.data.image_root={tmp_path}",
-                "--config.data.annotation_file=/nonexistent.json")
-  assert "config.data.annotation_file='/nonexistent.json' does not exist" in result.stderr
+
+  def with_weights(name):
+    config = load_config(name)
+    for field in ("model.image", "model.text", "model.fusion", "teachers.image", "teachers.text"):
+      section, part = field.split(".")
+      config[section][part].init = str(tmp_path / f"{field}.safetensors")
+    return config
+
+  flickr = spec.from_config(with_weights("configs/flickr.py"))
+  with pytest.raises(InputError, match=r"^config\.data\.image_root is not set"):
+    load_dataset(flickr.data)
+  coco = with_weights("configs/coco.py")
+  coco.data.image_root, coco.data.annotation_file = str(tmp_path), "/nonexistent.json"
+  with pytest.raises(InputError, match=r"config\.data\.annotation_file='/nonexistent\.json' "
+                                       r"does not exist"):
+    load_dataset(spec.from_config(coco).data)
 
 
 @pytest.mark.slow

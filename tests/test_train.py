@@ -399,13 +399,21 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes_identically(finished_
       os.kill(os.getpid(), signal.SIGTERM)
     return batch(self, step)
 
+  # The run's teachers and their features, none of its stages yet.
+  workdir = _copy_of(full_dir, tmp_path)
+  for name in ("stage1", "stage2", "results.json", "results.md", "results.png"):
+    path = os.path.join(workdir, name)
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    else:
+      os.remove(path)
   monkeypatch.setattr(pipeline.TrainBatches, "__call__", batch_with_sigterm)
   with pytest.raises(loop.Preempted, match=r"stage1: stopped at step 1 \(SIGTERM\)") as stopped:
-    phases.run(spec.from_config(config), str(tmp_path))
-  assert stopped.value.step == 1 and saved_state(str(tmp_path), "stage1")[0] == 1
+    phases.run(spec.from_config(config), workdir)
+  assert stopped.value.step == 1 and saved_state(workdir, "stage1")[0] == 1
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
-  assert phases.run(spec.from_config(config), str(tmp_path)) == full_results
-  (_, full), (_, resumed) = saved_state(full_dir, "stage2"), saved_state(str(tmp_path), "stage2")
+  assert phases.run(spec.from_config(config), workdir) == full_results
+  (_, full), (_, resumed) = saved_state(full_dir, "stage2"), saved_state(workdir, "stage2")
   for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(a, b)
 

@@ -19,7 +19,7 @@ Formats:
             continue training from it
 
 Each tower's formats sit with the tower (models/towers/, its registry entry), the whole
-student's in models/reference.py; models/conversion.py holds what they share: explicit name
+student's in models/reference.py; models/towers/conversion.py holds what they share: explicit name
 rules (every source tensor mapped, or dropped by a rule that says why; every parameter filled
 with the right shape; anything else an error listing the names). The output is what a tower's
 `init` reads (`weights.load_safetensors`); the command prints the config fields that match it.
@@ -31,8 +31,7 @@ from absl import app, flags
 from flax import traverse_util
 
 from rebalance_jax import cli
-from rebalance_jax.models import conversion
-from rebalance_jax.models.towers import swin
+from rebalance_jax.models.towers import conversion, swin
 
 _FORMAT = flags.DEFINE_string("format", None, "The source checkpoint's format: hf_bert, "
                               "hf_clip_vision, swin, reference, or one a registered tower adds.")

@@ -16,10 +16,10 @@ from transformers import BertConfig, FlaxBertModel
 from rebalance_jax import convert
 from rebalance_jax.config import defaults, spec
 from rebalance_jax.infra.errors import InputError
-from rebalance_jax.models import conversion, towers, weights
+from rebalance_jax.models import towers, weights
 from rebalance_jax.models.fusion import FusionConfig, FusionEncoder
 from rebalance_jax.models.student import Student, init_student, with_tower_weights
-from rebalance_jax.models.towers import clip_vit
+from rebalance_jax.models.towers import clip_vit, conversion
 from rebalance_jax.models.towers import text as text_tower
 
 pytestmark = pytest.mark.slow  # parity with PyTorch / transformers, and the convert command

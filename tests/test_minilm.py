@@ -18,8 +18,9 @@ from rebalance_jax import convert
 from rebalance_jax.config import defaults, spec
 from rebalance_jax.data import text
 from rebalance_jax.infra.errors import InputError
-from rebalance_jax.models import conversion, towers
+from rebalance_jax.models import towers
 from rebalance_jax.models.student import Student, init_student, with_tower_weights
+from rebalance_jax.models.towers import conversion
 from rebalance_jax.models.towers.text import mean_pool
 
 pytestmark = pytest.mark.slow  # parity with PyTorch / transformers, and the convert command

@@ -11,9 +11,10 @@ from test_swin import hf_swin, release_state_dict
 
 from rebalance_jax import convert
 from rebalance_jax.infra.errors import InputError
-from rebalance_jax.models import conversion, reference, towers, weights
+from rebalance_jax.models import reference, towers, weights
 from rebalance_jax.models.fusion import FusionConfig
 from rebalance_jax.models.student import Student, StudentConfig, init_student, with_tower_weights
+from rebalance_jax.models.towers import conversion
 from rebalance_jax.models.towers.swin import SwinConfig
 from rebalance_jax.models.towers.text import TextConfig
 

@@ -12,8 +12,8 @@ from conftest import stage2_loss_and_grads
 from rebalance_jax import convert
 from rebalance_jax.config import defaults
 from rebalance_jax.infra.errors import InputError
-from rebalance_jax.models import conversion, towers, weights
-from rebalance_jax.models.towers import swin
+from rebalance_jax.models import towers, weights
+from rebalance_jax.models.towers import conversion, swin
 
 pytestmark = pytest.mark.slow  # parity with PyTorch / transformers, and the convert command
 

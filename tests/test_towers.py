@@ -18,8 +18,9 @@ from rebalance_jax.data.dataset import load_dataset
 from rebalance_jax.evaluators import predict, ranking, retrieval
 from rebalance_jax.infra import sharding
 from rebalance_jax.infra.errors import InputError
-from rebalance_jax.models import conversion, towers, weights
+from rebalance_jax.models import towers, weights
 from rebalance_jax.models.student import Student, init_student, with_tower_weights
+from rebalance_jax.models.towers import conversion
 from rebalance_jax.recipe import phases
 from rebalance_jax.recipe.teachers import obtain
 from rebalance_jax.recipe.teachers.network import Teacher

@@ -8,8 +8,7 @@ import re
 import numpy as np
 
 from rebalance_jax.infra.errors import InputError
-from rebalance_jax.models import conversion
-from rebalance_jax.models.towers import swin
+from rebalance_jax.models.towers import conversion, swin
 from rebalance_jax.models.towers import text as text_tower
 
 # The reference's heads -> the student's parameters (docs/method.md §2; [ref] names, 'lamba' its own).

@@ -163,9 +163,11 @@ def run_stage(stage: Stage, init_params, frozen, mesh: Mesh, until_step: int | N
   with contextlib.closing(stage.batches.iterate(step, end)) as batches:
     while step < end:
       batch = sharding.to_global(next(batches), mesh)
-      step_fn = train_step if compiled else functools.partial(_first_step, stage.name, train_step)
-      state, metrics = step_fn(state, batch, frozen, rng)
-      compiled = True
+      if compiled:
+        state, metrics = train_step(state, batch, frozen, rng)
+      else:
+        state, metrics = _first_step(stage.name, train_step, state, batch, frozen, rng)
+        compiled = True
       pending.append(metrics)
       step += 1
       stop = _stop_requested(step)

@@ -44,7 +44,7 @@ class TowerKind:
   # '/'-joined parameter names (`weights.save_safetensors`, what weight conversion writes).
   load_weights: Callable = weights.load_safetensors
   # {format: converter} of other frameworks' checkpoints into this tower
-  # (`python -m rebalance_jax.convert --format=...`; `models/conversion.py`).
+  # (`python -m rebalance_jax.convert --format=...`; `models/towers/conversion.py`).
   converters: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
 
 

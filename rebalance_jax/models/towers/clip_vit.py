@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from rebalance_jax.infra.errors import InputError
-from rebalance_jax.models import conversion, towers
+from rebalance_jax.models import towers
 from rebalance_jax.models.layers import PreNormBlock, block_class, embedding_init, patch_tokens
+from rebalance_jax.models.towers import conversion
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

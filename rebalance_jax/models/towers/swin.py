@@ -22,7 +22,7 @@ import numpy as np
 import scipy.interpolate
 
 from rebalance_jax.infra.errors import InputError
-from rebalance_jax.models import conversion, towers
+from rebalance_jax.models import towers
 from rebalance_jax.models.layers import (
   Mlp,
   block_class,
@@ -30,6 +30,7 @@ from rebalance_jax.models.layers import (
   embedding_init,
   patch_tokens,
 )
+from rebalance_jax.models.towers import conversion
 from rebalance_jax.models.towers.clip_vit import CLIP_MEAN, CLIP_STD
 
 _EPS = 1e-5  # PyTorch's LayerNorm default, used throughout the release

@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from rebalance_jax.infra.errors import InputError
-from rebalance_jax.models import conversion, towers
+from rebalance_jax.models import towers
 from rebalance_jax.models.fusion import FusionConfig, FusionEncoder
 from rebalance_jax.models.layers import PostNormBlock, block_class, embedding_init
+from rebalance_jax.models.towers import conversion
 
 POOLINGS = ("cls", "mean")
 

@@ -28,8 +28,11 @@ def launch(command: list[str], num_processes: int, devices_per_process: int, log
            timeout: float) -> int:
   os.makedirs(log_dir, exist_ok=True)
   address = f"127.0.0.1:{free_port()}"
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
+  # The caller's XLA flags are kept; only the device count is this launcher's.
+  inherited = [f for f in os.environ.get("XLA_FLAGS", "").split()
+               if not f.startswith("--xla_force_host_platform_device_count")]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(
+      inherited + [f"--xla_force_host_platform_device_count={devices_per_process}"])}
   processes, logs = [], []
   for i in range(num_processes):
     logs.append(open(os.path.join(log_dir, f"process_{i}.log"), "w"))

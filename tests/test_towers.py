@@ -116,8 +116,8 @@ def test_bfloat16_compute_keeps_float32_parameters_and_outputs():
       bf16, jax.random.key(0)))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(towers.init_params(
       bf16, jax.random.key(0))))
-  exact = f32.build().apply({"params": params}, images)
-  low = bf16.build().apply({"params": params}, images)
+  exact = jax.jit(f32.build().apply)({"params": params}, images)
+  low = jax.jit(bf16.build().apply)({"params": params}, images)
   assert low.tokens.dtype == jnp.float32 and low.pooled.dtype == jnp.float32
   np.testing.assert_allclose(low.pooled, exact.pooled, atol=0.1)
   assert not np.array_equal(low.pooled, exact.pooled)  # it did compute in bfloat16
@@ -131,7 +131,7 @@ def test_remat_gives_the_same_gradients():
   def grads(tower):
     loss = lambda p: jnp.sum(tower.build().apply(
         {"params": p}, images, True, rngs={"dropout": jax.random.key(2)}).pooled ** 2)
-    return jax.grad(loss)(params)
+    return jax.jit(jax.grad(loss))(params)
 
   exact, recomputed = grads(plain), grads(remat)
   # Recomputation reorders float sums: equal up to rounding at the gradient's overall scale

@@ -4,6 +4,7 @@ import copy
 import json
 import logging
 import os
+import pathlib
 import re
 import shutil
 import signal
@@ -422,9 +423,17 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes_identically(finished_
 def test_two_processes_resume_a_single_process_run_and_match_it(finished_run, tmp_path):
   """2 processes × 4 CPU devices on localhost finish a run that 1 process × 8 devices started."""
   config, full_dir, full_results = finished_run
-  workdir, logs = tmp_path / "run", tmp_path / "logs"
-  phases.run(spec.from_config(config), str(workdir), until=("stage2", 2))
-  shutil.rmtree(workdir / "teacher_features")  # computed again, over both processes
+  # The run as a preemption at stage 2's step 2 leaves it (stage 1 finished and recorded), without
+  # the teacher features, which both processes compute again.
+  workdir, logs = pathlib.Path(_copy_of(full_dir, tmp_path)), tmp_path / "logs"
+  shutil.rmtree(workdir / "stage2" / "checkpoints" / "4")
+  shutil.rmtree(workdir / "teacher_features")
+  with open(workdir / "results.json") as f:
+    saved = json.load(f)
+  for part in ("metrics", "recall_curves"):
+    saved[part] = {k: v for k, v in saved[part].items() if not k.startswith("stage2")}
+  with open(workdir / "results.json", "w") as f:
+    json.dump(saved, f)
   result = subprocess.run(
       [sys.executable, "launch/local.py", "--num_processes=2", "--devices_per_process=4",
        f"--log_dir={logs}", "--timeout=600", "--", "-m", "rebalance_jax.train",

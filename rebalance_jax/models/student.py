@@ -111,8 +111,9 @@ def init_student(model: Student, rng: jax.Array, batch_size: int = 2):
   c = model.config
   (images,) = towers.dummy_inputs(c.image, batch_size)
   ids, mask = towers.dummy_inputs(c.text, batch_size)
-  return model.init(rng, images, ids, mask, jnp.zeros((batch_size, c.image_teacher_dim)),
-                    jnp.zeros((batch_size, c.text_teacher_dim)))["params"]
+  # One compiled program: Flax's init run op by op compiles every op on its own (seconds).
+  return jax.jit(model.init)(rng, images, ids, mask, jnp.zeros((batch_size, c.image_teacher_dim)),
+                             jnp.zeros((batch_size, c.text_teacher_dim)))["params"]
 
 
 def with_tower_weights(model: Student, params, field_prefix: str = "config.model"):

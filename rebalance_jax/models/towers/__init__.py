@@ -151,7 +151,8 @@ def preprocess_images(config, images: jax.Array) -> jax.Array:
 
 def init_params(spec: TowerSpec, rng: jax.Array, batch_size: int = 2):
   """Random initial parameters of a tower from dummy inputs shaped by its config."""
-  return spec.build().init(rng, *dummy_inputs(spec, batch_size))["params"]
+  # jitted: one program instead of one compilation per op
+  return jax.jit(spec.build().init)(rng, *dummy_inputs(spec, batch_size))["params"]
 
 
 def dummy_inputs(spec: TowerSpec, batch_size: int = 2) -> tuple:

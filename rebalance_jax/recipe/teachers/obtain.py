@@ -121,7 +121,7 @@ def _pretrained(exp: Experiment, spec: TeacherSpec, tower, data: Dataset, encode
                       train.attributes[train.caption_image[r]].astype(np.float32)}
   name = f"teacher_{spec.modality}"
   seed = loop.stage_seed(exp.seed, name)
-  init = model.init(jax.random.key(seed), *towers.dummy_inputs(tower))["params"]
+  init = jax.jit(model.init)(jax.random.key(seed), *towers.dummy_inputs(tower))["params"]
   schedule = optax.warmup_cosine_decay_schedule(0.0, t.lr, max(t.num_steps // 10, 1), t.num_steps)
   checkpointer = workdirs.checkpointer(exp, workdir, name, data.content, keep=1)
   stage = loop.Stage(

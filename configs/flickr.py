@@ -30,7 +30,7 @@ evaluates each on the 1,000 test images. [ref] also trains on the val images:
 --config.data.flickr30k.add_val_to_train=True (then select with --config.eval.select_on=last or
 test, as val is no longer held out). A missing converted file stops the run at once with one line
 naming its config field; every path can be overridden. Global batch 36 as [ref] (2 GPUs x 18): it
-must divide the device count. Expected: the paper's Flickr30K rows (not yet measured here: no
+must be a multiple of the device count. Expected: the paper's Flickr30K rows (not yet measured here: no
 accelerator and no Flickr30K on this project's machines).
 
 Variant :tiny (config.defaults.tiny_reference_model): the same data pipeline with tiny towers and

@@ -6,7 +6,7 @@ loss, printed as `<prog>: error: <message>`; 128 + signal (143 SIGTERM, 130 Ctrl
 gracefully: re-run the same command to continue.
 """
 
-import re
+import os
 import sys
 from collections.abc import Callable
 
@@ -17,23 +17,53 @@ from rebalance_jax.infra.errors import InputError
 from rebalance_jax.training import loop
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing (`app.run`'s flags_parser), with an unknown `--config.<field>` reported as a
-  flag error naming it; every parsing error is one line and exit status 1."""
+def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+  """absl's parsing (`app.run`'s flags_parser), with every parsing error (an unknown or wrongly
+  typed `--config.<field>`, a config file that is missing or raises) one line and exit status 1."""
   try:
-    return flags.FLAGS(argv)
+    remaining = flag_values(argv)
+    if "config" in flag_values and flag_values["config"].present:
+      flag_values.config.keys()  # ml_collections defers a config file's load error to first use
+    return remaining
   except flags.Error as e:
-    message = str(e).splitlines()[0]
+    message = flag_error_line(str(e))
+  except OSError as e:
+    message = config_file_error_line(e, argv)
   except (AttributeError, KeyError, TypeError) as e:  # ml_collections: not a field of the config
-    text = str(e).strip("\"'")
-    given = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-    named = [f for f in given if f[len("--config."):] in text or
-             re.search(rf"\.{re.escape(text)}(\.|$)", f)] or [" or ".join(given) or "--config"]
-    what = (f"the config has no field {text!r}" if text.isidentifier() else
-            f"not a field of the config ({text})")
-    message = f"{named[0]}: {what} (the fields are listed in rebalance_jax/config/defaults.py)"
+    message = field_error_line(e, argv)
   sys.stderr.write(f"FATAL Flags parsing error: {message}\n")
   sys.exit(1)
+
+
+def flag_error_line(text: str) -> str:
+  """absl's message in one line; for a config file that raised, its exception's own line (the last
+  line of the traceback ml_collections puts in the message)."""
+  text = text.removeprefix("flag ")
+  if "Traceback (most recent call last)" in text:
+    flag = text.split(": Error whilst parsing config file:")[0]
+    return f"{flag}: {text.strip().splitlines()[-1]}"
+  return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def config_file_error_line(error: OSError, argv: list[str]) -> str:
+  value = next((a.split("=", 1)[1] for a in reversed(argv[1:]) if a.startswith("--config=")), "")
+  path = value.split(":")[0]
+  if not os.path.isfile(path):
+    return f"--config={value}: {path} is not a file"
+  return f"--config={value}: cannot be loaded ({str(error).strip().splitlines()[-1].strip()})"
+
+
+def field_error_line(error: Exception, argv: list[str]) -> str:
+  """The `--config.<field>` override naming a field the config does not have, and which one."""
+  text = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
+  name, _, hint = text.partition("\n")
+  name = name.strip("\"'")
+  given = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+  named = [f for f in given if name in f[len("--config."):].split(".")] or given[-1:] or ["--config"]
+  what = (f"the config has no field {name!r}" if name.isidentifier() else
+          f"not a field of the config ({name})")
+  hint = f"; {hint.strip()[0].lower()}{hint.strip()[1:]}" if hint.strip() else ""
+  return f"{named[0]}: {what}{hint} (the fields are listed in rebalance_jax/config/defaults.py)"
 
 
 def run_guarded(prog: str, argv: list[str], work: Callable[[], object]) -> None:

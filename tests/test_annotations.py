@@ -204,6 +204,8 @@ _KARPATHY_CASES = {
     "imgid a boolean": (_set(1, "imgid", True),
                         ".imgid: expected an integer or a string, got a boolean True", 1, None),
     "entry not an object": (_set(1, 5), ": expected an object, got an integer 5", 1, None),
+    "image listed twice": (_set(1, "imgid", 0), ": duplicate image '0' (also "
+                           "dataset_flickr30k.json: images[0])", 1, None),
 }
 
 
@@ -352,6 +354,9 @@ _REFERENCE_CASES = {
     "val image missing": (
         _PAIRS, [{"caption": ["a bird"]}, _IMAGES[1]], "val.json: [0].image: missing", 1, _TRAIN,
         _VAL[1:]),
+    "val image listed twice": (
+        _PAIRS, [_IMAGES[0], _IMAGES[0]], "val.json: [1]: duplicate image 'c.jpg' (also val.json: "
+        "[0])", 1, _TRAIN, _VAL[:1]),
 }
 
 

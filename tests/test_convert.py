@@ -2,6 +2,7 @@
 the text tower and the fusion encoder matches transformers' own BERT on the same weights."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -116,6 +117,11 @@ def test_unknown_or_missing_tensors_are_errors(bert_dir):
     text_tower.convert_hf_bert_text(config, partial, range(3), 16)
   with pytest.raises(InputError, match=r"--max_tokens=100 exceeds the checkpoint's 64 positions"):
     text_tower.convert_hf_bert_text(config, tensors, range(3), 100)
+  name = "bert.encoder.layer.0.attention.self.query.weight"
+  odd = {**tensors, name: np.zeros((tensors[name].shape[0] - 1, tensors[name].shape[1]))}
+  with pytest.raises(InputError, match=rf"tensor {re.escape(name)} \(\d+, \d+\) does not fit "
+                                       r"this format's layout \(cannot reshape"):
+    text_tower.convert_hf_bert_text(config, odd, range(3), 16)
 
 
 def test_cli_converts_and_prints_the_config_fields(bert_dir, tmp_path):

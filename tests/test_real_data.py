@@ -3,9 +3,14 @@ and split conventions, preparing (TFDS ArrayRecord), per-process rows, resume or
 and the teacher-feature job feeding a stage-2 run."""
 
 import json
+import logging
 import os
+import pathlib
+import re
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -14,6 +19,7 @@ from conftest import REPO, load_config
 from rebalance_jax.config import spec
 from rebalance_jax.data import miniature, pipeline, prepared, real
 from rebalance_jax.data.dataset import load_dataset
+from rebalance_jax.infra import files
 from rebalance_jax.infra.errors import InputError
 from rebalance_jax.recipe import phases
 from rebalance_jax.recipe.teachers import feature_job
@@ -228,6 +234,65 @@ def test_records_follow_the_index_and_the_data_config_is_in_the_fingerprint(tree
   assert "annotation_file" not in fingerprint["data"]  # by content, not by path
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("counts edited", r"prepared\.json says split val has \{'images': 99, 'captions': \d+\}, its "
+                      r"index holds \{'images': \d+"),
+    ("index edited", r"index-val\.json differs from the file prepared"),
+    ("shard truncated", r"\.array_record-00000-of-00001 has \d+ bytes, prepared with \d+"),
+    ("shard deleted", r"\.array_record-00000-of-00001 is missing from the prepared dataset"),
+])
+def test_a_prepared_dataset_changed_after_preparation_is_refused(trees, tmp_path, damage,
+                                                                 message):
+  data = spec.from_config(real_config("coco", trees["coco"], tmp_path)).data
+  directory, _ = real.prepare(data)
+  shard = next(p for p in sorted(pathlib.Path(directory).rglob("*.array_record-*"))
+               if "-val." in p.name)
+  if damage == "counts edited":
+    record = json.loads((pathlib.Path(directory) / "prepared.json").read_text())
+    record["splits"]["val"]["images"] = 99
+    (pathlib.Path(directory) / "prepared.json").write_text(json.dumps(record))
+  elif damage == "index edited":
+    index = pathlib.Path(directory) / "index-val.json"
+    text = index.read_text()
+    at = text.index('"captions": [["') + len('"captions": [["')
+    index.write_text(text[:at] + text[at].swapcase() + text[at + 1:])  # same size, one caption
+  elif damage == "shard truncated":
+    os.truncate(shard, shard.stat().st_size // 2)
+  else:
+    shard.unlink()
+  for attempt in (lambda: real.prepare(data), lambda: load_dataset(data)):
+    with pytest.raises(InputError, match=message + rf".*; delete {re.escape(directory)} to "
+                                       r"prepare it again"):
+      attempt()
+
+
+def test_a_preparation_in_progress_blocks_nothing_but_the_same_preparation(trees, tmp_path,
+                                                                           caplog):
+  """A cache shared by several jobs: a prepared dataset is read while another preparation holds
+  its lock; a second preparation of the same data waits for the first, then reuses its work."""
+  coco = spec.from_config(real_config("coco", trees["coco"], tmp_path)).data
+  flickr = spec.from_config(real_config("flickr30k", trees["flickr30k"], tmp_path)).data
+  ready, _ = real.prepare(coco)
+  target = real.prepared_dir(flickr, real.preparation(flickr))
+  lock = files.WorkdirLock(os.path.dirname(target), "preparation of flickr30k", wait=True,
+                           name=f".{os.path.basename(target)}.lock").__enter__()
+  try:
+    assert real.prepare(coco)[0] == ready  # no wait: it is complete
+    caplog.set_level(logging.INFO, logger="absl")
+    second = []
+    waiter = threading.Thread(target=lambda: second.append(real.prepare(flickr)))
+    waiter.start()
+    time.sleep(1.5)
+    assert waiter.is_alive() and not os.path.exists(target)  # waiting for the lock's holder
+  finally:
+    lock.__exit__(None, None, None)
+  waiter.join(timeout=60)
+  assert second and second[0][0] == target and os.path.exists(os.path.join(target,
+                                                                           "prepared.json"))
+  assert any("prepare: waiting for a preparation of flickr30k (pid" in r.getMessage()
+             for r in caplog.records)
+
+
 def test_a_prepared_dir_that_is_not_one_is_refused_and_a_killed_attempt_redone(trees, tmp_path):
   config = real_config("flickr30k", trees["flickr30k"], tmp_path)
   target = tmp_path / "user_folder"
@@ -269,6 +334,17 @@ def test_bad_real_data_settings_name_the_field(trees, tmp_path, field, value, me
     node = node[section]
   node[key] = value
   with pytest.raises(InputError, match=message):
+    load_dataset(spec.from_config(config).data)
+
+
+def test_paths_of_the_wrong_kind_are_named(trees, tmp_path):
+  tree = trees["flickr30k"]
+  config = real_config("flickr30k", dict(tree, karpathy_file=str(tmp_path)), tmp_path)
+  with pytest.raises(InputError, match=rf"config\.data\.annotation_file='{tmp_path}' is not a "
+                                       r"file"):
+    load_dataset(spec.from_config(config).data)
+  config = real_config("flickr30k", dict(tree, image_root=tree["karpathy_file"]), tmp_path)
+  with pytest.raises(InputError, match=r"config\.data\.image_root='.*\.json' is not a directory"):
     load_dataset(spec.from_config(config).data)
 
 

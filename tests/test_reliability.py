@@ -213,9 +213,10 @@ def test_checked_files_notice_any_change(tmp_path):
 
 def test_the_workdir_lock_refuses_a_second_holder_and_dies_with_its_holder(tmp_path):
   with files.WorkdirLock(str(tmp_path), "training run"):
-    with pytest.raises(InputError, match=r"is in use by another training run \(.*\"pid\": "
-                                         rf"{os.getpid()}"):
-      files.WorkdirLock(str(tmp_path), "training run").__enter__()
+    # The refusal names the holder, not the job refused.
+    with pytest.raises(InputError, match=rf"is in use by a training run \(pid {os.getpid()} on "
+                                         r".*, since .*\); wait for it"):
+      files.WorkdirLock(str(tmp_path), "teacher-feature job").__enter__()
   with files.WorkdirLock(str(tmp_path), "training run"):  # released on exit
     pass
   # A holder killed with -9 leaves the file but not the lock.
@@ -230,6 +231,26 @@ def test_the_workdir_lock_refuses_a_second_holder_and_dies_with_its_holder(tmp_p
   holder.wait()
   with files.WorkdirLock(str(tmp_path), "training run"):
     pass
+
+
+def test_a_waiting_lock_takes_over_when_its_holder_is_done(tmp_path):
+  holder = subprocess.Popen([sys.executable, "-c", (
+      "import sys; sys.path.insert(0, sys.argv[1]); from rebalance_jax.infra import files; "
+      "files.WorkdirLock(sys.argv[2], 'preparation of coco', name='.d.lock').__enter__(); "
+      "print('held', flush=True); sys.stdin.readline()"), REPO, str(tmp_path)],
+      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  assert holder.stdout.readline().strip() == "held"
+  waited = []
+
+  def release(described):  # told once it found the lock held: now let the holder finish
+    waited.append(described)
+    holder.stdin.write("\n")
+    holder.stdin.flush()
+
+  with files.WorkdirLock(str(tmp_path), "preparation of coco", name=".d.lock", wait=True,
+                         on_wait=release):
+    assert holder.wait(timeout=30) == 0
+  assert len(waited) == 1 and waited[0].startswith(f"a preparation of coco (pid {holder.pid} on ")
 
 
 def test_signals_become_a_stop_request_and_exit_codes(monkeypatch):

@@ -190,6 +190,8 @@ def test_release_names_are_checked(tmp_path):
   (tmp_path / "bad.pth").write_bytes(b"not a pickle")
   with pytest.raises(InputError, match=r"bad\.pth: not a loadable PyTorch checkpoint"):
     conversion.read_pytorch(str(tmp_path / "bad.pth"))
+  with pytest.raises(InputError, match=rf"--source={tmp_path} is a directory, not a checkpoint"):
+    conversion.read_pytorch(str(tmp_path))
 
 
 def test_window_clamps_to_a_smaller_stage_and_drop_path_trains():

@@ -174,7 +174,8 @@ def base_config() -> ml_collections.ConfigDict:
       fsdp_min_size=2**14))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=2))
   c.log_every = 50
-  # itm_k: ITC candidates re-ranked by the ITM head ([ref]: 256 COCO, 128 Flickr30K/VizWiz; 0: off).
+  # itm_k: ITC candidates re-ranked by the ITM head ([ref]: 256 COCO, 128 Flickr30K/VizWiz; 0: off;
+  # otherwise at least 10, the largest recall cut-off).
   # subsets: also evaluate on the first n test images (COCO-1K: (1000,)).
   # single_modal_self: the query itself in the headline i2i/t2t NDCG, [ref] "zeroed" (score and
   # relevance 0, still ranked); fixed: "removed". Both are always reported as i2i_<rule>_ndcg@K.

@@ -388,6 +388,11 @@ def _objective(config: ml_collections.ConfigDict, weights, field: str) -> Object
   unknown = set(weights) - set(ALL_TERMS)
   if unknown:
     raise InputError(f"{field}: unknown loss terms {sorted(unknown)}; known: {ALL_TERMS}")
+  for term, weight in weights.items():
+    # A negative weight would maximize its loss; NaN or infinity would only fail after the teachers.
+    if not (math.isfinite(weight) and weight >= 0):
+      raise InputError(f"{field}.{term}={weight} must be a finite number >= 0 (delete the term "
+                       "to leave it out)")
   if config.model.dual_encoder and "itm" in weights:
     raise InputError(f"{field} has an 'itm' weight but config.model.dual_encoder=True has no ITM "
                      "head")

@@ -210,11 +210,20 @@ def read_karpathy(path: str, bad: BadExamples) -> dict[str, list[ImageEntry]]:
   images = _top_level(path, load_json(path), ("images",))["images"]
   name = os.path.basename(path)
   splits = {split: [] for split in KARPATHY_SPLITS}
+  seen = {}  # image_id -> where: an image listed twice (in one split or two) is an error
   for i, entry in enumerate(images):
     parsed = _karpathy_image(bad, f"{name}: images[{i}]", entry)
-    if parsed:
+    if parsed and _first_listing(bad, seen, parsed[1]):
       splits[parsed[0]].append(parsed[1])
   return splits
+
+
+def _first_listing(bad: BadExamples, seen: dict[str, str], entry: ImageEntry) -> bool:
+  if entry.image_id in seen:
+    bad.report(entry.where, f"duplicate image {entry.image_id!r} (also {seen[entry.image_id]})")
+    return False
+  seen[entry.image_id] = entry.where
+  return True
 
 
 def _karpathy_image(bad: BadExamples, where: str, entry) -> tuple[str, ImageEntry] | None:
@@ -285,7 +294,7 @@ def _reference_pairs(path: str, bad: BadExamples) -> list[ImageEntry]:
 def _reference_images(path: str, bad: BadExamples) -> list[ImageEntry]:
   images = _top_level(path, load_json(path))
   name = os.path.basename(path)
-  entries = []
+  entries, seen = [], {}
   for i, entry in enumerate(images):
     where = f"{name}: [{i}]"
     if _object(bad, where, entry) is None:
@@ -296,7 +305,7 @@ def _reference_images(path: str, bad: BadExamples) -> list[ImageEntry]:
       continue
     raws = [_caption(bad, f"{where}.caption[{j}]", value) for j, value in enumerate(values)]
     captions = _captions(bad, where, "caption", raws)
-    if captions is not None:
+    if captions is not None and _first_listing(bad, seen, ImageEntry(file, captions, file, where)):
       entries.append(ImageEntry(file, captions, file, where))
   return entries
 

@@ -8,7 +8,8 @@ Layout of a prepared directory:
   index-<split>.json         files, image ids and captions of the split (read at start, so the
                              caption-level pipeline never touches image bytes)
   prepared.json              what was prepared from which annotation files, with the bad examples
-                             skipped; written last, so its presence marks a complete directory
+                             skipped and every other file's size (and the small files' SHA-256);
+                             written last, so its presence marks a complete directory
 
 TensorFlow is not needed: the image bytes are a plain bytes feature (not `tfds.features.Image`)
 and are decoded with Pillow by `ImageFileRecords`.
@@ -30,7 +31,7 @@ from rebalance_jax.infra import files
 from rebalance_jax.infra.errors import InputError
 
 PREPARED = "prepared.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: prepared.json lists the files (read_record checks them)
 # Image files read and verified in parallel while preparing, and how many are read ahead.
 _READ_THREADS = 8
 _READ_AHEAD = 256
@@ -98,6 +99,7 @@ def write(directory: str, splits: dict[str, list[ImageEntry]], image_root: str,
     index = {"files": [e.file for e in entries], "image_ids": [e.image_id for e in entries],
              "captions": [list(e.captions) for e in entries]}
     files.atomic_write_text(os.path.join(staging, f"index-{name}.json"), json.dumps(index))
+  record["files"] = _listing(staging)
   files.atomic_write_text(os.path.join(staging, PREPARED), json.dumps(record, indent=1))
   os.replace(staging, directory)
   return record
@@ -121,17 +123,51 @@ def _readable(entries: list[ImageEntry], image_root: str, bad: BadExamples, pool
                "captions": list(entry.captions)}
 
 
+def _listing(directory: str) -> dict[str, dict]:
+  """{relative path: {"bytes"[, "sha256"]}} of every file: the image shards by size (hashing
+  gigabytes at every start would cost minutes), the small files (index, TFDS metadata) by hash."""
+  listing = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      path = os.path.join(root, name)
+      entry = {"bytes": os.path.getsize(path)}
+      if ".array_record" not in name:
+        entry["sha256"] = files.file_digest(path)
+      listing[os.path.relpath(path, directory)] = entry
+  return listing
+
+
 def read_record(directory: str) -> dict | None:
-  """The prepared.json of a complete prepared directory, or None if there is none."""
+  """The prepared.json of a complete prepared directory, or None if there is none. A directory
+  whose files or counts are not those it was prepared with (a shard deleted or truncated, an index
+  or prepared.json edited) is an InputError."""
   path = os.path.join(directory, PREPARED)
   if not os.path.exists(path):
     return None
+  again = f"delete {directory} to prepare it again"
   try:
     with open(path) as f:
-      return json.load(f)
+      record = json.load(f)
   except (OSError, ValueError) as e:
-    raise InputError(f"{path} is unreadable ({e}); delete {directory} to prepare it "
-                     "again") from None
+    raise InputError(f"{path} is unreadable ({e}); {again}") from None
+  version = record.get("format_version") if isinstance(record, dict) else None
+  if version != FORMAT_VERSION:
+    raise InputError(f"{path}: format {version}, not this version's {FORMAT_VERSION}; {again}")
+  for name, expected in record["files"].items():
+    file = os.path.join(directory, name)
+    if not os.path.isfile(file):
+      raise InputError(f"{file} is missing from the prepared dataset; {again}")
+    if os.path.getsize(file) != expected["bytes"]:
+      raise InputError(f"{file} has {os.path.getsize(file)} bytes, prepared with "
+                       f"{expected['bytes']}; {again}")
+    if "sha256" in expected and files.file_digest(file) != expected["sha256"]:
+      raise InputError(f"{file} differs from the file prepared; {again}")
+  for name, counts in record["splits"].items():
+    index = read_index(directory, name)
+    held = {"images": len(index["files"]), "captions": sum(map(len, index["captions"]))}
+    if held != counts:
+      raise InputError(f"{path} says split {name} has {counts}, its index holds {held}; {again}")
+  return record
 
 
 def read_index(directory: str, split: str) -> dict:

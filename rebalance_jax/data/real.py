@@ -56,9 +56,14 @@ def annotation_paths(data) -> dict[str, str]:
     if not path:
       raise InputError(f"config.data.{field} is not set: pass "
                        f"--config.data.{field}=/path/on/this/machine")
-    if not os.path.exists(os.path.expanduser(path)):
+    expanded = os.path.expanduser(path)
+    if not os.path.exists(expanded):
       raise InputError(f"config.data.{field}={path!r} does not exist")
-    paths[field] = os.path.expanduser(path)
+    kind, is_kind = ("a directory", os.path.isdir) if field == "image_root" else ("a file",
+                                                                                os.path.isfile)
+    if not is_kind(expanded):
+      raise InputError(f"config.data.{field}={path!r} is not {kind}")
+    paths[field] = expanded
   return paths
 
 
@@ -97,7 +102,15 @@ def prepare(data, record: dict | None = None) -> tuple[str, dict]:
   prepared.json record)."""
   record = record or preparation(data)
   directory = prepared_dir(data, record)
-  with files.WorkdirLock(os.path.dirname(directory), "dataset preparation"):
+  existing = _complete(directory, record)  # prepared.json is written last: complete, no lock
+  if existing is not None:
+    return directory, existing
+  # One lock per prepared dataset: preparing another dataset in the same cache goes on; a second
+  # preparation of this one waits, then finds it complete.
+  waiting = lambda holder: logging.info("prepare: waiting for %s, which prepares %s", holder,
+                                        directory)
+  with files.WorkdirLock(os.path.dirname(directory), f"preparation of {data.name}", wait=True,
+                         name=f".{os.path.basename(directory)}.lock", on_wait=waiting):
     existing = _complete(directory, record)
     if existing is not None:
       return directory, existing

@@ -5,8 +5,8 @@
   syncing the directory.
 - `write_checked` / `is_intact`: a cached artifact with its SHA-256 beside it (`<file>.sha256`,
   written last), so a truncated, garbled or replaced cache file is noticed and recomputed.
-- `WorkdirLock`: an exclusive `flock` on `<dir>/.lock`; the kernel drops it when its holder dies,
-  so a killed run never leaves a stale lock.
+- `WorkdirLock`: an exclusive `flock` on `<dir>/.lock` (or a named lock file), refused or waited
+  for; the kernel drops it when its holder dies, so a killed run never leaves a stale lock.
 """
 
 import fcntl
@@ -97,33 +97,64 @@ def is_intact(path: str) -> bool:
 
 
 class WorkdirLock:
-  """Holds `<directory>/.lock` exclusively while the context is open; a second holder is refused
-  with an InputError naming the holder. A filesystem without locks only warns (see `warning`)."""
+  """Holds `<directory>/<name>` exclusively while the context is open. A second holder is refused
+  with an InputError naming the first (what it is, its host and pid), or with `wait` waits until
+  the first is done (`on_wait` is told whom it waits for). A filesystem without locks only warns
+  (see `warning`)."""
 
-  def __init__(self, directory: str, what: str):
-    self.path = os.path.join(directory, ".lock")
-    self._what = what
+  def __init__(self, directory: str, what: str, *, name: str = ".lock", wait: bool = False,
+               on_wait: Callable[[str], None] = lambda holder: None):
+    self.path = os.path.join(directory, name)
+    self._what, self._wait, self._on_wait = what, wait, on_wait
     self._fd = None
     self.warning = None
 
   def __enter__(self):
-    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    directory = os.path.dirname(self.path)
+    os.makedirs(directory, exist_ok=True)
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
     try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      self._acquire(fd)
     except BlockingIOError:
-      holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown"
+      holder = _holder(fd)
       os.close(fd)
-      raise InputError(f"{os.path.dirname(self.path)} is in use by another {self._what} "
-                       f"({holder}); wait for it to finish or use another --workdir") from None
+      raise InputError(f"{directory} is in use by {holder}; wait for it to finish or use another "
+                       "--workdir") from None
     except OSError as e:  # e.g. a bucket mount without locks: run unlocked rather than not at all
       self.warning = f"could not lock {self.path} ({e}); make sure no other run uses this workdir"
     os.ftruncate(fd, 0)
-    os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                             "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+    os.pwrite(fd, json.dumps({"what": self._what, "host": socket.gethostname(),
+                              "pid": os.getpid(),
+                              "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
     self._fd = fd
     return self
+
+  def _acquire(self, fd: int) -> None:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      return
+    except BlockingIOError:
+      if not self._wait:
+        raise
+    self._on_wait(_holder(fd))
+    while True:  # polled, not a blocking flock: a stop request is not stuck behind the holder
+      time.sleep(1.0)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+      except BlockingIOError:
+        continue
 
   def __exit__(self, *exc_info):
     os.close(self._fd)  # closing releases the lock; the file stays (removing it would race)
     self._fd = None
+
+
+def _holder(fd: int) -> str:
+  """'a training run (pid 12, host h, since 2026-12-07 10:00:00)', from what it wrote in the lock."""
+  try:
+    held = json.loads(os.pread(fd, 4096, 0).decode(errors="replace"))
+    return (f"a {held.get('what', 'job')} (pid {held['pid']} on {held['host']}, since "
+            f"{held['since']})")
+  except (ValueError, KeyError, TypeError, AttributeError):
+    return "another job"

@@ -117,7 +117,8 @@ def relevance_cache(exp: spec.Experiment) -> str:
 def evaluate_run(exp: spec.Experiment, workdir: str, stages=None,
                  step: int | None = None, weights_file: str | None = None) -> dict:
   """Evaluates each stage's checkpoint (default: every stage) into <workdir>/eval; returns
-  {'<stage>@<step>': metrics} of this call. Reads the run's checkpoints and writes nothing else.
+  {row: metrics} of this call. A stage's selected checkpoint is the row '<stage>', as in the run's
+  own results.json; another checkpoint (`step`) is '<stage>@<step>'. Reads the run's checkpoints and writes nothing else.
   With `weights_file` (a whole student's converted weights, e.g. a model trained with the
   reference implementation) it evaluates that file instead, as the row 'weights:<file name>'."""
   if weights_file and (stages is not None or step is not None):
@@ -149,7 +150,7 @@ def evaluate_run(exp: spec.Experiment, workdir: str, stages=None,
     for stage in stages:
       loaded_step, params, record = workdirs.load_stage_params(
           exp, workdir, stage, params_like, mesh, data.content, step)
-      names.append(f"{stage}@{loaded_step}")
+      names.append(stage if step is None else f"{stage}@{loaded_step}")
       evaluator.add(names[-1], params, record)
     evaluator.write()
   return {name: evaluator.rows[name] for name in names}

@@ -102,7 +102,8 @@ def read_pytorch(path: str, flag: str = "--source") -> tuple[dict[str, np.ndarra
     raise InputError(f"{flag}={path} is a PyTorch file; reading it needs torch: "
                      "pip install -e '.[convert]'") from None
   if not os.path.isfile(path):
-    raise InputError(f"{flag}={path} does not exist")
+    raise InputError(f"{flag}={path} " + ("is a directory, not a checkpoint file"
+                                          if os.path.isdir(path) else "does not exist"))
   try:
     loaded = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # pickle and torch raise many types for damaged or unsafe files
@@ -180,7 +181,11 @@ def apply_rules(tensors: dict[str, np.ndarray], rules, layers: range, prefix: st
       if isinstance(target, str):
         dropped[name] = target
       else:
-        mapped = target(match, np.asarray(tensor, np.float32))
+        try:
+          mapped = target(match, np.asarray(tensor, np.float32))
+        except ValueError as e:  # a reshape into heads or a window that its size does not fit
+          raise InputError(f"tensor {name} {tuple(np.shape(tensor))} does not fit this "
+                           f"format's layout ({e})") from None
         if mapped is None:
           dropped[name] = f"encoder layer outside --layers={layers.start}:{layers.stop}"
         else:

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -105,6 +106,20 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(two_checkpoi
   loader.wait()
   _assert_same(loader.restore(2, _target(states[2])), states[2])
   loader.close()
+
+
+def test_after_a_failed_read_only_the_closed_loop_reports_are_dropped(monkeypatch):
+  """A damaged checkpoint's abandoned Orbax reads each report 'Event loop is closed' (hundreds of
+  tracebacks for a tiny student's checkpoint); other unraisable exceptions still reach the hook."""
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", seen.append)
+  assert checkpointing._attempt(lambda: 1 / 0)[1] is not None  # pylint: disable=protected-access
+  report = lambda error: sys.unraisablehook(types.SimpleNamespace(exc_value=error))
+  report(RuntimeError("Event loop is closed"))
+  report(RuntimeError("something else"))
+  report(ValueError("Event loop is closed"))
+  assert [(type(u.exc_value), str(u.exc_value)) for u in seen] == [
+      (RuntimeError, "something else"), (ValueError, "Event loop is closed")]
 
 
 def test_every_checkpoint_damaged_is_an_error_that_moves_nothing(two_checkpoints):

@@ -673,9 +673,17 @@ def test_evaluate_refuses_bad_steps_and_workdirs_without_writing(finished_run, t
     evaluate_run(spec.from_config(config), str(typo), ["stage1"])
   assert not typo.exists()
   (tmp_path / "empty").mkdir()
-  with pytest.raises(InputError, match=r"no stage1 checkpoints in .*empty/stage1/checkpoints"):
+  with pytest.raises(InputError, match=r"no stage1 checkpoints in .*empty/stage1/checkpoints: is "
+                                       r"--workdir the run's workdir\?"):
     evaluate_run(spec.from_config(config), str(tmp_path / "empty"), ["stage1"])
   assert os.listdir(tmp_path / "empty") == []
+  # A run still in its first phases: the training run holding the workdir is named.
+  (tmp_path / "starting").mkdir()
+  with files.WorkdirLock(str(tmp_path / "starting"), "training run"):
+    with pytest.raises(InputError, match=r"no stage1 checkpoints in .*starting/stage1/checkpoints "
+                                         rf"yet: a training run \(pid {os.getpid()} on .*\) holds "
+                                         r".*; evaluate stage1 once it has saved a checkpoint"):
+      evaluate_run(spec.from_config(config), str(tmp_path / "starting"), ["stage1"])
 
 
 @pytest.mark.slow

@@ -150,6 +150,23 @@ class WorkdirLock:
     self._fd = None
 
 
+def lock_holder(directory: str, name: str = ".lock") -> str | None:
+  """Who holds `<directory>/<name>` now (as a refusal names it), or None if nobody does."""
+  try:
+    fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+  except OSError:
+    return None
+  try:
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    return None
+  except BlockingIOError:
+    return _holder(fd)
+  except OSError:  # a filesystem without locks: nobody can be seen holding it
+    return None
+  finally:
+    os.close(fd)  # also releases the shared lock, if it was taken
+
+
 def _holder(fd: int) -> str:
   """'a training run (pid 12, host h, since 2026-12-07 10:00:00)', from what it wrote in the lock."""
   try:

@@ -173,8 +173,13 @@ def check_checkpoint_configs(exp: Experiment, workdir: str, content: dict) -> No
 def check_stage_checkpoints(workdir: str, stage: str) -> None:
   """Raises InputError unless `workdir` holds `stage`'s checkpoint directory."""
   directory = checkpoint_directory(workdir, stage)
-  if not os.path.isdir(directory):
-    raise InputError(f"no {stage} checkpoints in {directory}: is --workdir the run's workdir?")
+  if os.path.isdir(directory):
+    return
+  holder = files.lock_holder(workdir)
+  if holder:
+    raise InputError(f"no {stage} checkpoints in {directory} yet: {holder} holds {workdir}; "
+                     f"evaluate {stage} once it has saved a checkpoint")
+  raise InputError(f"no {stage} checkpoints in {directory}: is --workdir the run's workdir?")
 
 
 def place_params(exp: Experiment, params, mesh):

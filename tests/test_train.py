@@ -576,10 +576,15 @@ def test_tampered_or_missing_teacher_features_are_recomputed(finished_run, tmp_p
   mesh = workdirs.make_mesh(exp)
   teachers = obtain.obtain_teachers(exp, data, mesh, workdir)  # read when finished
 
-  def tamper_image(path):  # the case: zeros of the right shape
+  def tamper_image(path):  # zeros of the right shape
     np.save(path, np.zeros_like(expected["image"]))
 
-  for target, tamper in [(shard("image"), tamper_image), (shard("text"), os.remove),
+  def tamper_text_and_its_digest(path):  # only the manifest's list of chunk hashes tells
+    np.save(path, np.zeros_like(expected["text"]))
+    files.write_digest(path)
+
+  for target, tamper in [(shard("image"), tamper_image),
+                         (shard("text"), tamper_text_and_its_digest), (shard("text"), os.remove),
                          (os.path.join(directory, "manifest.json"),
                           lambda p: open(p, "w").write("{garbled"))]:
     tamper(target)

@@ -86,13 +86,20 @@ def write_digest(path: str) -> str:
   return digest
 
 
+def recorded_digest(path: str) -> str | None:
+  """The digest `write_checked` recorded beside `path`, or None if there is none."""
+  try:
+    with open(path + DIGEST_SUFFIX) as f:
+      return f.read().strip()
+  except (OSError, UnicodeDecodeError):
+    return None
+
+
 def is_intact(path: str) -> bool:
   """Whether `path` and its digest file exist and agree (a file written by `write_checked`)."""
   try:
-    with open(path + DIGEST_SUFFIX) as f:
-      expected = f.read().strip()
-    return file_digest(path) == expected
-  except (OSError, UnicodeDecodeError):
+    return file_digest(path) == recorded_digest(path)
+  except OSError:
     return False
 
 

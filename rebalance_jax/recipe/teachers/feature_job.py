@@ -10,7 +10,8 @@ The manifest, written before the first chunk, names what the features are made f
 teachers' config fingerprint and weight hashes, each teacher's preprocessing (image size and
 normalization; tokenizer vocabulary and limits), a real dataset's identity (its annotation
 files' hashes; the synthetic data is described by the config), the row counts, dimensions and
-dtype. Features whose
+dtype. Once every chunk is written, the manifest also lists each chunk's content hash, so a
+chunk changed afterwards is noticed even with a matching `.sha256` beside it. Features whose
 manifest names anything else are refused, never overwritten. `TeacherFeatures.rows` reads a
 training batch's rows by global index from the memory-mapped chunks.
 """
@@ -36,6 +37,7 @@ from rebalance_jax.recipe.teachers import obtain
 
 MODALITIES = ("image", "text")
 MANIFEST = "manifest.json"
+CHUNKS = "chunk_sha256"  # the manifest's {chunk file: content hash}, written once all are there
 FORMAT = "per-image and per-caption rows in chunks of chunk_rows global rows"
 CHUNK_ROWS = 16384
 
@@ -168,6 +170,10 @@ def teacher_features(teachers: dict, data: Dataset, mesh, directory: str, finger
     if logs.is_main_process():
       files.atomic_write_text(os.path.join(directory, MANIFEST), json.dumps(manifest))
     _compute(teachers, data, mesh, directory, manifest, batch_size, todo)
+  if logs.is_main_process() and (todo.any() or CHUNKS not in manifest):
+    manifest[CHUNKS] = {os.path.basename(path): files.recorded_digest(path)
+                        for path in _chunk_paths(directory, manifest)}
+    files.atomic_write_text(os.path.join(directory, MANIFEST), json.dumps(manifest))
   multihost_utils.sync_global_devices("teacher features: complete")
   return TeacherFeatures(directory)
 
@@ -187,7 +193,7 @@ def _plan(directory: str, manifest: dict) -> tuple[dict, dict[str, list[int]]]:
       logging.warning("teacher features: %s is unreadable (%s); computing them again", path, e)
       saved = None
   if saved is not None:
-    differ = sorted(k for k in set(manifest) | set(saved) if k != "chunk_rows" and
+    differ = sorted(k for k in set(manifest) | set(saved) if k not in ("chunk_rows", CHUNKS) and
                     manifest.get(k) != saved.get(k))
     if differ:
       raise InputError(
@@ -196,19 +202,32 @@ def _plan(directory: str, manifest: dict) -> tuple[dict, dict[str, list[int]]]:
           "config.teachers.features_dir elsewhere")
     manifest = {**manifest, "chunk_rows": saved["chunk_rows"]}
   os.makedirs(directory, exist_ok=True)
-  missing = {}
+  missing, recorded = {}, (saved or {}).get(CHUNKS, {})
   for modality in MODALITIES:
     chunks = range(num_chunks(manifest["rows"][modality], manifest["chunk_rows"]))
     missing[modality] = [c for c in chunks if saved is None or not _chunk_is_complete(
-        directory, modality, c, manifest)]
+        directory, modality, c, manifest, recorded)]
+  if not any(missing.values()) and recorded:
+    manifest[CHUNKS] = recorded
   return manifest, missing
 
 
-def _chunk_is_complete(directory: str, modality: str, chunk: int, manifest: dict) -> bool:
+def _chunk_paths(directory: str, manifest: dict) -> list[str]:
+  return [chunk_path(directory, modality, c) for modality in MODALITIES
+          for c in range(num_chunks(manifest["rows"][modality], manifest["chunk_rows"]))]
+
+
+def _chunk_is_complete(directory: str, modality: str, chunk: int, manifest: dict,
+                       recorded: dict) -> bool:
+  """Whether a chunk is intact: its content hash is the one beside it and, once the job has
+  finished, the one its manifest lists."""
   path = chunk_path(directory, modality, chunk)
-  if not files.is_intact(path):
-    if os.path.exists(path):
-      logging.warning("teacher features: %s fails its content check; computing it again", path)
+  if not os.path.exists(path):
+    return False
+  digest = files.file_digest(path)
+  if digest != files.recorded_digest(path) or recorded.get(os.path.basename(path),
+                                                            digest) != digest:
+    logging.warning("teacher features: %s fails its content check; computing it again", path)
     return False
   rows = min(manifest["chunk_rows"], manifest["rows"][modality] - chunk * manifest["chunk_rows"])
   array = np.load(path, mmap_mode="r")

@@ -6,6 +6,7 @@ loss, printed as `<prog>: error: <message>`; 128 + signal (143 SIGTERM, 130 Ctrl
 gracefully: re-run the same command to continue.
 """
 
+import errno
 import os
 import sys
 from collections.abc import Callable
@@ -82,4 +83,27 @@ def run_guarded(prog: str, argv: list[str], work: Callable[[], object]) -> None:
     sys.exit(130)
   except (InputError, loop.NonFiniteLossError) as e:
     sys.exit(f"{prog}: error: {e}")
+  except Exception as e:
+    full = _disk_full(e)
+    if full is None:
+      raise
+    sys.stderr.write(f"{prog}: error: no space left on the device ({full}); free some and re-run "
+                     "the same command: it resumes from the last complete checkpoint\n")
+    sys.stderr.flush()
+    # At once: the checkpointer's background writes would each report the full disk again while
+    # the interpreter shuts down. Everything complete on disk was written atomically.
+    os._exit(1)  # pylint: disable=protected-access
+
+
+def _disk_full(error: BaseException) -> str | None:
+  """The message of the disk-full error in `error`'s chain (ENOSPC, EDQUOT; TensorStore's
+  RESOURCE_EXHAUSTED for a write; ArrayRecord's failed write), or None."""
+  while error is not None:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+      return str(error)
+    text = str(error)
+    if "RESOURCE_EXHAUSTED: Error writing" in text or "No space left on device" in text:
+      return text.splitlines()[0]
+    error = error.__cause__ or error.__context__
+  return None
 

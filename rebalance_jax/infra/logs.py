@@ -4,6 +4,7 @@ import json
 import logging as python_logging
 import os
 import re
+import sys
 import time
 
 import jax
@@ -18,13 +19,39 @@ from rebalance_jax.infra.files import atomic_write_text
 def quiet_library_logs() -> None:
   """Hides Orbax's per-save INFO lines (it logs through absl), its warning on every periodic
   checkpoint saved without selection metrics, and JAX's note on each accelerator backend it does
-  not find; other warnings and errors still show."""
+  not find; other warnings and errors still show, Orbax's and asyncio's (Orbax's abandoned
+  writes) as one line each, without the traceback that each of its threads would print."""
   def keep(record):
     if "/orbax/" not in record.pathname:
       return True
+    record.exc_info = record.exc_text = None
     return (record.levelno >= python_logging.WARNING and
             not str(record.msg).startswith("Requested `tracked_metric`"))
+
+  def one_line(record):
+    record.exc_info = record.exc_text = None
+    return True
   python_logging.getLogger("absl").addFilter(keep)
+  python_logging.getLogger("asyncio").addFilter(one_line)
+  drop_closed_loop_reports()
+
+
+def drop_closed_loop_reports() -> None:
+  """Orbax reads and writes a checkpoint's arrays concurrently on an asyncio loop that it closes as
+  soon as one of them fails; every other one then reports, as an unraisable exception, that the
+  loop it answers to is closed: hundreds of tracebacks for one damaged checkpoint or full disk,
+  whose error is reported once where it is caught. This process drops exactly those reports."""
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_closed_loop_reports", False):
+    return
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError) and
+            str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook.drops_closed_loop_reports = True
+  sys.unraisablehook = hook
   python_logging.getLogger("jax._src.xla_bridge").addFilter(
       lambda r: r.levelno >= python_logging.WARNING or
       not str(r.msg).startswith("Unable to initialize backend"))

@@ -13,7 +13,6 @@ newest intact one, moving the damaged step folders aside (nothing is deleted).
 
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -86,26 +85,8 @@ def _attempt(read):
   try:
     return read(), None
   except Exception as e:  # noqa: BLE001
-    _drop_closed_loop_reports()
+    logs.drop_closed_loop_reports()  # the read's abandoned siblings would each print a traceback
     return None, e
-
-
-def _drop_closed_loop_reports() -> None:
-  """Orbax reads a checkpoint's arrays concurrently on an asyncio loop that it closes as soon as
-  one read fails; every other read then reports, as an unraisable exception, that the loop it
-  answers to is closed: hundreds of tracebacks for one damaged checkpoint, which `restore` already
-  reports in one line. From the first failed read on, the process drops exactly those reports."""
-  previous = sys.unraisablehook
-  if getattr(previous, "drops_closed_loop_reports", False):
-    return
-
-  def hook(unraisable):
-    if not (isinstance(unraisable.exc_value, RuntimeError) and
-            str(unraisable.exc_value) == "Event loop is closed"):
-      previous(unraisable)
-
-  hook.drops_closed_loop_reports = True
-  sys.unraisablehook = hook
 
 
 def _everywhere(flag: bool) -> bool:

@@ -47,8 +47,9 @@ _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 512, "hf_bert: the tower's max_
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 384, "swin, reference: the image tower's input "
                                    "size (reference: the checkpoint's config image_res wins).",
                                    lower_bound=1)
-_NUM_HEADS = flags.DEFINE_integer("num_heads", 0, "reference: the BERT's attention heads (0: "
-                                  "width / 64, as BERT's).", lower_bound=0)
+_NUM_HEADS = flags.DEFINE_integer("num_heads", 0, "reference: the BERT's attention heads (12 for "
+                                  "BERT-base); needed unless the checkpoint's config records "
+                                  "them.", lower_bound=0)
 _WINDOW_SIZE = flags.DEFINE_integer("window_size", 0, "swin: the tower's window (0: the "
                                     "checkpoint's); the relative-position tables are resized.",
                                     lower_bound=0)
@@ -64,7 +65,8 @@ def run(format_: str, source: str, output: str,
   converted = conversion.convert(format_, source, output, options)
   print(f"wrote {output}: {len(traverse_util.flatten_dict(converted.params))} tensors; dropped "
         f"{len(converted.dropped)} ({', '.join(sorted(set(converted.dropped.values())))})")
-  print(f"use it with: {conversion.usage_line(converted, output)}")
+  first, *more = conversion.usage_lines(converted, output)
+  print("\n  ".join([f"use it {first}", *more]))
   return converted
 
 

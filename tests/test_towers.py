@@ -91,8 +91,12 @@ def test_a_toy_tower_brings_its_converter_to_the_convert_command(pixel_tower, tm
   output = str(tmp_path / "pixels.safetensors")
   converted = convert.run("pixel_npz", str(source), output, conversion.Options())
   assert converted.dropped == {"step": "a counter, not a weight"}
-  assert (f"use it with: --config.model.image.init={output} --config.model.image.kind=pixels "
-          "--config.model.image.width=10") in capsys.readouterr().out
+  printed = capsys.readouterr().out.splitlines()
+  assert printed[1:] == [  # as a student tower or as a teacher, quoted for a shell
+      f"use it as the student's image tower: --config.model.image.init={output} "
+      "--config.model.image.kind=pixels --config.model.image.width=10",
+      f"  as the image teacher: --config.teachers.image.init={output} "
+      "--config.teachers.image.kind=pixels --config.teachers.image.width=10"]
   tower = towers.spec_from_config({"kind": "pixels", "width": 10, "init": output},
                                   "config.model.image", "image")
   like = jax.eval_shape(lambda r: towers.init_params(tower, r), jax.random.key(0))

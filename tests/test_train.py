@@ -277,8 +277,12 @@ def test_cli_missing_weights_or_dataset_path_is_one_clear_line(tmp_path):
   # Through the command once: one line, exit status 1, no traceback.
   result = _cli("--config=configs/flickr.py", f"--workdir={tmp_path}")
   assert result.returncode == 1 and "Traceback" not in result.stderr
-  assert ("config.teachers.image.init='weights/clip_vit_large_patch14_vision.safetensors' does "
-          "not exist: convert the checkpoint into it first") in result.stderr
+  # Every missing file at once, in one line.
+  assert len([line for line in result.stderr.splitlines() if "error:" in line]) == 1
+  assert ("config.model.image.init='weights/swin_base_patch4_window12_384_22k.safetensors', "
+          "config.model.text.init=") in result.stderr
+  assert ("config.teachers.text.init='weights/bert_base_uncased_teacher_60.safetensors' do not exist: "
+          "convert the checkpoints into them first") in result.stderr
   # The next missing inputs, where they are found: reading the config, then the data.
   for field in ("model.image", "model.text", "model.fusion", "teachers.image", "teachers.text"):
     (tmp_path / f"{field}.safetensors").write_bytes(b"")  # read only once training starts

@@ -240,6 +240,7 @@ def from_config(config: ml_collections.ConfigDict) -> Experiment:
     if _get(config, field) not in choices:
       raise InputError(f"config.{field}={_get(config, field)!r} is not one of {choices}")
   _check_numbers(config)
+  _check_weights_files(config)
   data = _data(config)
   teachers = _teachers(config)
   student = _student(config, teachers)
@@ -280,16 +281,26 @@ def _plain(node):
 
 
 def _tower(section, field: str, modality: str, **fixed) -> towers.TowerSpec:
-  tower = towers.spec_from_config(_plain(section), field, modality, **fixed)
-  _check_weights_file(f"{field}.init", tower.init)
-  return tower
+  return towers.spec_from_config(_plain(section), field, modality, **fixed)
 
 
-def _check_weights_file(field: str, path: str) -> None:
-  """Converted weights a config names exist, before anything runs."""
-  if path and not os.path.isfile(os.path.expanduser(path)):
-    raise InputError(f"{field}={path!r} does not exist: convert the checkpoint into it first "
-                     "(python -m rebalance_jax.convert; docs/weights.md)")
+_WEIGHT_FIELDS = ("model.init", "model.image.init", "model.text.init", "model.fusion.init",
+                  "teachers.image.init", "teachers.text.init")
+
+
+def _check_weights_files(config: ml_collections.ConfigDict) -> None:
+  """Every converted weights file the config names exists, before anything runs; the missing ones
+  are named together."""
+  missing = []
+  for field in _WEIGHT_FIELDS:
+    path = _get(config, field)
+    if path and not os.path.isfile(os.path.expanduser(path)):
+      missing.append(f"config.{field}={path!r}")
+  if missing:
+    raise InputError(f"{', '.join(missing)} {'does' if len(missing) == 1 else 'do'} not exist: "
+                     f"convert the checkpoint{'s' * (len(missing) > 1)} into "
+                     f"{'it' if len(missing) == 1 else 'them'} first (python -m "
+                     "rebalance_jax.convert; docs/weights.md)")
 
 
 def _student(config: ml_collections.ConfigDict, teachers: "TeachersSpec") -> StudentConfig:
@@ -303,10 +314,8 @@ def _student(config: ml_collections.ConfigDict, teachers: "TeachersSpec") -> Stu
   own_inits = [f"config.model.{k}.init" for k in ("image", "text", "fusion") if m[k].init]
   if m.init and own_inits:
     raise InputError(f"config.model.init={m.init!r} holds the whole student: unset {own_inits}")
-  _check_weights_file("config.model.init", m.init)
   image = _tower(m.image, "config.model.image", "image")
   text = _tower(m.text, "config.model.text", "text", vocab_size=1)
-  _check_weights_file("config.model.fusion.init", fusion_init)
   return StudentConfig(
       init=m.init, image=image, text=text,
       fusion=fusion, fusion_init=fusion_init, embed_dim=m.embed_dim, dual_encoder=m.dual_encoder,

@@ -20,12 +20,13 @@ _REFERENCE_SCALARS = {"temp": "temp", "temp2": "temp2", "lamba": "lam"}
 
 
 def convert_reference(tensors: dict[str, np.ndarray], image_size: int, max_tokens: int,
-                      num_heads: int = 0):
+                      num_heads: int):
   """(the whole student's params, {config section: fields}, {dropped name: reason}) from a trained
   model of the reference implementation (its `checkpoint_best.pth` state dict): the Swin
   `vision_encoder`, the BERT `text_encoder` whose layers from the first with cross-attention on
   are the fusion encoder, the projections, the teacher projections (`sig_*`), the ITM head and
-  the scalars τ, τ2 and the raw λ. `num_heads`: the BERT's heads (0: width / 64, BERT's)."""
+  the scalars τ, τ2 and the raw λ. `num_heads`: the BERT's attention heads (the weights do not
+  tell them: a wrong count would load and compute something else)."""
   vision = {k: v for k, v in tensors.items() if k.startswith("vision_encoder.")}
   if "vision_encoder.patch_embed.proj.weight" not in vision:
     raise InputError("no vision_encoder.patch_embed.proj.weight: the reference checkpoint's image "
@@ -40,7 +41,9 @@ def convert_reference(tensors: dict[str, np.ndarray], image_size: int, max_token
     raise InputError(f"text_encoder: layers {sorted(layers)} with cross-attention in "
                      f"{sorted(cross)}; expected the fusion layers to be the last ones")
   width = text["embeddings.word_embeddings.weight"].shape[1]
-  bert = {"hidden_size": width, "num_attention_heads": num_heads or width // 64,
+  if num_heads <= 0 or width % num_heads:
+    raise InputError(f"--num_heads={num_heads} does not divide the BERT's width {width}")
+  bert = {"hidden_size": width, "num_attention_heads": num_heads,
           "intermediate_size": text["encoder.layer.0.intermediate.dense.weight"].shape[0],
           "hidden_act": "gelu",
           "max_position_embeddings": text["embeddings.position_embeddings.weight"].shape[0]}
@@ -92,10 +95,20 @@ def _convert_file(source: str, options: conversion.Options) -> conversion.Conver
   image_size = options.image_size
   if isinstance(reference_config, dict) and "image_res" in reference_config:
     image_size = int(reference_config["image_res"])
+  num_heads = options.num_heads
+  if not num_heads and isinstance(reference_config, dict):
+    num_heads = int(reference_config.get("num_attention_heads", 0))
+  if not num_heads:
+    raise InputError(f"--source={source}: the checkpoint does not record its BERT's attention "
+                     "heads; pass --num_heads (12 for a BERT-base text encoder)")
   params, sections, dropped = convert_reference(tensors, image_size, options.max_tokens,
-                                                options.num_heads)
-  return conversion.Converted(params, sections, "model.init", dropped,
-                              "<the reference's bert vocab.txt>")
+                                                num_heads)
+  widths = (params["teacher_image_proj"]["kernel"].shape[0],
+            params["teacher_text_proj"]["kernel"].shape[0])
+  return conversion.Converted(
+      params, sections, "model.init", dropped, "<the reference's bert vocab.txt>",
+      notes=(f"and teachers whose features are {widths[0]}-wide (image) and {widths[1]}-wide "
+             "(text): the file's teacher projections (U_v, U_t) take those",))
 
 
 conversion.register("reference", _convert_file)

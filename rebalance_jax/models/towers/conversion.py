@@ -16,6 +16,7 @@ import importlib
 import json
 import os
 import re
+import shlex
 from collections.abc import Callable
 
 import jax
@@ -46,6 +47,7 @@ class Converted:
   init_field: str            # the config field that reads the file, e.g. "model.image.init"
   dropped: dict[str, str]    # {source tensor: why it is not used}
   vocab_file: str = ""       # the source's vocabulary, for config.tokenizer.vocab_file
+  notes: tuple[str, ...] = ()  # what else a config using the file must match
 
 
 Converter = Callable[[str, Options], Converted]
@@ -81,14 +83,35 @@ def convert(format_: str, source: str, output: str, options: Options) -> Convert
   return converted
 
 
-def usage_line(converted: Converted, output: str) -> str:
-  """The config flags that use a converted file."""
-  overrides = " ".join(f"--config.{section}.{k}={flag_value(v)}"
-                       for section, values in converted.sections.items()
-                       for k, v in values.items())
-  vocab = (f" --config.tokenizer.vocab_file={converted.vocab_file}"
-           if converted.vocab_file else "")
-  return f"--config.{converted.init_field}={output} {overrides}{vocab}"
+_TOWER_ROLES = {"model.image.init": ("the student's image tower", "the image teacher",
+                                      "teachers.image"),
+                "model.text.init": ("the student's text tower", "the text teacher",
+                                     "teachers.text")}
+
+
+def usage_lines(converted: Converted, output: str) -> list[str]:
+  """The config flags that use a converted file, quoted for a shell: for a tower, one line as the
+  student's tower and one as the teacher of its modality; a placeholder the converter cannot fill
+  (e.g. a vocabulary it was not given) is a note after them."""
+  def flags(init_field: str, sections: dict) -> str:
+    words = [f"--config.{init_field}={output}"] + [
+        f"--config.{section}.{k}={flag_value(v)}" for section, values in sections.items()
+        for k, v in values.items()]
+    if converted.vocab_file and not converted.vocab_file.startswith("<"):
+      words.append(f"--config.tokenizer.vocab_file={converted.vocab_file}")
+    return " ".join(shlex.quote(w) for w in words)
+
+  if converted.init_field in _TOWER_ROLES:
+    student, teacher, section = _TOWER_ROLES[converted.init_field]
+    (values,) = converted.sections.values()
+    lines = [f"as {student}: {flags(converted.init_field, converted.sections)}",
+             f"as {teacher}: {flags(f'{section}.init', {section: values})}"]
+  else:
+    lines = [f"with: {flags(converted.init_field, converted.sections)}"]
+  if converted.vocab_file.startswith("<"):
+    lines.append(f"and --config.tokenizer.vocab_file=PATH, PATH being "
+                 f"{converted.vocab_file.strip('<>')}")
+  return lines + list(converted.notes)
 
 
 def read_pytorch(path: str, flag: str = "--source") -> tuple[dict[str, np.ndarray], dict]:

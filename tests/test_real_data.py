@@ -7,6 +7,7 @@ import logging
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -263,6 +264,26 @@ def test_a_prepared_dataset_changed_after_preparation_is_refused(trees, tmp_path
   for attempt in (lambda: real.prepare(data), lambda: load_dataset(data)):
     with pytest.raises(InputError, match=message + rf".*; delete {re.escape(directory)} to "
                                        r"prepare it again"):
+      attempt()
+
+
+def test_a_prepared_dataset_is_not_used_for_other_images(trees, tmp_path):
+  """Training reads the prepared copies: an image_root pointed at other images is named, not
+  silently ignored; the same images copied elsewhere are the same dataset."""
+  tree = trees["flickr30k"]
+  data = lambda root: spec.from_config(real_config("flickr30k", dict(tree, image_root=str(root)),
+                                                   tmp_path)).data
+  directory, _ = real.prepare(data(tree["image_root"]))
+  copy = tmp_path / "copy"
+  shutil.copytree(tree["image_root"], copy)
+  assert real.prepare(data(copy))[0] == directory
+  first = sorted(os.listdir(copy))[0]
+  with open(copy / first, "ab") as f:
+    f.write(b"re-encoded")
+  for attempt in (lambda: real.prepare(data(copy)), lambda: load_dataset(data(copy))):
+    with pytest.raises(InputError, match=rf"config\.data\.image_root='.*copy' holds other images "
+                                         rf"than the dataset prepared in .*: .*{first} has \d+ "
+                                         r"bytes, prepared from \d+"):
       attempt()
 
 

@@ -5,8 +5,8 @@ Layout of a prepared directory:
   prepared_images/1.0.0/     the TFDS dataset (ArrayRecord shards, dataset_info.json): one record
                              per image, {"image": encoded bytes, "file", "image_id", "captions"},
                              in annotation order (no shuffling: record i is image i)
-  index-<split>.json         files, image ids and captions of the split (read at start, so the
-                             caption-level pipeline never touches image bytes)
+  index-<split>.json         files, image ids, captions and image file sizes of the split (read
+                             at start, so the caption-level pipeline never touches image bytes)
   prepared.json              what was prepared from which annotation files, with the bad examples
                              skipped and every other file's size (and the small files' SHA-256);
                              written last, so its presence marks a complete directory
@@ -31,7 +31,7 @@ from rebalance_jax.infra import files
 from rebalance_jax.infra.errors import InputError
 
 PREPARED = "prepared.json"
-FORMAT_VERSION = 2  # 2: prepared.json lists the files (read_record checks them)
+FORMAT_VERSION = 3  # 2: prepared.json lists the files; 3: the index has the images' sizes
 # Image files read and verified in parallel while preparing, and how many are read ahead.
 _READ_THREADS = 8
 _READ_AHEAD = 256
@@ -82,7 +82,7 @@ def write(directory: str, splits: dict[str, list[ImageEntry]], image_root: str,
     shutil.rmtree(staging)  # a killed attempt's: only the rename below completes one
   if os.path.isdir(directory):
     os.rmdir(directory)  # empty (real._complete refuses anything else), or the rename fails
-  kept = {name: [] for name in splits}
+  kept = {name: [] for name in splits}  # (entry, its image file's size)
   with concurrent.futures.ThreadPoolExecutor(_READ_THREADS) as pool:
     examples = {name: _readable(entries, image_root, bad, pool, kept[name])
                 for name, entries in splits.items() if entries}
@@ -92,12 +92,13 @@ def write(directory: str, splits: dict[str, list[ImageEntry]], image_root: str,
     logging.info("prepare: %s: %d of %d images kept", name, len(entries), len(splits[name]))
   record = {**record, "format_version": FORMAT_VERSION,
             "splits": {name: {"images": len(entries),
-                              "captions": sum(len(e.captions) for e in entries)}
+                              "captions": sum(len(e.captions) for e, _ in entries)}
                        for name, entries in kept.items()},
             "skipped": {"count": bad.count, "messages": bad.first(bad.count)}}
   for name, entries in kept.items():
-    index = {"files": [e.file for e in entries], "image_ids": [e.image_id for e in entries],
-             "captions": [list(e.captions) for e in entries]}
+    index = {"files": [e.file for e, _ in entries], "image_ids": [e.image_id for e, _ in entries],
+             "captions": [list(e.captions) for e, _ in entries],
+             "bytes": [size for _, size in entries]}
     files.atomic_write_text(os.path.join(staging, f"index-{name}.json"), json.dumps(index))
   record["files"] = _listing(staging)
   files.atomic_write_text(os.path.join(staging, PREPARED), json.dumps(record, indent=1))
@@ -107,7 +108,7 @@ def write(directory: str, splits: dict[str, list[ImageEntry]], image_root: str,
 
 def _readable(entries: list[ImageEntry], image_root: str, bad: BadExamples, pool, kept: list):
   """The examples of the entries whose image file is readable (read `_READ_AHEAD` at a time by
-  `pool`, so a split's bytes are never all in memory), appending those entries to `kept`. Bad
+  `pool`, so a split's bytes are never all in memory), appending (entry, image size) to `kept`. Bad
   images are reported to `bad` in entry order, whichever thread read them."""
   def read(entry):
     problems = BadExamples("skip")
@@ -118,7 +119,7 @@ def _readable(entries: list[ImageEntry], image_root: str, bad: BadExamples, pool
     for entry, (data, problems) in zip(chunk, pool.map(read, chunk)):
       bad.report_all(problems)
       if data is not None:
-        kept.append(entry)
+        kept.append((entry, len(data)))
         yield {"image": data, "file": entry.file, "image_id": entry.image_id,
                "captions": list(entry.captions)}
 
@@ -171,12 +172,12 @@ def read_record(directory: str) -> dict | None:
 
 
 def read_index(directory: str, split: str) -> dict:
-  """{"files", "image_ids", "captions"} of one prepared split."""
+  """{"files", "image_ids", "captions", "bytes"} of one prepared split."""
   path = os.path.join(directory, f"index-{split}.json")
   try:
     with open(path) as f:
       index = json.load(f)
-    if not all(len(index[k]) == len(index["files"]) for k in ("image_ids", "captions")):
+    if not all(len(index[k]) == len(index["files"]) for k in ("image_ids", "captions", "bytes")):
       raise ValueError("its lists differ in length")
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise InputError(f"{path} is unreadable ({e!r}); delete {directory} to prepare it "

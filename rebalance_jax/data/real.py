@@ -102,7 +102,7 @@ def prepare(data, record: dict | None = None) -> tuple[str, dict]:
   prepared.json record)."""
   record = record or preparation(data)
   directory = prepared_dir(data, record)
-  existing = _complete(directory, record)  # prepared.json is written last: complete, no lock
+  existing = _complete(directory, record, data.image_root)  # written last: complete, no lock
   if existing is not None:
     return directory, existing
   # One lock per prepared dataset: preparing another dataset in the same cache goes on; a second
@@ -111,7 +111,7 @@ def prepare(data, record: dict | None = None) -> tuple[str, dict]:
                                         directory)
   with files.WorkdirLock(os.path.dirname(directory), f"preparation of {data.name}", wait=True,
                          name=f".{os.path.basename(directory)}.lock", on_wait=waiting):
-    existing = _complete(directory, record)
+    existing = _complete(directory, record, data.image_root)
     if existing is not None:
       return directory, existing
     o = options(data)
@@ -135,9 +135,10 @@ def prepare(data, record: dict | None = None) -> tuple[str, dict]:
                                      {**record, "short_eval_images": short})
 
 
-def _complete(directory: str, record: dict) -> dict | None:
-  """The prepared.json of a complete dataset in `directory` made as `record` says, None if the
-  directory is absent; anything else there is refused (it is never deleted)."""
+def _complete(directory: str, record: dict, image_root: str) -> dict | None:
+  """The prepared.json of a complete dataset in `directory` made as `record` says from the images
+  under `image_root` (`_check_images`), None if the directory is absent; anything else there is
+  refused (it is never deleted)."""
   existing = prepared.read_record(directory)
   if existing is None:
     if os.path.exists(directory) and os.listdir(directory):
@@ -150,7 +151,30 @@ def _complete(directory: str, record: dict) -> dict | None:
     raise InputError(f"config.data.prepared_dir={directory!r} holds a dataset prepared from other "
                      f"{', '.join(differ)} (its prepared.json says what); point "
                      "config.data.prepared_dir elsewhere or delete it")
+  _check_images(directory, existing, image_root)
   return existing
+
+
+_IMAGES_CHECKED = 16  # per split, evenly spread: a stat each, at every start
+
+
+def _check_images(directory: str, record: dict, image_root: str) -> None:
+  """The prepared images are still those under `image_root`: a sample of each split's files has
+  the sizes they were prepared with. (Training reads the prepared copies; this catches an
+  image_root pointed at other or re-encoded images, which would otherwise be silently ignored.)"""
+  root = os.path.expanduser(image_root)
+  for split in record["splits"]:
+    index = prepared.read_index(directory, split)
+    for row in np.unique(np.linspace(0, len(index["files"]) - 1, _IMAGES_CHECKED).astype(int)
+                         if index["files"] else []):
+      path = os.path.join(root, index["files"][row])
+      size = os.path.getsize(path) if os.path.isfile(path) else None
+      if size != index["bytes"][row]:
+        now = "is missing" if size is None else f"has {size} bytes"
+        raise InputError(
+            f"config.data.image_root={image_root!r} holds other images than the dataset prepared "
+            f"in {directory}: {index['files'][row]} {now}, prepared from {index['bytes'][row]}; "
+            "point config.data.prepared_dir (or cache_dir) elsewhere to prepare these images")
 
 
 def _with_eval_captions(entries, per_image: int, bad, leave_out: bool) -> tuple[list, list]:

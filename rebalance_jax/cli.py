@@ -27,16 +27,16 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
       flag_values.config.keys()  # ml_collections defers a config file's load error to first use
     return remaining
   except flags.Error as e:
-    message = flag_error_line(str(e))
+    message = _flag_error_line(str(e))
   except OSError as e:
-    message = config_file_error_line(e, argv)
+    message = _config_file_error_line(e, argv)
   except (AttributeError, KeyError, TypeError) as e:  # ml_collections: not a field of the config
-    message = field_error_line(e, argv)
+    message = _field_error_line(e, argv)
   sys.stderr.write(f"FATAL Flags parsing error: {message}\n")
   sys.exit(1)
 
 
-def flag_error_line(text: str) -> str:
+def _flag_error_line(text: str) -> str:
   """absl's message in one line; for a config file that raised, its exception's own line (the last
   line of the traceback ml_collections puts in the message)."""
   text = text.removeprefix("flag ")
@@ -46,7 +46,7 @@ def flag_error_line(text: str) -> str:
   return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
-def config_file_error_line(error: OSError, argv: list[str]) -> str:
+def _config_file_error_line(error: OSError, argv: list[str]) -> str:
   value = next((a.split("=", 1)[1] for a in reversed(argv[1:]) if a.startswith("--config=")), "")
   path = value.split(":")[0]
   if not os.path.isfile(path):
@@ -54,7 +54,7 @@ def config_file_error_line(error: OSError, argv: list[str]) -> str:
   return f"--config={value}: cannot be loaded ({str(error).strip().splitlines()[-1].strip()})"
 
 
-def field_error_line(error: Exception, argv: list[str]) -> str:
+def _field_error_line(error: Exception, argv: list[str]) -> str:
   """The `--config.<field>` override naming a field the config does not have, and which one."""
   text = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
   name, _, hint = text.partition("\n")

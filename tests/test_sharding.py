@@ -89,6 +89,10 @@ def test_padded_batches_cover_every_row_with_whole_batches():
   assert [start for start, _, _ in batches] == [0, 8]
   np.testing.assert_array_equal(batches[1][1], [8, 9, 10, 11, 12, 12, 12, 12])
   np.testing.assert_array_equal(batches[1][2], [True] * 5 + [False] * 3)
+  # Fewer rows than a batch: one batch, padded to what 8 devices need, not to the batch size.
+  ((start, rows, valid),) = pipeline.padded_batches(5, 256)
+  assert start == 0 and len(rows) == 8 and valid.sum() == 5
+  assert [len(r) for _, r, _ in pipeline.padded_batches(21, 256, start=4)] == [24]
 
 
 def test_encode_drops_padding_and_rejects_an_indivisible_batch():

@@ -369,9 +369,10 @@ def test_paths_of_the_wrong_kind_are_named(trees, tmp_path):
     load_dataset(spec.from_config(config).data)
 
 
-def test_reference_augmentation_needs_encoded_images(tiny_config):
-  tiny_config.data.augment = "reference"  # configs/demo.py:tiny: the synthetic data
-  with pytest.raises(InputError, match=r"config\.data\.augment='reference' needs a source of "
+@pytest.mark.parametrize("field, value", [("augment", "reference"), ("exif_orientation", "apply")])
+def test_image_file_options_need_encoded_images(tiny_config, field, value):
+  tiny_config.data[field] = value  # configs/demo.py:tiny: the synthetic data
+  with pytest.raises(InputError, match=rf"config\.data\.{field}='{value}' needs a source of "
                                        r"encoded images \(a real dataset\), not "
                                        r"config\.data\.name='synthetic'"):
     spec.from_config(tiny_config)

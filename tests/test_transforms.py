@@ -73,6 +73,20 @@ def test_decode_rejects_non_images(data):
     transforms.decode(data)
 
 
+def test_exif_orientation_is_ignored_as_the_reference_does_or_applied():
+  pixels = np.zeros((20, 30, 3), np.uint8)  # stored 30 wide, 20 high
+  pixels[:, :10] = 255  # the stored left third is white
+  exif = Image.Exif()
+  exif[0x0112] = 6  # "rotate 90° clockwise to display" (a phone held upright)
+  out = io.BytesIO()
+  Image.fromarray(pixels).save(out, "PNG", exif=exif)
+  stored = transforms.decode(out.getvalue())
+  upright = transforms.decode(out.getvalue(), "apply")
+  assert stored.size == (30, 20) and upright.size == (20, 30)
+  np.testing.assert_array_equal(np.asarray(upright), np.rot90(np.asarray(stored), k=-1))
+  assert np.asarray(upright)[:10].min() == 255  # the white third is now on top
+
+
 def test_decode_rejects_truncated_image():
   data = _encode(Image.fromarray(_random_image(64, 64)), "PNG")
   with pytest.raises(InputError, match="not a decodable image"):

@@ -101,6 +101,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.augment_shift = 2
   c.data.crop_scale = (0.5, 1.0)
   c.data.randaugment = (2, 7)
+  # A photo's EXIF orientation: "ignore" ([ref]: the pixels as stored, so a phone photo taken
+  # upright may lie on its side) or "apply" (turned upright, as a viewer shows it; VizWiz's phone
+  # photos are where it matters). Encoded-image sources only.
+  c.data.exif_orientation = "ignore"
   c.data.synthetic = ml_collections.ConfigDict(dict(
       num_train=3000, num_val=200, num_test=1000, captions_per_image=5, max_objects=3,
       caption_keep_prob=0.6, degrade_fraction=0.2, seed=0))

@@ -43,6 +43,7 @@ _CHOICES = {
     "eval.select_on": ("val", "test", "last"),
     "data.on_bad_example": annotations.POLICIES,
     "data.augment": ("shift", "reference"),
+    "data.exif_orientation": ("ignore", "apply"),
 }
 # Where the data lies, and how many processes read it, do not change what it is.
 # A real dataset's annotation files are in the fingerprints by content (Dataset.content).
@@ -86,6 +87,7 @@ class DataSpec:
   augment_shift: int
   crop_scale: tuple[float, float]
   randaugment: tuple[int, int]
+  exif_orientation: str
   vocab_file: str      # '' trains a WordPiece vocabulary on the training captions
   vocab_size: int      # of that trained vocabulary
   append_sep: bool
@@ -354,9 +356,10 @@ def _check_numbers(config: ml_collections.ConfigDict) -> None:
 def _data(config: ml_collections.ConfigDict) -> DataSpec:
   d, t = config.data, config.tokenizer
   options = d.get(d.name, {})  # the source's own section, e.g. config.data.synthetic
-  if d.augment == "reference" and not sources.get(d.name).encoded_images:
-    raise InputError(f"config.data.augment='reference' needs a source of encoded images (a real "
-                     f"dataset), not config.data.name={d.name!r}")
+  for field, value in (("augment", "reference"), ("exif_orientation", "apply")):
+    if d[field] == value and not sources.get(d.name).encoded_images:
+      raise InputError(f"config.data.{field}={value!r} needs a source of encoded images (a real "
+                       f"dataset), not config.data.name={d.name!r}")
   low, high = d.crop_scale
   if not 0 < low <= high <= 1:
     raise InputError(f"config.data.crop_scale={tuple(d.crop_scale)} must be (low, high) with "
@@ -374,7 +377,8 @@ def _data(config: ml_collections.ConfigDict) -> DataSpec:
       num_workers=d.num_workers, image_size=d.image_size, max_tokens=d.max_tokens,
       max_words_train=d.max_words_train, max_words_eval=d.max_words_eval, augment=d.augment,
       augment_shift=d.augment_shift, crop_scale=tuple(d.crop_scale),
-      randaugment=tuple(d.randaugment), vocab_file=t.vocab_file, vocab_size=t.vocab_size,
+      randaugment=tuple(d.randaugment), exif_orientation=d.exif_orientation,
+      vocab_file=t.vocab_file, vocab_size=t.vocab_size,
       append_sep=t.append_sep, options=_plain(options))
 
 

@@ -198,21 +198,23 @@ class ImageFileRecords:
   augmentation's views. Picklable (grain's worker processes get a copy that reopens the files)."""
 
   def __init__(self, source: Sequence, files: Sequence[str], size: int, crop_scale=(0.5, 1.0),
-               randaugment=(2, 7)):
+               randaugment=(2, 7), exif_orientation: str = "ignore"):
     self._source, self._files, self.size = source, files, size
     self.crop_scale, self.randaugment = tuple(crop_scale), tuple(randaugment)
+    self.exif_orientation = exif_orientation
 
   def __len__(self) -> int:
     return len(self._files)
 
   def at_size(self, size: int) -> "ImageFileRecords":
-    return ImageFileRecords(self._source, self._files, size, self.crop_scale, self.randaugment)
+    return ImageFileRecords(self._source, self._files, size, self.crop_scale, self.randaugment,
+                            self.exif_orientation)
 
   def _decoded(self, rows: np.ndarray):
     rows = [int(r) for r in np.atleast_1d(rows)]
     for row, record in zip(rows, self._source.__getitems__(rows)):
       try:
-        yield transforms.decode(record["image"])
+        yield transforms.decode(record["image"], self.exif_orientation)
       except InputError as e:
         raise InputError(f"image record {row} ({self._files[row]}): {e}") from None
 

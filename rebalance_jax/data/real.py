@@ -269,7 +269,7 @@ def _split(directory: str, spec: str, data, captions_per_image: int | None) -> s
     raise InputError(f"{directory}: split {spec}'s records and its index disagree; delete the "
                      "directory to prepare it again")
   records = prepared.ImageFileRecords(source, files_, data.image_size, data.crop_scale,
-                                      data.randaugment)
+                                      data.randaugment, data.exif_orientation)
   ids = {}
   image_index = np.array([ids.setdefault(i, len(ids)) for i in image_ids], np.int32)
   caption_image = np.repeat(np.arange(len(captions), dtype=np.int32), [len(c) for c in captions])

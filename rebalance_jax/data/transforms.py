@@ -30,11 +30,14 @@ _TRANSLATE_PIXELS = 10
 _FILL = (128, 128, 128)
 
 
-def decode(data: bytes) -> Image.Image:
+def decode(data: bytes, exif_orientation: str = "ignore") -> Image.Image:
   """Encoded image bytes -> RGB image, as the reference's Image.open(path).convert("RGB"): alpha
-  dropped, grayscale / palette / CMYK converted, EXIF orientation not applied."""
+  dropped, grayscale / palette / CMYK converted, the EXIF orientation ignored (the pixels as
+  stored) or, with "apply", the image turned upright as a photo viewer shows it."""
   try:
     with Image.open(io.BytesIO(data)) as image:
+      if exif_orientation == "apply":
+        return ImageOps.exif_transpose(image).convert("RGB")
       return image.convert("RGB")
   # Pillow signals bad data with OSError, SyntaxError, EOFError, struct.error, zlib.error, ...
   except Exception as e:

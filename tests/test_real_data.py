@@ -183,7 +183,10 @@ def test_a_tiny_model_trains_end_to_end_on_a_miniature(trees, tiny_teachers, tmp
   config.eval.every_steps = 3
   shared = tmp_path / "features"
   config.teachers.features_dir = str(shared)
+  config.teachers.image_view = "center_crop"  # CLIP's own preprocessing, recorded with them
   job = feature_job.run_job(spec.from_config(config), str(tmp_path / "job"))
+  with open(shared / feature_job.MANIFEST) as f:
+    assert json.load(f)["preprocessing"]["image"]["view"] == "center_crop"
   data = load_dataset(spec.from_config(config).data)
   assert job.num_rows == {"image": data.train.num_images, "text": data.train.num_captions}
   written = {p: os.stat(os.path.join(shared, p)).st_mtime_ns for p in os.listdir(shared)}

@@ -75,6 +75,9 @@ def test_each_phase_fingerprints_what_it_depends_on(tiny_config, field, value, u
      r"'teacher_text_proj', 'temp2'\]: no stage before it distills"),
     (lambda c: c.stages.update(arm=defaults.stage("stage1", {"itc": "one"})),
      r"config\.stages\.arm\.loss_weights: every weight must be a number"),
+    (lambda c: c.teachers.update(image_view="center_crop"),
+     r"config\.teachers\.image_view='center_crop' applies to precomputed features of encoded "
+     r"images"),
     (lambda c: c.stages.stage1.loss_weights.update(itc=float("nan")),
      r"config\.stages\.stage1\.loss_weights\.itc=nan must be a finite number >= 0"),
     (lambda c: c.stages.stage2.loss_weights.update(kd=-1.0),

@@ -87,6 +87,17 @@ def test_exif_orientation_is_ignored_as_the_reference_does_or_applied():
   assert np.asarray(upright)[:10].min() == 255  # the white third is now on top
 
 
+@pytest.mark.parametrize("width, height", [(300, 200), (200, 300), (257, 256), (1000, 333)])
+def test_center_crop_view_is_clips_preprocessing(width, height):
+  transformers = pytest.importorskip("transformers")
+  image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), np.uint8))
+  clip = transformers.CLIPImageProcessor(
+      size={"shortest_edge": 24}, crop_size={"height": 24, "width": 24}, do_rescale=False,
+      do_normalize=False)
+  theirs = clip(images=image, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+  np.testing.assert_array_equal(transforms.center_crop_view(image, 24), theirs)
+
+
 def test_decode_rejects_truncated_image():
   data = _encode(Image.fromarray(_random_image(64, 64)), "PNG")
   with pytest.raises(InputError, match="not a decodable image"):

@@ -134,6 +134,10 @@ def base_config() -> ml_collections.ConfigDict:
   # that are missing): their directory ('': <workdir>/teacher_features) and stored dtype.
   c.teachers.features_dir = ""
   c.teachers.feature_dtype = "float32"
+  # How an encoded image becomes the image teacher's input for its features: "resize" ([ref]:
+  # squashed to the teacher's image_size) or "center_crop" (CLIP's own: the shorter side resized to
+  # image_size, then the centre square). Recorded in the features' manifest.
+  c.teachers.image_view = "resize"
   # A teacher without `init` weights is pre-trained on the dataset's scene attributes (synthetic
   # data only), for num_steps at batch_size and lr.
   c.teachers.num_steps = 400

@@ -38,6 +38,7 @@ _CHOICES = {
     "loss.itm_negatives": ("device", "global"),
     "teachers.mode": ("precomputed", "online"),
     "teachers.feature_dtype": FEATURE_DTYPES,
+    "teachers.image_view": ("resize", "center_crop"),
     "model.dual_relation": ("image", "text", "both"),
     "eval.single_modal_self": ranking.SELF_RULES,
     "eval.select_on": ("val", "test", "last"),
@@ -168,6 +169,7 @@ class TeachersSpec:
   vocab_file: str         # the text teacher's tokenizer ('' : the student's)
   features_dir: str       # precomputed features ('' : <workdir>/teacher_features)
   feature_dtype: str      # of the stored features: float32 or float16
+  image_view: str         # "resize" ([ref]) or "center_crop" (CLIP's): the image teacher's input
   num_steps: int          # attribute pre-training of a teacher without `init` weights
   batch_size: int
   lr: float
@@ -388,9 +390,15 @@ def _teachers(config: ml_collections.ConfigDict) -> TeachersSpec:
                       "config.teachers.image")
   text = TeacherSpec("text", _tower(t.text, "config.teachers.text", "text", vocab_size=1),
                      "config.teachers.text")
+  if t.image_view != "resize" and (t.mode != "precomputed" or
+                                   not sources.get(config.data.name).encoded_images):
+    raise InputError(f"config.teachers.image_view={t.image_view!r} applies to precomputed "
+                     "features of encoded images (a real dataset, config.teachers.mode="
+                     "'precomputed'); online teachers see the student's batch")
   return TeachersSpec(mode=t.mode, image=image, text=text, vocab_file=t.vocab_file,
                       features_dir=t.features_dir, feature_dtype=t.feature_dtype,
-                      num_steps=t.num_steps, batch_size=t.batch_size, lr=t.lr)
+                      image_view=t.image_view, num_steps=t.num_steps, batch_size=t.batch_size,
+                      lr=t.lr)
 
 
 def _objective(config: ml_collections.ConfigDict, weights, field: str) -> ObjectiveSpec:

@@ -57,11 +57,11 @@ def pair_rows(data: Dataset, seed: int, extra: Callable | None = None) -> Callab
   return load
 
 
-def image_rows(split: Split, with_attributes: bool = False, size: int | None = None
-               ) -> Callable[..., dict]:
-  """rows (image indices) -> host batch of those images (viewed at `size` if given: see
-  `sources.at_size`), and their scene attributes."""
-  images = split.images if size is None else sources.at_size(split.images, size)
+def image_rows(split: Split, with_attributes: bool = False, size: int | None = None,
+               view: str = "resize") -> Callable[..., dict]:
+  """rows (image indices) -> host batch of those images (viewed at `size` if given, resized or
+  centre-cropped: see `sources.at_size`), and their scene attributes."""
+  images = split.images if size is None else sources.at_size(split.images, size, view)
 
   def load(rows, step=None):
     del step  # the evaluation view

@@ -198,17 +198,17 @@ class ImageFileRecords:
   augmentation's views. Picklable (grain's worker processes get a copy that reopens the files)."""
 
   def __init__(self, source: Sequence, files: Sequence[str], size: int, crop_scale=(0.5, 1.0),
-               randaugment=(2, 7), exif_orientation: str = "ignore"):
+               randaugment=(2, 7), exif_orientation: str = "ignore", view: str = "resize"):
     self._source, self._files, self.size = source, files, size
     self.crop_scale, self.randaugment = tuple(crop_scale), tuple(randaugment)
-    self.exif_orientation = exif_orientation
+    self.exif_orientation, self.view = exif_orientation, view
 
   def __len__(self) -> int:
     return len(self._files)
 
-  def at_size(self, size: int) -> "ImageFileRecords":
+  def at_size(self, size: int, view: str = "resize") -> "ImageFileRecords":
     return ImageFileRecords(self._source, self._files, size, self.crop_scale, self.randaugment,
-                            self.exif_orientation)
+                            self.exif_orientation, view)
 
   def _decoded(self, rows: np.ndarray):
     rows = [int(r) for r in np.atleast_1d(rows)]
@@ -219,7 +219,8 @@ class ImageFileRecords:
         raise InputError(f"image record {row} ({self._files[row]}): {e}") from None
 
   def __getitem__(self, rows):
-    views = np.stack([transforms.eval_view(image, self.size) for image in self._decoded(rows)])
+    make = transforms.eval_view if self.view == "resize" else transforms.center_crop_view
+    views = np.stack([make(image, self.size) for image in self._decoded(rows)])
     return views if np.ndim(rows) else views[0]
 
   def train_views(self, rows: np.ndarray, seeds: Sequence[Sequence[int]]) -> np.ndarray:

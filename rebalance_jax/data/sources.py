@@ -23,7 +23,7 @@ CAPTIONS_PER_IMAGE = 5
 class ImageRecords(Protocol):
   """Images by row: `records[rows]` -> uint8 (len(rows), S, S, 3), `records[row]` -> (S, S, 3).
 
-  Records of encoded images (`prepared.ImageFileRecords`) also have `at_size(size)` (the same
+  Records of encoded images (`prepared.ImageFileRecords`) also have `at_size(size, view)` (the same
   records decoded at another size) and `train_views(rows, seeds)` (the training augmentation).
   """
 
@@ -173,7 +173,8 @@ def prepare(data) -> tuple[str, dict]:
   return kind.prepare(data)
 
 
-def at_size(records: ImageRecords, size: int) -> ImageRecords:
-  """The records viewed at `size` (records of encoded images decode at any size); others as
-  they are (the tower's preprocessing resizes them)."""
-  return records.at_size(size) if hasattr(records, "at_size") else records
+def at_size(records: ImageRecords, size: int, view: str = "resize") -> ImageRecords:
+  """The records viewed at `size`, squashed ("resize") or as the centre square of the image
+  resized to `size` on its shorter side ("center_crop"), for records of encoded images (they
+  decode at any size); others as they are (the tower's preprocessing resizes them)."""
+  return records.at_size(size, view) if hasattr(records, "at_size") else records

@@ -50,6 +50,18 @@ def eval_view(image: Image.Image, size: int) -> np.ndarray:
   return np.array(image.resize((size, size), _BICUBIC))
 
 
+def center_crop_view(image: Image.Image, size: int) -> np.ndarray:
+  """CLIP's preprocessing: the shorter side resized to `size` (bicubic), then the centre
+  (size, size) square -> uint8 (size, size, 3)."""
+  _check_rgb(image)
+  width, height = image.size
+  short, long = sorted((width, height))
+  long = int(size * long / short)  # truncated, as CLIP's processor does
+  resized = image.resize((size, long) if width == short else (long, size), _BICUBIC)
+  left, top = (resized.width - size) // 2, (resized.height - size) // 2
+  return np.array(resized.crop((left, top, left + size, top + size)))
+
+
 def train_view(image: Image.Image, rng: np.random.Generator, size: int,
                crop_scale: tuple[float, float] = (0.5, 1.0),
                randaugment: tuple[int, int] = (2, 7)) -> np.ndarray:

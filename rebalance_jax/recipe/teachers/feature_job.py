@@ -243,7 +243,8 @@ def _compute(teachers: dict, data: Dataset, mesh, directory: str, manifest: dict
   for i, modality in enumerate(MODALITIES):
     teacher = teachers[modality]
     if modality == "image":
-      load_rows = pipeline.image_rows(train, size=teacher.tower.config.image_size)
+      load_rows = pipeline.image_rows(train, size=teacher.tower.config.image_size,
+                                      view=teacher.preprocessing["view"])
     else:
       load_rows = pipeline.caption_rows(train, functools.partial(teacher.encode, train=True))
     features = jax.jit(teacher.features, out_shardings=replicated)

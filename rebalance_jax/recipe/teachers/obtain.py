@@ -84,7 +84,7 @@ def obtain_teachers(exp: Experiment, data: Dataset, mesh, workdir: str) -> dict[
   preprocessing = {
       "text": {"vocab_sha256": vocab["sha256"], "max_tokens": max_tokens,
                "max_words": data.max_words_train, "append_sep": data.append_sep},
-      "image": {"view": "resize", "resize": "bicubic", **{
+      "image": {"view": t.image_view, "resize": "bicubic", **{
           k: getattr(t.image.tower.config, k) for k in ("image_size", "mean", "std")}}}
   text_tower = with_vocab_size(t.text.tower, vocab_size)
   teachers = {}

@@ -30,10 +30,16 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the one ea
                              "by config.eval.select_on).", lower_bound=0)
 
 
+def _evaluate() -> None:
+  config = _CONFIG.value
+  if _WEIGHTS.value:  # the file says what model it is; nothing else of the config's is loaded
+    config = spec.for_weights_file(config, _WEIGHTS.value)
+  evaluate_run(spec.from_config(config), _WORKDIR.value, _STAGES.value, _STEP.value,
+               _WEIGHTS.value)
+
+
 def main(argv):
-  cli.run_guarded("rebalance_jax.evaluate", argv,
-                  lambda: evaluate_run(spec.from_config(_CONFIG.value), _WORKDIR.value, _STAGES.value, _STEP.value,
-                                       _WEIGHTS.value))
+  cli.run_guarded("rebalance_jax.evaluate", argv, _evaluate)
 
 
 if __name__ == "__main__":

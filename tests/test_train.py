@@ -733,6 +733,22 @@ def test_a_whole_student_weights_file_scores_like_its_checkpoint(finished_run, t
   assert os.path.exists(tmp_path / "eval_only" / "eval" / "results.md")
   with pytest.raises(InputError, match="--weights evaluates a weights file, not a stage"):
     evaluate_run(spec.from_config(config), str(tmp_path / "eval_only"), ["stage1"], weights_file=path)
+  # One command from the dataset's config: its own weights files (towers, teachers) need not
+  # exist, and the fields the converter recorded in the file replace the config's.
+  elsewhere = copy.deepcopy(config)
+  elsewhere.model.image.init = elsewhere.teachers.image.init = str(tmp_path / "absent.safetensors")
+  elsewhere.model.image.image_size = elsewhere.data.image_size = 24
+  fields = {"model.image": {"image_size": config.model.image.image_size},
+            "model.text": {"max_tokens": config.model.text.max_tokens}}
+  weights.save_safetensors(path, jax.tree.map(np.asarray, params), fields)
+  recorded = spec.from_config(spec.for_weights_file(elsewhere, path))
+  assert recorded.student == exp.student and recorded.data == exp.data
+  fields["model.image"]["kind"] = "swin"
+  weights.save_safetensors(path, jax.tree.map(np.asarray, params), fields)
+  with pytest.raises(InputError, match=r"holds a 'swin' tower for config\.model\.image, which is "
+                                       r"'vit'"):
+    spec.for_weights_file(elsewhere, path)
+  weights.save_safetensors(path, jax.tree.map(np.asarray, params))
   # Training from it: config.model.init is the whole initial student, exclusive of tower inits.
   config = copy.deepcopy(config)
   config.model.init = path

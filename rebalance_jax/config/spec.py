@@ -24,7 +24,7 @@ from rebalance_jax.data import annotations, sources
 from rebalance_jax.evaluators import ranking, retrieval
 from rebalance_jax.infra import sharding
 from rebalance_jax.infra.errors import InputError
-from rebalance_jax.models import towers
+from rebalance_jax.models import towers, weights
 from rebalance_jax.models.fusion import FusionConfig
 from rebalance_jax.models.student import DISTILLATION_PARAMS, StudentConfig
 
@@ -236,6 +236,26 @@ class Experiment:
 def with_vocab_size(tower: towers.TowerSpec, vocab_size: int) -> towers.TowerSpec:
   return dataclasses.replace(tower, config=dataclasses.replace(tower.config,
                                                                vocab_size=vocab_size))
+
+
+def for_weights_file(config: ml_collections.ConfigDict, path: str) -> ml_collections.ConfigDict:
+  """`config` made to evaluate the whole-student weights file `path` (`evaluate --weights`): the
+  model fields the converter recorded in the file (image size, depths, widths, max_tokens...),
+  the data's image size matched to the image tower's, and no weights file of its own (the file
+  holds every weight an evaluation reads; the teachers are not used)."""
+  config = config.copy_and_resolve_references()
+  for section, values in weights.saved_fields(path).items():
+    node = _get(config, section)
+    if values.get("kind", node.get("kind")) != node.get("kind"):
+      raise InputError(f"--weights={path} holds a {values['kind']!r} tower for config.{section}, "
+                       f"which is {node.kind!r}: use the config the model was trained with")
+    for key, value in values.items():
+      node[key] = tuple(value) if isinstance(value, list) else value
+  for field in _WEIGHT_FIELDS:
+    *parents, key = field.split(".")
+    _get(config, ".".join(parents))[key] = ""
+  config.data.image_size = config.model.image.image_size
+  return config
 
 
 def from_config(config: ml_collections.ConfigDict) -> Experiment:

@@ -1,24 +1,43 @@
 """Parameter trees as flat safetensors files of '/'-joined names: the format converted weights are
 stored in, and the default weight-loader hook of every tower (models/towers)."""
 
+import json
 import os
 
 import jax
 import numpy as np
+import safetensors
 import safetensors.numpy
 from flax import traverse_util
 
 from rebalance_jax.infra import files
 from rebalance_jax.infra.errors import InputError
 
+_FIELDS_KEY = "rebalance_jax.config_fields"
 
-def save_safetensors(path: str, params) -> None:
-  """Writes `params` (a nested dict of arrays) atomically, with its content hash."""
+
+def save_safetensors(path: str, params, fields: dict | None = None) -> None:
+  """Writes `params` (a nested dict of arrays) atomically, with its content hash; `fields`
+  ({config section: {field: value}}, e.g. a converter's) go into the file's metadata."""
   # Contiguous: safetensors writes an array's buffer as is, so a transposed view would be garbled
   # (np.require, not np.ascontiguousarray, which turns scalars into shape (1,)).
   flat = {"/".join(k): np.require(v, requirements="C") for k, v in
           traverse_util.flatten_dict(params).items()}
-  files.write_checked(path, lambda f: f.write(safetensors.numpy.save(flat)))
+  metadata = {_FIELDS_KEY: json.dumps(fields)} if fields else None
+  files.write_checked(path, lambda f: f.write(safetensors.numpy.save(flat, metadata)))
+
+
+def saved_fields(path: str) -> dict:
+  """The config fields `save_safetensors` recorded in the file ({} if none)."""
+  path = os.path.expanduser(path)
+  if not os.path.isfile(path):
+    raise InputError(f"{path} does not exist")
+  try:
+    with safetensors.safe_open(path, "np") as f:
+      metadata = f.metadata() or {}
+    return json.loads(metadata.get(_FIELDS_KEY, "{}"))
+  except Exception as e:  # safetensors raises its own error types for a damaged header
+    raise InputError(f"{path} is not a readable safetensors file ({e})") from e
 
 
 def load_safetensors(path: str, params_like, fresh: str | None = None) -> dict:

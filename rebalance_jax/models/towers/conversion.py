@@ -79,7 +79,8 @@ def convert(format_: str, source: str, output: str, options: Options) -> Convert
   if format_ not in known:
     raise InputError(f"--format={format_!r} is not one of {tuple(sorted(known))}")
   converted = known[format_](source, options)
-  weights.save_safetensors(output, converted.params)
+  # The fields the file fits travel with it (evaluate --weights reads them).
+  weights.save_safetensors(output, converted.params, converted.sections)
   return converted
 
 

@@ -89,13 +89,25 @@ def _student(init: str) -> Student:
       embed_dim=EMBED, image_teacher_dim=IMAGE_TEACHER, text_teacher_dim=TEXT_TEACHER, init=init))
 
 
-def test_reference_checkpoint_converts_to_the_same_student(tmp_path):
+def test_reference_checkpoint_converts_to_the_same_student(tmp_path, capsys):
   swin, bert, heads, state = _reference_model()
   source = tmp_path / "checkpoint_best.pth"
   torch.save({"model": state, "config": {"image_res": 64, "embed_dim": EMBED}}, source)
   output = str(tmp_path / "student.safetensors")
   sections = convert.run("reference", str(source), output,
                          conversion.Options(max_tokens=12, num_heads=HEADS)).sections
+  printed = capsys.readouterr().out
+  # The teacher widths the file's U_v, U_t take, and the vocabulary: notes, not flags to paste.
+  assert (f"and teachers whose features are {IMAGE_TEACHER}-wide (image) and {TEXT_TEACHER}-wide "
+          "(text)") in printed
+  assert "and --config.tokenizer.vocab_file=PATH, PATH being the reference's bert vocab.txt" in printed
+  assert "<" not in printed.split("use it with: ")[1].splitlines()[0]
+  # The fields travel with the file: evaluate --weights reads them.
+  assert weights.saved_fields(output)["model.fusion"] == {"depth": 2, "num_heads": 4, "mlp_dim": 96}
+  # The head count is not in the weights: never guessed.
+  with pytest.raises(InputError, match=r"does not record its BERT's attention heads; pass "
+                                       r"--num_heads"):
+    convert.run("reference", str(source), output, conversion.Options(max_tokens=12))
   assert sections["model.fusion"] == {"depth": 2, "num_heads": 4, "mlp_dim": 96}
   assert sections["model.text"]["depth"] == 2 and sections["model"] == {"embed_dim": EMBED}
   assert sections["model.image"]["window_size"] == 2

@@ -20,7 +20,7 @@ from ml_collections import config_flags
 
 from rebalance_jax import cli
 from rebalance_jax.config import spec
-from rebalance_jax.data import pipeline
+from rebalance_jax.data import miniature, pipeline
 from rebalance_jax.data.dataset import load_dataset
 from rebalance_jax.evaluators import retrieval
 from rebalance_jax.infra import files, interrupts
@@ -446,6 +446,61 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes_identically(finished_
   (_, full), (_, resumed) = saved_state(full_dir, "stage2"), saved_state(workdir, "stage2")
   for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_the_rerun_after_freeing_space_finishes(finished_run, tmp_path):
+  """The finished run without stage 2 on a tmpfs with 150 KB to spare (a stage-2 checkpoint takes
+  more): `train` ends in one line, not the checkpointer's threads' tracebacks; with space, the same
+  command finishes with the uninterrupted run's results. Then `prepare` on a full disk."""
+  if os.geteuid() != 0:
+    pytest.skip("mounting a small tmpfs needs root")
+  small = tmp_path / "small"
+  small.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(small)],
+                    capture_output=True).returncode:
+    pytest.skip("cannot mount a tmpfs here")
+  config, full_dir, full_results = finished_run
+  workdir = small / "run"
+  remount = lambda size: subprocess.run(["mount", "-o", f"remount,size={size}", str(small)],
+                                        check=True)
+  command = [sys.executable, "-m", "rebalance_jax.train", "--config=configs/demo.py:tiny",
+             f"--workdir={workdir}", f"--config.data.cache_dir={config.data.cache_dir}",
+             "--compilation_cache_dir=" + os.environ["JAX_COMPILATION_CACHE_DIR"]]
+  try:
+    shutil.copytree(full_dir, workdir, ignore=lambda d, names: ["stage2"] if d == full_dir else [])
+    with open(workdir / "results.json") as f:
+      saved = json.load(f)
+    for part in ("metrics", "recall_curves"):
+      saved[part] = {k: v for k, v in saved[part].items() if not k.startswith("stage2")}
+    with open(workdir / "results.json", "w") as f:
+      json.dump(saved, f)
+    remount(f"{shutil.disk_usage(small).used // 1024 + 150}k")
+    full = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert full.returncode == 1
+    assert full.stderr.splitlines()[-1].startswith(
+        "rebalance_jax.train: error: no space left on the device (")
+    assert "Traceback" not in full.stderr and "Event loop is closed" not in full.stderr
+    assert len([line for line in full.stderr.splitlines() if not line.startswith("I")]) < 10
+    remount("20m")
+    rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert _saved_rows(str(workdir)) == full_results
+    # prepare, its cache on a full disk (the miniature's images take about 0.7 MB).
+    shutil.rmtree(workdir)
+    remount("200k")
+    tree = miniature.write_miniatures(str(tmp_path / "miniature"))["flickr30k"]
+    prepare = subprocess.run(
+        [sys.executable, "-m", "rebalance_jax.prepare", "--config=configs/flickr.py:tiny",
+         f"--config.data.image_root={tree['image_root']}",
+         f"--config.data.annotation_file={tree['karpathy_file']}",
+         f"--config.data.cache_dir={small / 'cache'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert prepare.returncode == 1 and "Traceback" not in prepare.stderr
+    assert prepare.stderr.splitlines()[-1].startswith(
+        "rebalance_jax.prepare: error: no space left on the device (")
+  finally:
+    subprocess.run(["umount", str(small)], check=False)
 
 
 @pytest.mark.slow

@@ -16,20 +16,13 @@ import argparse
 
 import jax
 import jax.numpy as jnp
+from eval_transfer import load_config  # bench/: `python bench/eval_memory.py` puts it on the path
 
 from rebalance_jax.config import spec
 from rebalance_jax.evaluators import predict
 from rebalance_jax.models.student import Student, init_student
 
 GIB = 2**30
-
-
-def _load_config(path: str):
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  module_spec = importlib.util.spec_from_file_location("config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def main():
@@ -39,7 +32,7 @@ def main():
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   args = parser.parse_args()
 
-  config = _load_config(args.config)
+  config = load_config(args.config)
   for section in (config.model.image, config.model.text):
     section.dtype = args.dtype
   for field in ("model.image.init", "model.text.init", "model.fusion.init", "teachers.image.init",

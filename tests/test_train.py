@@ -469,12 +469,7 @@ def test_a_full_disk_is_one_line_and_the_rerun_after_freeing_space_finishes(fini
              "--compilation_cache_dir=" + os.environ["JAX_COMPILATION_CACHE_DIR"]]
   try:
     shutil.copytree(full_dir, workdir, ignore=lambda d, names: ["stage2"] if d == full_dir else [])
-    with open(workdir / "results.json") as f:
-      saved = json.load(f)
-    for part in ("metrics", "recall_curves"):
-      saved[part] = {k: v for k, v in saved[part].items() if not k.startswith("stage2")}
-    with open(workdir / "results.json", "w") as f:
-      json.dump(saved, f)
+    _drop_result_rows(workdir, "stage2")
     remount(f"{shutil.disk_usage(small).used // 1024 + 150}k")
     full = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert full.returncode == 1
@@ -512,12 +507,7 @@ def test_two_processes_resume_a_single_process_run_and_match_it(finished_run, tm
   workdir, logs = pathlib.Path(_copy_of(full_dir, tmp_path)), tmp_path / "logs"
   shutil.rmtree(workdir / "stage2" / "checkpoints" / "4")
   shutil.rmtree(workdir / "teacher_features")
-  with open(workdir / "results.json") as f:
-    saved = json.load(f)
-  for part in ("metrics", "recall_curves"):
-    saved[part] = {k: v for k, v in saved[part].items() if not k.startswith("stage2")}
-  with open(workdir / "results.json", "w") as f:
-    json.dump(saved, f)
+  _drop_result_rows(workdir, "stage2")
   result = subprocess.run(
       [sys.executable, "launch/local.py", "--num_processes=2", "--devices_per_process=4",
        f"--log_dir={logs}", "--timeout=600", "--", "-m", "rebalance_jax.train",
@@ -552,6 +542,17 @@ def _copy_of(workdir, tmp_path):
   copy = str(tmp_path / "run")
   shutil.copytree(workdir, copy)
   return copy
+
+
+def _drop_result_rows(workdir, stage: str) -> None:
+  """results.json as it was before `stage` was evaluated."""
+  path = os.path.join(workdir, "results.json")
+  with open(path) as f:
+    saved = json.load(f)
+  for part in ("metrics", "recall_curves"):
+    saved[part] = {k: v for k, v in saved[part].items() if not k.startswith(stage)}
+  with open(path, "w") as f:
+    json.dump(saved, f)
 
 
 def _saved_rows(workdir):

@@ -118,7 +118,8 @@ def evaluate_run(exp: spec.Experiment, workdir: str, stages=None,
                  step: int | None = None, weights_file: str | None = None) -> dict:
   """Evaluates each stage's checkpoint (default: every stage) into <workdir>/eval; returns
   {row: metrics} of this call. A stage's selected checkpoint is the row '<stage>', as in the run's
-  own results.json; another checkpoint (`step`) is '<stage>@<step>'. Reads the run's checkpoints and writes nothing else.
+  own results.json; another checkpoint (`step`) is '<stage>@<step>'. Reads the run's checkpoints
+  and writes nothing else.
   With `weights_file` (a whole student's converted weights, e.g. a model trained with the
   reference implementation) it evaluates that file instead, as the row 'weights:<file name>'."""
   if weights_file and (stages is not None or step is not None):

@@ -55,10 +55,20 @@ def _limit_threads(threads: int) -> None:
 if "jax" in sys.modules:  # pragma: no cover - a guard for imports of this file
   sys.exit("bench/train_step.py: JAX was imported before the thread limit could be set")
 _limit_threads(_threads_from_argv(sys.argv))
+if any(a.startswith("--profile_ops") and not a.endswith("=0") for a in sys.argv):
+  # XLA:CPU reports each op it runs to the profiler only with this flag, read at start-up.
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_cpu_enable_xprof_traceme=true").strip()
 
+import collections  # noqa: E402
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
+import glob  # noqa: E402
+import gzip  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
 import resource  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -84,6 +94,8 @@ _THREADS = flags.DEFINE_integer("threads", 0, "Run on this many CPUs (0: all thi
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps before them.")
 _VOCAB = flags.DEFINE_integer("vocab_size", 0, "The text tower's vocabulary (0: see above).")
+_PROFILE = flags.DEFINE_integer("profile_ops", 0, "Trace one more step and print the N costliest "
+                                "XLA ops and the time per part of the model (0: no trace).")
 
 MIB = 2**20
 SUBTREES = ("image_encoder", "text_encoder", "fusion_encoder")
@@ -143,6 +155,11 @@ def peak_rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def rss_mib() -> float:
+  with open("/proc/self/status") as f:
+    return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
 def machine_cpu_seconds() -> tuple[float, float]:
   """(busy, steal) CPU-seconds of the whole machine since boot, from /proc/stat."""
   with open("/proc/stat") as f:
@@ -168,6 +185,7 @@ def time_steps(compiled, state, args, warmup: int, steps: int):
     jax.block_until_ready((state, metrics))
     if i >= warmup:
       seconds.append(time.perf_counter() - start)
+    print(f"  step {i}: RSS {rss_mib():.0f} MiB, peak {peak_rss_mib():.0f}")
   wall = time.perf_counter() - wall0
   (busy1, steal1), own = machine_cpu_seconds(), own_cpu_seconds() - own0
   if wall < 1.0:  # the counters tick every 10 ms
@@ -185,6 +203,70 @@ def spread(seconds: list[float]) -> str:
     p25, p75 = np.percentile(s, [25, 75])
     out += f", p25-p75 {p25:.4g}-{p75:.4g}"
   return out
+
+
+def op_names(compiled) -> dict[str, str]:
+  """Each instruction of the compiled program -> the JAX name stack it came from."""
+  out = {}
+  for line in compiled.as_text().splitlines():
+    match = re.match(r"\s*(?:ROOT )?%?([\w.-]+) = .*metadata=\{.*?op_name=\"([^\"]+)\"", line)
+    if match:
+      out[match.group(1)] = match.group(2)
+  return out
+
+
+def part_of(name_stack: str) -> str:
+  """The model part and pass an op belongs to, from its name stack."""
+  if "transpose(" in name_stack:
+    direction = "backward"
+  elif "jvp(" in name_stack:
+    direction = "forward"
+  else:
+    return "optimizer update and the rest"
+  for pattern, part in ((r"image_encoder/(stage\d+)", r"image \1"), (r"image_encoder", "image other"),
+                        (r"text_encoder", "text tower"), (r"fusion_encoder", "fusion encoder"),
+                        (r"itm_head", "ITM head")):
+    match = re.search(pattern, name_stack)
+    if match:
+      return f"{match.expand(part)} {direction}"
+  return f"losses and heads {direction}"
+
+
+def profile_ops(compiled, state, args, top: int):
+  """Runs one step under the profiler; prints its costliest ops and the time per model part.
+
+  XLA:CPU runs independent ops concurrently, so op times add up to more than the step's wall
+  time: the shares are of the summed op time."""
+  with tempfile.TemporaryDirectory() as directory:
+    with jax.profiler.trace(directory, create_perfetto_trace=True):
+      state, metrics = compiled(state, *args)
+      jax.block_until_ready((state, metrics))
+    (trace,) = glob.glob(os.path.join(directory, "**", "perfetto_trace.json.gz"), recursive=True)
+    with gzip.open(trace) as f:
+      events = json.load(f)
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  op_seconds = collections.Counter()
+  for event in events:
+    op = (event.get("args") or {}).get("hlo_op")
+    if event.get("ph") == "X" and op:
+      op_seconds[op] += event["dur"] / 1e6
+  names = op_names(compiled)
+  total = sum(op_seconds.values())
+  parts = collections.Counter()
+  for op, seconds in op_seconds.items():
+    parts[part_of(names.get(op, ""))] += seconds
+  print(f"profile of one step: {total:.3f} s of op time in {len(op_seconds)} ops")
+  for part, seconds in sorted(parts.items()):
+    print(f"  {part:<34s} {seconds:8.3f} s {100 * seconds / total:5.1f}%")
+  groups = collections.Counter()  # the same op in every block or layer of a stage, together
+  for op, seconds in op_seconds.items():
+    unnamed = "(no name) " + re.sub(r"[.]\d+$", "", op)
+    name = re.sub(r"^jit\(train_step\)/", "", names.get(op, unnamed))
+    groups[re.sub(r"(block|layer)\d+", r"\1*", name)] += seconds
+  print(f"  the {top} costliest ops (one line for the same op of every block or layer):")
+  for name, seconds in groups.most_common(top):
+    print(f"  {seconds:8.3f} s {100 * seconds / total:5.1f}%  {name}")
+  return state
 
 
 def main(argv):
@@ -260,6 +342,11 @@ def bench(argv):
   print(f"lower   {lower_s:8.2f} s")
   print(f"compile {compile_s:8.2f} s")
   rss_compile = peak_rss_mib()
+  if os.environ.get("TRIM"):
+    import ctypes
+    print(f"RSS after compiling {rss_mib():.0f} MiB")
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    print(f"RSS after trim {rss_mib():.0f} MiB")
   memory = compiled.memory_analysis()
   if memory is None:
     print("memory analysis: not available on this backend")
@@ -275,12 +362,15 @@ def bench(argv):
     params = jax.jit(functools.partial(init_student, model))(jax.random.key(seed))
     state = loop.create_state(params, tx, mesh, exp.param_rules)
     del params
+    print(f"RSS with the train state: {rss_mib():.0f} MiB (peak {peak_rss_mib():.0f})")
     state, metrics, seconds, cpu = time_steps(compiled, state, (batch, frozen, rng), _WARMUP.value,
                                               _STEPS.value)
     median = float(np.median(seconds))
     print(f"step ({len(seconds)} after {_WARMUP.value} warm-up): {spread(seconds)}")
     print(f"  {stage.batch_size / median:.2f} examples/s at the median")
     print(f"  CPU during the timed steps: {cpu}")
+    if _PROFILE.value:
+      state = profile_ops(compiled, state, (batch, frozen, rng), _PROFILE.value)
     fetched = jax.device_get(metrics)
     print(f"  after step {int(state['step'])}: loss/total {float(fetched['loss/total']):.4f}, "
           f"grad_norm {float(fetched['grad_norm']):.4f}")

@@ -92,6 +92,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_workers = 0  # training batches: > 0 worker processes decode and augment them
   c.data.image_size = 32
   c.data.max_tokens = 24
+  # Training captions are padded to the smallest of these lengths that holds the longest caption
+  # of the global batch (max_tokens if none does); each length compiles the train step once.
+  # () pads every batch to max_tokens.
+  c.data.text_buckets = ()
   c.data.max_words_train = 60
   c.data.max_words_eval = 30
   # Training augmentation: "shift" (a random translation of up to augment_shift pixels, on the
@@ -228,6 +232,8 @@ def reference_config(name: str, lr: float, max_tokens: int, variant: str = ""):
   c.data.name = name
   c.data.image_size = 384
   c.data.max_tokens = max_tokens
+  # [ref] pads to each batch's longest caption; most Flickr and COCO captions fit in 16-24 tokens.
+  c.data.text_buckets = (16, 24, 32, 48)
   c.data.augment = "reference"
   c.data.augment_shift = 0
   c.data[name] = sources.get(name).options  # the split conventions, editable

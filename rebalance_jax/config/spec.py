@@ -82,6 +82,7 @@ class DataSpec:
   num_workers: int
   image_size: int
   max_tokens: int
+  text_buckets: tuple[int, ...]  # the lengths below max_tokens that training batches pad to
   max_words_train: int
   max_words_eval: int
   augment: str
@@ -392,11 +393,16 @@ def _data(config: ml_collections.ConfigDict) -> DataSpec:
                      "magnitude in [0, 10])")
   if d.num_workers < 0:
     raise InputError(f"config.data.num_workers={d.num_workers} must be >= 0")
+  buckets = tuple(d.text_buckets)
+  if any(not isinstance(b, int) or b < 2 for b in buckets):
+    raise InputError(f"config.data.text_buckets={buckets} must be whole numbers of tokens >= 2 "
+                     "([CLS] and one word)")
   return DataSpec(
       name=d.name, cache_dir=d.cache_dir, image_root=d.image_root,
       annotation_file=d.annotation_file, train_file=d.train_file, val_file=d.val_file,
       test_file=d.test_file, prepared_dir=d.prepared_dir, on_bad_example=d.on_bad_example,
       num_workers=d.num_workers, image_size=d.image_size, max_tokens=d.max_tokens,
+      text_buckets=tuple(sorted({b for b in buckets if b < d.max_tokens})),
       max_words_train=d.max_words_train, max_words_eval=d.max_words_eval, augment=d.augment,
       augment_shift=d.augment_shift, crop_scale=tuple(d.crop_scale),
       randaugment=tuple(d.randaugment), exif_orientation=d.exif_orientation,

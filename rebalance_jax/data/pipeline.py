@@ -35,11 +35,30 @@ def train_batch_indices(num_examples: int, batch_size: int, step: int, seed: int
   return order[position * batch_size:(position + 1) * batch_size]
 
 
-def pair_rows(data: Dataset, seed: int, extra: Callable | None = None) -> Callable:
+def text_lengths(data: Dataset, batch_rows: Callable[[int], np.ndarray],
+                 buckets: Sequence[int]) -> Callable[[int], int]:
+  """step -> the length the captions of the step's global batch (`batch_rows(step)`) are padded
+  to: the smallest of `buckets` (lengths below max_tokens) that holds the batch's longest
+  caption, else max_tokens. Every process reads the whole global batch's captions, so all pad to
+  the same length (and run the same compiled step)."""
+  lengths = [*buckets, data.max_tokens]
+
+  def length(step: int) -> int:
+    if not buckets:
+      return data.max_tokens
+    captions = [data.train.captions[c] for c in batch_rows(step)]
+    longest = int(data.encode(captions, train=True)["mask"].sum(axis=1).max())
+    return next(n for n in lengths if n >= longest)
+  return length
+
+
+def pair_rows(data: Dataset, seed: int, extra: Callable | None = None,
+              text_length: Callable[[int], int] | None = None) -> Callable:
   """(rows, step) -> host batch of those training pairs (rows: caption indices): image (uint8),
   ids, mask, image_id, and `extra(image rows, caption rows, captions)` (e.g. teacher features)
   if given. With data.augment='reference' the image is the augmented view drawn from
-  (seed, step, row), so a row's view at a step never depends on the process reading it."""
+  (seed, step, row), so a row's view at a step never depends on the process reading it. Captions
+  are padded to `text_length(step)` tokens (`text_lengths`), else to max_tokens."""
   split = data.train
 
   def load(rows, step):
@@ -49,8 +68,10 @@ def pair_rows(data: Dataset, seed: int, extra: Callable | None = None) -> Callab
     else:
       images = np.asarray(split.images[image_rows])
     captions = [split.captions[c] for c in rows]
-    batch = {"image": images, **data.encode(captions, train=True),
-             "image_id": split.image_ids[image_rows]}
+    tokens = data.encode(captions, train=True)
+    if text_length is not None:
+      tokens = {k: v[:, :text_length(step)] for k, v in tokens.items()}
+    batch = {"image": images, **tokens, "image_id": split.image_ids[image_rows]}
     if extra is not None:
       batch.update(extra(image_rows, rows, captions))
     return batch

@@ -24,17 +24,20 @@ class FusionConfig:
 
 class FusionEncoder(nn.Module):
   """Text hidden states (B, L, W) with their mask, cross-attending to image tokens (B, T, W') and
-  their mask -> fused states (B, L, W) in float32."""
+  their mask -> fused states (B, L, W) in float32. With `image_index` (G, B / G), the image tokens
+  and mask hold distinct images (G·N, T, W') and the rows attend to `take_in_groups(images,
+  image_index)`: each image's keys and values are computed once however many rows pair with it."""
   config: FusionConfig
 
   @nn.compact
-  def __call__(self, text_hidden, text_mask, image_tokens, image_mask, train: bool = False):
+  def __call__(self, text_hidden, text_mask, image_tokens, image_mask, train: bool = False,
+               image_index=None):
     c = self.config
     layer = block_class(PostNormBlock, c.remat)
     x = text_hidden
     for i in range(c.depth):
       x = layer(c.num_heads, c.mlp_dim, c.dropout, cross_attention=True, dtype=jnp.dtype(c.dtype),
-                name=f"layer{i}")(x, train, text_mask, image_tokens, image_mask)
+                name=f"layer{i}")(x, train, text_mask, image_tokens, image_mask, image_index)
     return x.astype(jnp.float32)
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Dense and conv kernels scale with their fan (ViT's choice): a fixed std of 0.02 (BERT's) suits
 # 768-wide towers but starves narrow ones trained from scratch of signal. Embedding tables and
@@ -23,19 +24,59 @@ def attention_mask(key_mask: jax.Array) -> jax.Array:
   return key_mask[:, None, None, :].astype(bool)
 
 
+def take_in_groups(x: jax.Array, index: jax.Array) -> jax.Array:
+  """x (G·N, ...) as G contiguous groups of rows; index (G, R) row numbers within each group ->
+  (G·R, ...): group g's picks of its own rows. A gather over the group axis, so that with one
+  group per device no row leaves its device."""
+  grouped = x.reshape(index.shape[0], -1, *x.shape[1:])
+  return jax.vmap(lambda rows, i: rows[i])(grouped, index).reshape(-1, *x.shape[1:])
+
+
 def block_class(cls, remat: bool):
   """`cls`, rematerialized when `remat` (its `train` argument, index 2 after self and x, static)."""
   return nn.remat(cls, static_argnums=(2,)) if remat else cls
 
 
+@jax.custom_vjp
+def gelu(x):
+  """Exact GELU through erf, as PyTorch computes it (jax.nn.gelu's exact form goes through erfc,
+  which XLA expands into two branches and an exp). Only the input is kept for the backward pass,
+  which recomputes erf from it: autodiff would keep erf(x) too, a second copy of every MLP's
+  widest activation."""
+  return x * (0.5 + 0.5 * jax.lax.erf(x * jnp.asarray(2**-0.5, x.dtype)))
+
+
+def _gelu_forward(x):
+  return gelu(x), x
+
+
+def _gelu_backward(x, grad):
+  cdf = 0.5 + 0.5 * jax.lax.erf(x * jnp.asarray(2**-0.5, x.dtype))
+  pdf = jnp.exp(-0.5 * x * x) * jnp.asarray((2 * np.pi) ** -0.5, x.dtype)
+  return (grad * (cdf + x * pdf),)
+
+
+gelu.defvjp(_gelu_forward, _gelu_backward)
+
+
 ACTIVATIONS = {
-    "gelu": lambda x: nn.gelu(x, approximate=False),  # BERT's and ViT's exact GELU
+    "gelu": gelu,  # BERT's and ViT's exact GELU
     "quick_gelu": lambda x: x * nn.sigmoid(1.702 * x),  # CLIP's
 }
 
 
+class _ActivatedDense(nn.Dense):
+  """Dense applied to activation(x), with Dense's parameters."""
+  activation: str = "gelu"
+
+  def __call__(self, x):
+    return super().__call__(ACTIVATIONS[self.activation](x))
+
+
 class Mlp(nn.Module):
-  """Dense -> activation (exact GELU, or CLIP's quick GELU) -> Dense."""
+  """Dense -> activation (exact GELU, or CLIP's quick GELU) -> Dense. The activation's output, the
+  widest array of a block, is not kept for the backward pass but recomputed from its input (one
+  elementwise pass)."""
   hidden_dim: int
   dropout: float = 0.0
   dtype: Any = jnp.float32
@@ -43,10 +84,10 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    dense = lambda n, name: nn.Dense(n, kernel_init=default_kernel_init, dtype=self.dtype,
-                                     name=name)
-    y = ACTIVATIONS[self.activation](dense(self.hidden_dim, "fc1")(x))
-    y = dense(x.shape[-1], "fc2")(y)
+    y = nn.Dense(self.hidden_dim, kernel_init=default_kernel_init, dtype=self.dtype,
+                 name="fc1")(x)
+    y = nn.remat(_ActivatedDense)(x.shape[-1], kernel_init=default_kernel_init, dtype=self.dtype,
+                                  activation=self.activation, name="fc2")(y)
     return nn.Dropout(self.dropout)(y, deterministic=not train)
 
 
@@ -59,10 +100,41 @@ def patch_tokens(images, width: int, patch_size: int, dtype, use_bias: bool = Tr
   return x.reshape(x.shape[0], -1, width)
 
 
-def _attention(num_heads: int, dropout: float, dtype, name: str) -> nn.MultiHeadDotProductAttention:
-  return nn.MultiHeadDotProductAttention(
-      num_heads=num_heads, kernel_init=default_kernel_init, dropout_rate=dropout, dtype=dtype,
-      name=name)
+class Attention(nn.Module):
+  """Multi-head attention with Flax's `MultiHeadDotProductAttention` parameters (query, key,
+  value: (in, heads, head_dim); out: (heads, head_dim, width)) and arithmetic, its attention
+  dropout included (one mask shared by every example and head).
+
+  With `context_index` (G, R), `context` holds distinct rows and the query rows, in G groups of
+  R, attend to `take_in_groups(context, context_index)`: keys and values are projected once per
+  distinct row and gathered, so pairs that share an image (the ITM negatives, a re-ranking block)
+  do not recompute them."""
+  num_heads: int
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, context, mask=None, train: bool = False, context_index=None):
+    width = x.shape[-1]
+    head_dim = width // self.num_heads
+    dense = lambda name: nn.DenseGeneral((self.num_heads, head_dim), kernel_init=default_kernel_init,
+                                         dtype=self.dtype, name=name)
+    query, key, value = dense("query")(x), dense("key")(context), dense("value")(context)
+    if context_index is not None:
+      key, value = take_in_groups(key, context_index), take_in_groups(value, context_index)
+    query = query / jnp.sqrt(head_dim).astype(query.dtype)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key)
+    if mask is not None:
+      logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+    weights = jax.nn.softmax(logits).astype(query.dtype)
+    if train and self.dropout > 0.0:
+      keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.dropout,
+                                  (1, 1) + weights.shape[-2:])
+      weights = weights * (keep.astype(weights.dtype) / jnp.asarray(1.0 - self.dropout,
+                                                                   weights.dtype))
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+    return nn.DenseGeneral(width, axis=(-2, -1), kernel_init=default_kernel_init, dtype=self.dtype,
+                           name="out")(out)
 
 
 class PreNormBlock(nn.Module):
@@ -79,8 +151,8 @@ class PreNormBlock(nn.Module):
   def __call__(self, x, train: bool):
     norm = lambda name: nn.LayerNorm(epsilon=self.epsilon, dtype=self.dtype, name=name)
     y = norm("norm1")(x)
-    x = x + _attention(self.num_heads, self.dropout, self.dtype, "attention")(
-        y, y, deterministic=not train)
+    x = x + Attention(self.num_heads, self.dropout, self.dtype, name="attention")(y, y,
+                                                                                  train=train)
     y = norm("norm2")(x)
     return x + Mlp(self.mlp_dim, self.dropout, self.dtype, self.activation, name="mlp")(y, train)
 
@@ -94,17 +166,19 @@ class PostNormBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train: bool, mask=None, context=None, context_mask=None):
+  def __call__(self, x, train: bool, mask=None, context=None, context_mask=None,
+               context_index=None):
+    """`context_index`: see `Attention` (`context_mask` has the context's rows)."""
     def residual(y, name):
       y = nn.Dropout(self.dropout)(y, deterministic=not train)
       return nn.LayerNorm(epsilon=1e-12, dtype=self.dtype, name=name)(x + y)
 
-    attention = lambda name: _attention(self.num_heads, self.dropout, self.dtype, name)
-    x = residual(attention("attention")(x, x, mask=attention_mask(mask),
-                                        deterministic=not train), "attention_norm")
+    attention = lambda name: Attention(self.num_heads, self.dropout, self.dtype, name=name)
+    x = residual(attention("attention")(x, x, attention_mask(mask), train), "attention_norm")
     if self.cross_attention:
-      x = residual(attention("cross_attention")(
-          x, context, mask=attention_mask(context_mask), deterministic=not train),
-                   "cross_attention_norm")
+      if context_index is not None:
+        context_mask = take_in_groups(context_mask, context_index)
+      x = residual(attention("cross_attention")(x, context, attention_mask(context_mask), train,
+                                                context_index), "cross_attention_norm")
     y = Mlp(self.mlp_dim, 0.0, self.dtype, name="mlp")(x, train)
     return residual(y, "mlp_norm")

@@ -78,9 +78,12 @@ class Student(nn.Module):
     out = self.text_encoder(ids, mask, train)
     return out, l2_normalize(self.text_proj(out.pooled))
 
-  def fuse(self, text_hidden, text_mask, image_tokens, image_mask, train: bool = False):
-    """Fusion encoder [CLS] m for each (text, image) row pair."""
-    return self.fusion_encoder(text_hidden, text_mask, image_tokens, image_mask, train)[:, 0]
+  def fuse(self, text_hidden, text_mask, image_tokens, image_mask, train: bool = False,
+           image_index=None):
+    """Fusion encoder [CLS] m for each (text, image) row pair; with `image_index`, the rows' images
+    are picked from the distinct images given (`FusionEncoder`)."""
+    return self.fusion_encoder(text_hidden, text_mask, image_tokens, image_mask, train,
+                               image_index)[:, 0]
 
   def itm_logits(self, fused_cls):
     return self.itm_head(fused_cls)

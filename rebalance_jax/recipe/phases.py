@@ -42,8 +42,11 @@ def _stage_batches(exp: spec.Experiment, stage: spec.StageSpec, data: Dataset, t
     extra = lambda _, __, captions: {
         f"teacher_{k}": v for k, v in encode(captions, train=True).items()}
   seed = loop.stage_seed(exp.seed, stage.name)
-  return pipeline.TrainBatches(data.train.num_captions, stage.batch_size, seed,
-                               pipeline.pair_rows(data, seed, extra), exp.data.num_workers)
+  num_examples = data.train.num_captions
+  length = pipeline.text_lengths(data, lambda step: pipeline.train_batch_indices(
+      num_examples, stage.batch_size, step, seed), exp.data.text_buckets)
+  return pipeline.TrainBatches(num_examples, stage.batch_size, seed,
+                               pipeline.pair_rows(data, seed, extra, length), exp.data.num_workers)
 
 
 def train_student_stage(exp: spec.Experiment, stage: spec.StageSpec, workdir: str, data: Dataset,

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from rebalance_jax import losses
 from rebalance_jax.data import augment
 from rebalance_jax.models import towers
+from rebalance_jax.models.layers import take_in_groups
 from rebalance_jax.models.student import Student
 from rebalance_jax.training import chunked_losses
 
@@ -89,13 +90,23 @@ def stage_loss(params, batch: Mapping[str, jax.Array], teacher_features, rng: ja
   if "itm" in weights or (not model.config.dual_encoder and "kd" in weights):
     neg_image, neg_text = losses.sample_hard_negatives(negatives_rng, v, t, ids, temp,
                                                        num_negative_groups)
-    # Rows: B matched pairs, B (text, negative image), B (negative text, image).
-    take = functools.partial(_take_within_groups, num_groups=num_negative_groups)
-    all_text = jnp.concatenate([text_hidden, text_hidden, take(text_hidden, neg_text)])
-    all_mask = jnp.concatenate([batch["mask"], batch["mask"], take(batch["mask"], neg_text)])
-    all_images = jnp.concatenate([image_tokens, take(image_tokens, neg_image), image_tokens])
-    all_image_mask = jnp.concatenate([image.mask, take(image.mask, neg_image), image.mask])
-    fused_all = apply(all_text, all_mask, all_images, all_image_mask, train, method=Student.fuse)
+    # Rows: B matched pairs, B (text, negative image), B (negative text, image), laid out group by
+    # group so that each device fuses its own rows. Each image's cross-attention keys and values
+    # are computed once, for the B images of the batch.
+    groups = num_negative_groups
+    local = lambda index: _index_within_groups(index, groups)
+    rows = jnp.arange(v.shape[0])
+    by_group = lambda *parts: jnp.stack([p.reshape(groups, -1, *p.shape[1:]) for p in parts],
+                                        1).reshape(-1, *parts[0].shape[1:])
+    neg_text_hidden = take_in_groups(text_hidden, local(neg_text))
+    neg_text_mask = take_in_groups(batch["mask"], local(neg_text))
+    image_index = by_group(local(rows), local(neg_image), local(rows)).reshape(groups, -1)
+    fused_all = apply(by_group(text_hidden, text_hidden, neg_text_hidden),
+                      by_group(batch["mask"], batch["mask"], neg_text_mask), image_tokens,
+                      image.mask, train, image_index, method=Student.fuse)
+    # Back to [matched pairs; negatives] in batch order.
+    fused_all = fused_all.reshape(groups, 3, -1, fused_all.shape[-1]).transpose(1, 0, 2, 3)
+    fused_all = fused_all.reshape(-1, fused_all.shape[-1])
     itm_logits = apply(fused_all, method=Student.itm_logits)
     b = v.shape[0]
     fused = fused_all[:b]
@@ -118,13 +129,11 @@ def stage_loss(params, batch: Mapping[str, jax.Array], teacher_features, rng: ja
   return total, metrics
 
 
-def _take_within_groups(x: jax.Array, index: jax.Array, num_groups: int) -> jax.Array:
-  """x[index] for indices that stay within their row's contiguous group: gathered group by
-  group, so that with one group per device no rows cross devices."""
-  b = x.shape[0] // num_groups
-  grouped = x.reshape(num_groups, b, *x.shape[1:])
-  local = (index - jnp.arange(x.shape[0]) // b * b).reshape(num_groups, b)
-  return jax.vmap(lambda rows, i: rows[i])(grouped, local).reshape(x.shape)
+def _index_within_groups(index: jax.Array, num_groups: int) -> jax.Array:
+  """Batch row numbers (B,) that stay within their row's contiguous group -> (G, B / G) row
+  numbers within the group (`take_in_groups`)."""
+  b = index.shape[0] // num_groups
+  return (index - jnp.arange(index.shape[0]) // b * b).reshape(num_groups, b)
 
 
 class _ChunkedLosses:

@@ -122,6 +122,27 @@ def _drop_path(module: nn.Module, x, rate: float, train: bool):
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+@jax.custom_vjp
+def add_shared_bias(logits, bias):
+  """logits (N, ...) + bias (...), the bias shared by all N rows. Its gradient, the sum of the
+  logits' gradient over the N rows, is taken as a matrix-vector product: XLA reduces a leading
+  axis of this size several times slower than it multiplies (the Swin blocks' largest cost)."""
+  return logits + bias
+
+
+def _add_shared_bias_forward(logits, bias):
+  return logits + bias, None
+
+
+def _add_shared_bias_backward(_, grad):
+  rows = grad.shape[0]
+  ones = jnp.ones((rows,), grad.dtype)
+  return grad, (ones @ grad.reshape(rows, -1)).reshape(grad.shape[1:])
+
+
+add_shared_bias.defvjp(_add_shared_bias_forward, _add_shared_bias_backward)
+
+
 class WindowAttention(nn.Module):
   """Multi-head self-attention within each window, with the relative-position bias."""
   num_heads: int
@@ -133,17 +154,24 @@ class WindowAttention(nn.Module):
     n, tokens, width = x.shape
     head_dim = width // self.num_heads
     qkv = nn.Dense(3 * width, kernel_init=default_kernel_init, dtype=self.dtype, name="qkv")(x)
-    q, k, v = jnp.moveaxis(qkv.reshape(n, tokens, 3, self.num_heads, head_dim), 2, 0)
+    # Heads ahead of tokens, so that both attention products are plain batched matmuls.
+    q, k, v = qkv.reshape(n, tokens, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
     table = self.param("relative_position_bias_table", embedding_init,
                        ((2 * self.window - 1) ** 2, self.num_heads))
     bias = table[relative_position_index(self.window).reshape(-1)]
     bias = bias.reshape(tokens, tokens, self.num_heads).transpose(2, 0, 1)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k).astype(jnp.float32) + bias
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q * head_dim**-0.5, k).astype(jnp.float32)
+    logits = add_shared_bias(logits, bias)
     if mask is not None:
-      logits = logits.reshape(-1, mask.shape[0], self.num_heads, tokens, tokens)
-      logits = (logits + mask[None, :, None]).reshape(n, self.num_heads, tokens, tokens)
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(n, tokens, width)
+      logits = logits.reshape(-1, mask.shape[0], self.num_heads, tokens, tokens) + mask[:, None]
+      logits = logits.reshape(n, self.num_heads, tokens, tokens)
+    # Softmax with its normalization applied after the product with v, to the (tokens, head_dim)
+    # rows instead of the (tokens, tokens) weights: one pass less over the weights forward, and
+    # backward a row sum over the output instead of over the weights.
+    unnormalized = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
+    out = jnp.einsum("bhqk,bhkd->bhqd", unnormalized.astype(self.dtype), v)
+    out = out / unnormalized.sum(axis=-1, keepdims=True).astype(out.dtype)
+    out = out.transpose(0, 2, 1, 3).reshape(n, tokens, width)
     return nn.Dense(width, kernel_init=default_kernel_init, dtype=self.dtype, name="proj")(out)
 
 

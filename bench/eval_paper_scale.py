@@ -181,9 +181,10 @@ def fusion_flops_per_pair(depth, text_len, width, mlp, image_tokens, image_width
 def main():
   config = coco.get_config()
   config.model.fusion.dtype = args.dtype
-  for part in ("image", "text", "fusion"):  # random weights: no converted checkpoint is read
-    config.model[part].init = ""
-  config.model.init = ""
+  # Random weights: no converted checkpoint is read.
+  for section in (config.model, config.model.image, config.model.text, config.model.fusion,
+                  config.teachers.image, config.teachers.text):
+    section.init = ""
   exp = spec.from_config(config)
   student_config = exp.student_config(30522)  # BERT vocabulary; no text tower runs here
   fusion = student_config.fusion

@@ -144,10 +144,36 @@ def test_embeddings_and_itm_logits_on_8_devices_match_direct_apply(tiny_config):
   np.testing.assert_allclose(image_out.emb, v, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(text_out.emb, t, rtol=1e-5, atol=1e-6)
 
+  def direct(pair_images, pair_texts):
+    fused = apply(text.tokens[pair_texts], tokens["mask"][pair_texts], image.tokens[pair_images],
+                  image.mask[pair_images], method=Student.fuse)
+    return apply(fused, method=Student.itm_logits)[:, 1]
+
   pair_images, pair_texts = np.array([0, 3, 12, 5, 7]), np.array([1, 3, 0, 12, 7])
   logits = retrieval.itm_logits(predictor, params, image_out, text_out, pair_images, pair_texts,
                                 8, mesh)
-  fused = apply(text.tokens[pair_texts], tokens["mask"][pair_texts], image.tokens[pair_images],
-                image.mask[pair_images], method=Student.fuse)
-  direct = apply(fused, method=Student.itm_logits)[:, 1]
-  np.testing.assert_allclose(logits, direct, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(logits, direct(pair_images, pair_texts), rtol=1e-5, atol=1e-5)
+  # Images shared by several pairs, unsorted: chunks of up to 4 pairs of one image (32 pairs per
+  # block on 8 devices), a run longer than a chunk, and a last block of repeats.
+  pair_images = np.array([3, 0, 3, 12, 3, 5, 3, 7, 3, 3, 0, 12, 3, 0])
+  pair_texts = np.array([1, 3, 0, 12, 7, 2, 9, 4, 11, 5, 5, 6, 8, 10])
+  logits = retrieval.itm_logits(predictor, params, image_out, text_out, pair_images, pair_texts,
+                                32, mesh)
+  np.testing.assert_allclose(logits, direct(pair_images, pair_texts), rtol=1e-5, atol=1e-5)
+
+  # Re-ranking: each direction's top-k re-scored; pairs in both directions' lists scored once.
+  itc = image_out.emb @ text_out.emb.T
+  i2t, t2i = retrieval.itm_rerank(predictor, params, image_out, text_out, itc, 3, 32, mesh)
+  top_texts, top_images = np.argsort(-itc, 1)[:, :3], np.argsort(-itc.T, 1)[:, :3]
+  for scores, top, query_is_image in ((i2t, top_texts, True), (t2i, top_images, False)):
+    queries = np.repeat(np.arange(n), 3)
+    expected = direct(*((queries, top.ravel()) if query_is_image else (top.ravel(), queries)))
+    np.testing.assert_allclose(np.take_along_axis(scores, top, 1).ravel(), expected, rtol=1e-5,
+                               atol=1e-5)
+    assert (np.sort(scores, 1)[:, :-3] == -100).all()
+
+
+def test_image_chunks_cut_runs_of_one_image():
+  starts, ends = retrieval.image_chunks(np.array([0, 0, 0, 2, 2, 5]), 2)
+  np.testing.assert_array_equal(starts, [0, 2, 3, 5])
+  np.testing.assert_array_equal(ends, [2, 3, 5, 6])

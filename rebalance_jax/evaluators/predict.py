@@ -21,7 +21,9 @@ class Predictor:
   encode_captions: Callable            # captions -> {"ids", "mask"} host arrays
   embed_images: Callable | None        # (params, images) -> {"emb", ["tokens", "mask"]}
   embed_texts: Callable | None         # (params, ids, mask) -> {"emb", ["tokens", "mask"]}
-  # (params, image tokens, image mask, text tokens, text mask) -> (B,) matching logit per pair
+  # (params, image tokens, image mask, text tokens, text mask, image_index) -> (B,) matching logit
+  # per pair; image_index (G, B / G), or None for one image row per pair: see
+  # `FusionEncoder`: the images given are the distinct ones and each pair's is picked from them.
   match_logits: Callable | None = None
   shared_space: bool = True  # image and text embeddings are comparable (cross-modal retrieval)
 
@@ -43,9 +45,10 @@ def student_predictor(model: Student, encode_captions: Callable) -> Predictor:
     out, emb = model.apply({"params": params}, ids, mask, method=Student.encode_text)
     return {"emb": emb, "tokens": out.tokens, "mask": out.mask}
 
-  def match_logits(params, image_tokens, image_mask, text_tokens, text_mask):
+  def match_logits(params, image_tokens, image_mask, text_tokens, text_mask, image_index=None):
     apply = functools.partial(model.apply, {"params": params})
-    fused = apply(text_tokens, text_mask, image_tokens, image_mask, method=Student.fuse)
+    fused = apply(text_tokens, text_mask, image_tokens, image_mask, False, image_index,
+                  method=Student.fuse)
     return apply(fused, method=Student.itm_logits)[:, 1]
 
   return Predictor(encode_captions, embed_images, embed_texts,

@@ -67,7 +67,7 @@ def encode(fn, params, num_rows: int, load_rows, batch_size: int, mesh: Mesh,
   """`fn(params, *rows.values())` over rows 0..num_rows-1 in padded global batches: embeddings
   gathered to the host, token states (if `keep_states`) kept on the devices."""
   sharding.check_batch_size(batch_size, mesh, "config.eval.batch_size")
-  jitted = jax.jit(fn if keep_states else lambda params, *rows: {"emb": fn(params, *rows)["emb"]})
+  jitted = _embedding_fn(fn, keep_states)
   embeddings, states = [], []
   for _, rows, _ in pipeline.padded_batches(num_rows, batch_size):
     interrupts.check("an evaluation pass")
@@ -79,6 +79,13 @@ def encode(fn, params, num_rows: int, load_rows, batch_size: int, mesh: Mesh,
   if keep_states:
     kept = {k: _concatenate_on_device([s[k] for s in states], mesh) for k in ("tokens", "mask")}
   return Encoded(np.concatenate(embeddings)[:num_rows], kept)
+
+
+@functools.lru_cache(maxsize=16)
+def _embedding_fn(fn, keep_states: bool):
+  """`fn` jitted, keeping only the embeddings unless `keep_states`: cached, so that every
+  evaluation of a run reuses one trace and compilation."""
+  return jax.jit(fn if keep_states else lambda params, *rows: {"emb": fn(params, *rows)["emb"]})
 
 
 def encode_split(predictor: Predictor, params, split: Split, batch_size: int, mesh: Mesh,
@@ -97,46 +104,86 @@ def encode_split(predictor: Predictor, params, split: Split, batch_size: int, me
 
 @functools.lru_cache(maxsize=8)
 def itm_score_fn(predictor: Predictor, mesh: Mesh):
-  """The jitted block function of `itm_logits`, (params, image_states, text_states, pair_images,
-  pair_texts) -> logits: each device gathers the pairs' states from where they lie
-  (`gather_rows`). Cached per predictor and mesh, so repeated evaluations reuse its compilation."""
-  def score(params, image_states, text_states, pair_images, pair_texts):
+  """The jitted block function of `itm_logits`, (params, image_states, text_states, chunk_images,
+  pair_texts) -> logits. A block is one chunk per device: one image (chunk_images, (devices,))
+  and its `rows` pairs' texts (pair_texts, (devices · rows,)). Each device gathers its chunk's
+  states from where they lie (`gather_rows`) and the fusion encoder computes the image's
+  cross-attention keys and values once for the chunk. Cached per predictor and mesh, so repeated
+  evaluations reuse its compilation."""
+  def score(params, image_states, text_states, chunk_images, pair_texts):
     take = lambda states, index: jax.tree.map(lambda x: gather_rows(x, index, mesh), states)
-    i, t = take(image_states, pair_images), take(text_states, pair_texts)
-    return predictor.match_logits(params, i["tokens"], i["mask"], t["tokens"], t["mask"])
+    i, t = take(image_states, chunk_images), take(text_states, pair_texts)
+    rows = pair_texts.shape[0] // chunk_images.shape[0]
+    image_index = jnp.zeros((chunk_images.shape[0], rows), jnp.int32)  # each chunk's own image
+    return predictor.match_logits(params, i["tokens"], i["mask"], t["tokens"], t["mask"],
+                                  image_index)
   return jax.jit(score)
+
+
+def image_chunks(images: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
+  """(start, end) of the chunks of pairs sorted by image (`images`, (P,)): runs of at most `rows`
+  consecutive pairs of the same image."""
+  runs = np.flatnonzero(np.diff(images)) + 1
+  run_starts, run_ends = np.concatenate([[0], runs]), np.concatenate([runs, [len(images)]])
+  per_run = -(-(run_ends - run_starts) // rows)
+  offsets = np.arange(per_run.sum()) - np.repeat(np.cumsum(per_run) - per_run, per_run)
+  starts = np.repeat(run_starts, per_run) + rows * offsets
+  return starts, np.minimum(starts + rows, np.repeat(run_ends, per_run))
 
 
 def itm_logits(predictor: Predictor, params, images: Encoded, texts: Encoded,
                image_index: np.ndarray, text_index: np.ndarray, batch_size: int,
                mesh: Mesh) -> np.ndarray:
-  """Matching logit of each (image_index[p], text_index[p]) pair: only the indices go to the
-  devices, which gather the pairs' states from where they lie (`itm_score_fn`)."""
+  """Matching logit of each (image_index[p], text_index[p]) pair. The pairs are scored sorted by
+  image, in chunks of one image and up to batch_size / devices pairs, one chunk per device in
+  each block, so that an image's keys and values are computed once per chunk; only the indices
+  go to the devices, which gather the states from where they lie (`itm_score_fn`)."""
+  devices = mesh.devices.size
+  sharding.check_batch_size(batch_size, mesh, "config.eval.batch_size")
+  rows = batch_size // devices
+  order = np.argsort(image_index, kind="stable")
+  sorted_images, sorted_texts = image_index[order], text_index[order]
+  starts, ends = image_chunks(sorted_images, rows)
+  mine = sharding.process_slice(devices)
   jitted = itm_score_fn(predictor, mesh)
-  logits = []
-  for _, rows, _ in pipeline.padded_batches(len(image_index), batch_size):
+  sorted_logits = np.zeros(len(order), np.float32)
+  for first in range(0, len(starts), devices):
     interrupts.check("ITM re-ranking")
-    pairs = sharding.to_global({"image": image_index[rows].astype(np.int32),
-                                "text": text_index[rows].astype(np.int32)}, mesh)
-    out = jitted(params, images.states, texts.states, pairs["image"], pairs["text"])
-    logits.append(multihost_utils.process_allgather(out, tiled=True))
-  return np.concatenate(logits)[:len(image_index)]
+    block = np.arange(first, first + devices)[mine]
+    block = np.minimum(block, len(starts) - 1)  # the last block: repeats of its last chunk
+    pair = starts[block, None] + np.arange(rows)[None]  # (chunks, rows); past a chunk's end:
+    pair = np.minimum(pair, ends[block, None] - 1)      # repeats of its last pair
+    inputs = sharding.to_global({"image": sorted_images[starts[block]].astype(np.int32),
+                                 "text": sorted_texts[pair].reshape(-1).astype(np.int32)}, mesh)
+    out = jitted(params, images.states, texts.states, inputs["image"], inputs["text"])
+    out = multihost_utils.process_allgather(out, tiled=True).reshape(devices, rows)
+    for c, chunk in enumerate(range(first, min(first + devices, len(starts)))):
+      sorted_logits[starts[chunk]:ends[chunk]] = out[c, :ends[chunk] - starts[chunk]]
+  logits = np.empty_like(sorted_logits)
+  logits[order] = sorted_logits
+  return logits
 
 
 def itm_rerank(predictor: Predictor, params, images: Encoded, texts: Encoded,
                itc_i2t: np.ndarray, k: int, batch_size: int,
                mesh: Mesh) -> tuple[np.ndarray, np.ndarray]:
   """The reference's scores: each query's ITC top-k re-scored by the ITM head, −100 elsewhere.
+  A pair among both an image's and a caption's candidates is scored once.
 
   Returns (i2t (N_i, N_c), t2i (N_c, N_i)).
   """
   num_images, num_texts = itc_i2t.shape
-  score = lambda i, t: itm_logits(predictor, params, images, texts, i, t, batch_size, mesh)
   k_texts, k_images = min(k, num_texts), min(k, num_images)
   texts_of_image = ranking.top_k_indices(itc_i2t, k_texts)
-  i2t = score(np.repeat(np.arange(num_images), k_texts), texts_of_image.ravel())
   images_of_text = ranking.top_k_indices(itc_i2t.T, k_images)
-  t2i = score(images_of_text.ravel(), np.repeat(np.arange(num_texts), k_images))
+  pairs = np.concatenate([np.repeat(np.arange(num_images), k_texts) * num_texts +
+                          texts_of_image.ravel(),
+                          images_of_text.ravel() * num_texts +
+                          np.repeat(np.arange(num_texts), k_images)])
+  unique, where = np.unique(pairs, return_inverse=True)
+  logits = itm_logits(predictor, params, images, texts, unique // num_texts, unique % num_texts,
+                      batch_size, mesh)[where]
+  i2t, t2i = logits[:num_images * k_texts], logits[num_images * k_texts:]
   return (ranking.itm_rerank_scores(itc_i2t, texts_of_image, i2t.reshape(num_images, k_texts)),
           ranking.itm_rerank_scores(itc_i2t.T, images_of_text, t2i.reshape(num_texts, k_images)))
 

@@ -21,16 +21,19 @@ What it does:
 1. ITC at full size, on the host as `retrieval.evaluate` does it: the 5,000 x 25,000 cosine matrix
    of random 256-d embeddings, the top-k candidates in both directions (`ranking.top_k_indices`)
    and the re-ranked score matrices (`ranking.itm_rerank_scores`), with the host's peak memory.
-2. ITM re-ranking on a slice: `retrieval.itm_logits` (which gathers each block's states with
-   `retrieval.gather_rows` and scores them with the predictor's `match_logits`) on the real ITC
-   candidates of the first queries: a warm-up block, then `--slice_blocks` blocks of i2t pairs and
-   of t2i pairs. Any compilation inside a call (jax.monitoring; `retrieval.itm_score_fn` caches
-   the block function, so only the first call compiles) is subtracted from its wall time and
-   reported on its own line. The seconds per
-   block are extrapolated to the protocol's 5,000 + 25,000 blocks (k = 256, block = 256).
-3. FLOPs per pair counted analytically (matmuls, 2 per multiply-add; LayerNorm, softmax and GELU not
-   counted) and cross-checked against XLA's cost analysis of the same function
-   (`retrieval.itm_score_fn`, lowered and compiled ahead of time).
+2. ITM re-ranking on a slice: the candidate pairs of both directions, each distinct pair once,
+   sorted by image and cut into chunks of one image and block / devices pairs
+   (`retrieval.itm_rerank`, `retrieval.image_chunks`); `retrieval.itm_logits` scores a warm-up
+   block, then `--slice_blocks` blocks (each device gathers its chunk's image and captions with
+   `retrieval.gather_rows`; the fusion encoder computes the image's keys and values once per
+   chunk). Any compilation inside a call (jax.monitoring; `retrieval.itm_score_fn` caches the
+   block function, so only the first call compiles) is subtracted from its wall time and
+   reported on its own line. The seconds per block are extrapolated to the protocol's blocks.
+3. FLOPs per block counted analytically (matmuls, 2 per multiply-add; LayerNorm, softmax and GELU
+   not counted: every pair's text side, and each chunk's image keys and values once) and
+   cross-checked against XLA's cost analysis of the same function (`retrieval.itm_score_fn`,
+   lowered and compiled ahead of time); beside it, the FLOPs of scoring every candidate pair with
+   its own keys and values.
 4. Memory: the token stores (fp32, bf16), per device for each mesh size in --memory_devices, with
    the compiled block's argument and peak temporary bytes (`memory_analysis()`); the host<->device
    bytes of the whole protocol (the slice's are counted by patching the transfer functions, as
@@ -199,13 +202,13 @@ def main():
   mesh = sharding.make_mesh(devices[:args.devices])
   sharding.check_batch_size(block, mesh, "--block")
   image_rows, text_rows = padded(NUM_IMAGES, block), padded(num_captions, block)
-  pairs = {"i2t": NUM_IMAGES * min(k, num_captions), "t2i": num_captions * min(k, NUM_IMAGES)}
-  blocks = {d: -(-n // block) for d, n in pairs.items()}
+  candidates = {"i2t": NUM_IMAGES * min(k, num_captions),
+                "t2i": num_captions * min(k, NUM_IMAGES)}
   print(f"COCO-5K protocol: {NUM_IMAGES} images x {image_tokens} tokens x {image_width}, "
         f"{num_captions} captions x {text_len} tokens x {text_width} (max_words_eval "
         f"{exp.data.max_words_eval}, max_tokens {text_len}); ITM top-{k} both ways: "
-        f"{pairs['i2t']:,} + {pairs['t2i']:,} = {sum(pairs.values()):,} pairs in "
-        f"{blocks['i2t']:,} + {blocks['t2i']:,} blocks of {block}")
+        f"{candidates['i2t']:,} + {candidates['t2i']:,} = {sum(candidates.values()):,} "
+        "candidate pairs")
   print(f"fusion: {fusion.depth} layers, width {text_width}, {fusion.num_heads} heads, MLP "
         f"{fusion.mlp_dim}, cross-attention to {image_width}-wide tokens, compute {fusion.dtype}; "
         f"stores {args.store_dtype}; mesh of {args.devices} fake CPU devices "
@@ -274,40 +277,52 @@ def main():
   print(f"  {'total':<44s} {itc_seconds:8.2f} s")
 
   # ------------------------------------------------------------------ 2. ITM slice
-  i2t_images = np.repeat(np.arange(NUM_IMAGES), k)
-  i2t_texts = texts_of_image.ravel()
-  t2i_images = images_of_text.ravel()
-  t2i_texts = np.repeat(np.arange(num_captions), k)
-  n_slice = args.slice_blocks * block
+  # The pairs as retrieval.itm_rerank scores them: both directions' candidates, each pair once,
+  # sorted by image and cut into chunks of one image and block / devices pairs.
+  pairs = np.unique(np.concatenate([
+      np.repeat(np.arange(NUM_IMAGES), k) * num_captions + texts_of_image.ravel(),
+      images_of_text.ravel() * num_captions + np.repeat(np.arange(num_captions), k)]))
+  pair_images, pair_texts = pairs // num_captions, pairs % num_captions
+  chunk_counts = {n: len(retrieval.image_chunks(pair_images, block // n)[0])
+                  for n in sorted({args.devices, *MEMORY_DEVICES, 8, args.accelerators})}
+  protocol_blocks = {n: -(-c // n) for n, c in chunk_counts.items()}
+  print(f"\n2. ITM re-ranking slice through retrieval.itm_logits: {len(pairs):,} distinct pairs "
+        f"of the {sum(candidates.values()):,} candidates, sorted by image; chunks of one image "
+        f"and up to {block} / devices pairs, one per device in each block of {block}")
+  for n, c in chunk_counts.items():
+    print(f"  {n} device(s): {c:,} chunks in {protocol_blocks[n]:,} blocks "
+          f"({len(pairs) / (protocol_blocks[n] * block):.1%} of the blocks' rows are pairs)")
+  starts, ends = retrieval.image_chunks(pair_images, block // args.devices)
 
-  def run(image_index, text_index):
+  def run(first_chunk, chunks):
     compile_log.clear()
     moved.update(to_device=0, to_host=0)
+    rows = slice(starts[first_chunk], ends[first_chunk + chunks - 1])
     begin = time.perf_counter()
-    logits = retrieval.itm_logits(predictor, params, images, texts, image_index, text_index,
-                                  block, mesh)
+    logits = retrieval.itm_logits(predictor, params, images, texts, pair_images[rows],
+                                  pair_texts[rows], block, mesh)
     wall = time.perf_counter() - begin
     assert np.all(np.isfinite(logits)), "non-finite ITM logits"
-    return wall, sum(compile_log), dict(moved), len(compile_log) // len(COMPILE_EVENTS)
+    return (wall, sum(compile_log), dict(moved), len(compile_log) // len(COMPILE_EVENTS),
+            rows.stop - rows.start)
 
-  warm = run(i2t_images[:block], i2t_texts[:block])
-  i2t = run(i2t_images[block:block + n_slice], i2t_texts[block:block + n_slice])
-  t2i = run(t2i_images[:n_slice], t2i_texts[:n_slice])
-  per_block = {d: (r[0] - r[1]) / args.slice_blocks for d, r in (("i2t", i2t), ("t2i", t2i))}
-  compile_seconds = np.mean([warm[1], i2t[1], t2i[1]])
-  print(f"\n2. ITM re-ranking slice through retrieval.itm_logits (blocks of {block} pairs)")
+  warm = run(0, args.devices)
+  timed_run = run(args.devices, args.slice_blocks * args.devices)
+  per_block = (timed_run[0] - timed_run[1]) / args.slice_blocks
+  compile_seconds = warm[1]
   print(f"  {'call':<30s} {'pairs':>7s} {'wall':>9s} {'compile':>9s} {'compiles':>9s} "
         f"{'s/block':>9s} {'pairs/s':>8s}")
-  for label, (wall, comp, _, count), n in (("warm-up (first i2t block)", warm, block),
-                                           ("i2t slice", i2t, n_slice),
-                                           ("t2i slice", t2i, n_slice)):
+  for label, (wall, comp, _, count, n), blocks_run in (("warm-up (first block)", warm, 1),
+                                                        ("slice", timed_run, args.slice_blocks)):
     print(f"  {label:<30s} {n:7d} {wall:8.2f}s {comp:8.2f}s {count:9d} "
-          f"{(wall - comp) / (n // block):8.2f}s {n / (wall - comp):8.1f}")
+          f"{(wall - comp) / blocks_run:8.2f}s {n / (wall - comp):8.1f}")
 
   # ------------------------------------------------------------------ 3. FLOPs
   parts = fusion_flops_per_pair(fusion.depth, text_len, text_width, fusion.mlp_dim,
                                 image_tokens, image_width)
-  flops_pair = sum(parts.values())
+  kv = parts["cross-attn k,v (image)"]  # once per chunk
+  flops_pair = sum(parts.values()) - kv
+  block_flops = lambda n: block * flops_pair + n * kv
 
   def abstract(x, mesh_, spec_):
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh_, spec_))
@@ -318,24 +333,32 @@ def main():
     rows_spec = P(the_mesh.axis_names)
     states = lambda e, m=the_mesh, s=rows_spec: {key: abstract(v, m, s)
                                                  for key, v in e.states.items()}
-    index = jax.ShapeDtypeStruct((block,), jnp.int32, sharding=NamedSharding(the_mesh, rows_spec))
+    index = lambda size, m=the_mesh, s=rows_spec: jax.ShapeDtypeStruct(
+        (size,), jnp.int32, sharding=NamedSharding(m, s))
     begin = time.perf_counter()
     compiled[n] = retrieval.itm_score_fn(predictor, the_mesh).lower(
-        jax.tree.map(lambda x, m=the_mesh: abstract(x, m, P()), params), states(images), states(texts),
-        index, index).compile()
+        jax.tree.map(lambda x, m=the_mesh: abstract(x, m, P()), params), states(images),
+        states(texts), index(n), index(block)).compile()
     compile_secs[n] = time.perf_counter() - begin
-  cost = compiled[MEMORY_DEVICES[0]].cost_analysis()
+  n0 = MEMORY_DEVICES[0]
+  cost = compiled[n0].cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  xla_flops = cost.get("flops", float("nan")) * MEMORY_DEVICES[0] / block
-  print(f"\n3. FLOPs per (caption, image) pair: analytic {flops_pair / 1e9:.3f} GFLOP "
-        f"(XLA cost analysis on {MEMORY_DEVICES[0]} device(s): {xla_flops / 1e9:.3f} GFLOP, "
-        f"ratio {xla_flops / flops_pair:.3f})")
+  xla_flops = cost.get("flops", float("nan")) * n0
+  print(f"\n3. FLOPs per block of {block} pairs on {n0} device(s): analytic "
+        f"{block_flops(n0) / 1e9:.1f} GFLOP (XLA cost analysis: {xla_flops / 1e9:.1f} GFLOP, ratio "
+        f"{xla_flops / block_flops(n0):.3f}); per (caption, image) pair, the image's keys and "
+        "values apart:")
   for name, f in parts.items():
-    print(f"  {name:<28s} {f / 1e9:7.3f} GFLOP  {100 * f / flops_pair:5.1f} %")
-  total_flops = sum(blocks.values()) * block * flops_pair
-  rate = {d: block * flops_pair / s / 1e9 for d, s in per_block.items()}
-  print(f"  protocol: {total_flops / 1e15:.1f} PFLOP; measured here i2t {rate['i2t']:.1f}, "
-        f"t2i {rate['t2i']:.1f} GFLOP/s")
+    share = f" (once per chunk: {f / 1e9:.3f} GFLOP)" if f == kv else ""
+    print(f"  {name:<28s} {f / 1e9 if f != kv else 0:7.3f} GFLOP{share}")
+  total_flops = protocol_blocks[args.devices] * block_flops(args.devices)
+  per_pair_before = sum(parts.values())
+  print(f"  protocol on {args.devices} device(s): {total_flops / 1e15:.1f} PFLOP "
+        f"({sum(candidates.values()) * per_pair_before / 1e15:.1f} PFLOP for every candidate pair "
+        f"with its own keys and values); measured here "
+        f"{block_flops(args.devices) / per_block / 1e9:.1f} GFLOP/s")
+  for n in sorted({1, 8, args.accelerators} - {args.devices}):
+    print(f"  protocol on {n} device(s): {protocol_blocks[n] * block_flops(n) / 1e15:.1f} PFLOP")
 
   # ------------------------------------------------------------------ 4. memory, traffic
   image_row = image_tokens * image_width
@@ -346,8 +369,11 @@ def main():
   print(f"\n4. Memory. Token stores ({image_rows} x {image_tokens} x {image_width} + {text_rows} x "
         f"{text_len} x {text_width}, int32 masks): fp32 {gb(store['float32'])}, bf16 "
         f"{gb(store['bfloat16'])}; encode's concatenation briefly holds 2x")
-  row_bytes = (image_row + text_row) * store_dtype.itemsize + (image_tokens + text_len) * 4
-  total_pairs = sum(blocks.values()) * block
+  image_bytes = image_row * store_dtype.itemsize + image_tokens * 4
+  text_bytes = text_row * store_dtype.itemsize + text_len * 4
+  # gather_rows builds a block's gathered rows (n images, block texts) on every device and
+  # reduce-scatters them: (n - 1) / n of them cross the interconnect per device.
+  traffic = lambda n: protocol_blocks[n] * (n * image_bytes + block * text_bytes) * (n - 1) / n
   print(f"  per device, one block of {block} pairs compiled ({args.dtype} compute, "
         f"{args.store_dtype} stores); gather traffic = gather_rows' reduce-scatters over the "
         "protocol")
@@ -355,49 +381,51 @@ def main():
         f"{'block temp':>12s} {'gather traffic':>15s} {'compile':>8s}")
   for n, c in compiled.items():
     m = c.memory_analysis()
-    traffic = total_pairs * row_bytes * (n - 1) / n
     print(f"  {n:7d} {gb(store['float32'] / n):>12s} {gb(store['bfloat16'] / n):>12s} "
           f"{gb(m.argument_size_in_bytes):>12s} {gb(m.temp_size_in_bytes):>12s} "
-          f"{gb(traffic) if n > 1 else '0':>15s} {compile_secs[n]:7.1f}s")
-  found = block * row_bytes
-  print(f"  gather_rows builds each block's full {block} rows on every device before the "
-        f"reduce-scatter: {gb(found).strip()} per device whatever the mesh size")
-  per_pair_to_device = i2t[2]["to_device"] / n_slice
-  per_pair_to_host = i2t[2]["to_host"] / n_slice
-  print(f"  host<->device over the protocol (measured on the slice: {per_pair_to_device:.0f} B "
-        f"to device, {per_pair_to_host:.0f} B to host per pair):")
+          f"{gb(traffic(n)) if n > 1 else '0':>15s} {compile_secs[n]:7.1f}s")
+  print(f"  gather_rows builds each block's gathered rows on every device before the "
+        f"reduce-scatter: {block} captions and one image per device ({gb(8 * image_bytes + block * text_bytes).strip()} "
+        "on 8 devices)")
+  slice_pairs = timed_run[4]
+  per_pair_to_device = timed_run[2]["to_device"] / slice_pairs
+  per_pair_to_host = timed_run[2]["to_host"] / slice_pairs
+  print(f"  host<->device over the protocol (measured on the slice: {per_pair_to_device:.1f} B "
+        f"to device, {per_pair_to_host:.1f} B to host per pair):")
   transfers = [
       ("images to devices (encode, uint8 384 px)", image_rows * IMAGE_SIZE**2 * 3),
       ("caption ids + mask to devices (int32)", text_rows * text_len * 2 * 4),
       ("embeddings to host (fp32, 256-d)", (image_rows + text_rows) * EMBED_DIM * 4),
-      ("ITM pair indices to devices", total_pairs * per_pair_to_device),
-      ("ITM logits to host", total_pairs * per_pair_to_host),
+      ("ITM pair indices to devices", len(pairs) * per_pair_to_device),
+      ("ITM logits to host", len(pairs) * per_pair_to_host),
   ]
   for label, n in transfers:
     print(f"    {label:<44s} {gb(n)}")
   print(f"    {'total':<44s} {gb(sum(n for _, n in transfers))}")
 
   # ------------------------------------------------------------------ 5. projections
-  itm_here = sum(blocks[d] * per_block[d] for d in blocks) + 2 * compile_seconds
+  itm_here = protocol_blocks[args.devices] * per_block + compile_seconds
   print("\n5. Projected totals (ITC + re-ranking; the towers' encode pass and the metric suite, "
         "bench/eval_speed.py, not included)")
-  print(f"  this machine, extrapolated from the slice: ITM i2t {blocks['i2t']} blocks x "
-        f"{per_block['i2t']:.2f} s + t2i {blocks['t2i']} x {per_block['t2i']:.2f} s + 2 compiles "
-        f"x {compile_seconds:.1f} s + ITC {itc_seconds:.1f} s = {hms(itm_here + itc_seconds)}")
+  print(f"  this machine, extrapolated from the slice: ITM {protocol_blocks[args.devices]} blocks x "
+        f"{per_block:.2f} s + 1 compile x {compile_seconds:.1f} s + ITC {itc_seconds:.1f} s = "
+        f"{hms(itm_here + itc_seconds)}")
   print(f"  PROJECTION, not a measurement: accelerators at {args.device_tflops:.0f} TFLOP/s peak "
         f"(the default is an H200 SXM's dense bf16 figure: the fusion encoder in bf16) x "
-        f"{args.utilization:.0%} assumed utilization, the pairs split evenly; gather_rows' "
+        f"{args.utilization:.0%} assumed utilization, the blocks split evenly; gather_rows' "
         f"reduce-scatters at {args.interconnect_gbs:.0f} GB/s per device, not overlapped; "
         f"per-block host round trips, compilation and the host-side ITC ({itc_seconds:.1f} s "
         "here) excluded")
   print(f"  {'accelerators':>12s} {'ITM compute':>12s} {'gather traffic':>15s} {'total':>10s} "
         f"{'stores/device':>14s}")
   for n in sorted({1, 8, args.accelerators}):
-    compute = total_flops / (args.device_tflops * 1e12 * args.utilization * n)
-    traffic = total_pairs * row_bytes * (n - 1) / n / (args.interconnect_gbs * 1e9)
+    compute = protocol_blocks[n] * block_flops(n) / (args.device_tflops * 1e12 * args.utilization
+                                                     * n)
+    moved_seconds = traffic(n) / (args.interconnect_gbs * 1e9)
     stores = store[args.store_dtype] / n
-    print(f"  {n:12d} {hms(compute):>12s} {hms(traffic):>15s} {hms(compute + traffic):>10s} "
-          f"{gb(stores):>14s}")
+    print(f"  {n:12d} {hms(compute):>12s} {hms(moved_seconds):>15s} "
+          f"{hms(compute + moved_seconds):>10s} {gb(stores):>14s}")
+
 
 if __name__ == "__main__":
   main()

@@ -55,6 +55,9 @@ def _limit_threads(threads: int) -> None:
 if "jax" in sys.modules:  # pragma: no cover - a guard for imports of this file
   sys.exit("bench/train_step.py: JAX was imported before the thread limit could be set")
 _limit_threads(_threads_from_argv(sys.argv))
+from rebalance_jax.infra import host_memory  # noqa: E402  (no JAX import)
+
+host_memory.prefer_memory_schedule()  # as the entry points do (cli.run_guarded)
 if any(a.startswith("--profile_ops") and not a.endswith("=0") for a in sys.argv):
   # XLA:CPU reports each op it runs to the profiler only with this flag, read at start-up.
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -68,6 +71,7 @@ import gzip  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import resource  # noqa: E402
+import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
@@ -94,6 +98,12 @@ _THREADS = flags.DEFINE_integer("threads", 0, "Run on this many CPUs (0: all thi
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps before them.")
 _VOCAB = flags.DEFINE_integer("vocab_size", 0, "The text tower's vocabulary (0: see above).")
+_GEMM = flags.DEFINE_integer("gemm_size", 2048, "The square matmul (this size, the step's "
+                             "compute dtype) timed for the machine's attainable rate (0: none).")
+_BASELINE = flags.DEFINE_string(
+    "baseline_command", "", "A command timing the same step elsewhere (e.g. the reference "
+    "implementation), run before the timed steps on the same CPUs; its last output line must be "
+    "a JSON object with the median step seconds as 'step_sec_median_rest'.")
 _PROFILE = flags.DEFINE_integer("profile_ops", 0, "Trace one more step and print the N costliest "
                                 "XLA ops and the time per part of the model (0: no trace).")
 
@@ -155,11 +165,6 @@ def peak_rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def rss_mib() -> float:
-  with open("/proc/self/status") as f:
-    return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
-
-
 def machine_cpu_seconds() -> tuple[float, float]:
   """(busy, steal) CPU-seconds of the whole machine since boot, from /proc/stat."""
   with open("/proc/stat") as f:
@@ -185,7 +190,6 @@ def time_steps(compiled, state, args, warmup: int, steps: int):
     jax.block_until_ready((state, metrics))
     if i >= warmup:
       seconds.append(time.perf_counter() - start)
-    print(f"  step {i}: RSS {rss_mib():.0f} MiB, peak {peak_rss_mib():.0f}")
   wall = time.perf_counter() - wall0
   (busy1, steal1), own = machine_cpu_seconds(), own_cpu_seconds() - own0
   if wall < 1.0:  # the counters tick every 10 ms
@@ -269,6 +273,36 @@ def profile_ops(compiled, state, args, top: int):
   return state
 
 
+def gemm_rate(size: int, dtype: str) -> float:
+  """FLOP/s of a jitted size x size matmul in `dtype` (median of 10), on this process's CPUs."""
+  a = jax.random.normal(jax.random.key(0), (size, size), dtype)
+  matmul = jax.jit(lambda x, y: x @ y)
+  matmul(a, a).block_until_ready()
+  seconds = []
+  for _ in range(10):
+    start = time.perf_counter()
+    matmul(a, a).block_until_ready()
+    seconds.append(time.perf_counter() - start)
+  return 2 * size**3 / float(np.median(seconds))
+
+
+def run_baseline(command: str) -> dict:
+  """Runs `command` (a shell line) on this process's CPUs; its median step from the JSON object of
+  its last output line, and its peak RSS."""
+  print(f"baseline: {command}", flush=True)
+  done = subprocess.run(command, shell=True, capture_output=True, text=True, check=False)
+  lines = done.stdout.strip().splitlines()
+  try:
+    seconds = float(json.loads(lines[-1])["step_sec_median_rest"])
+  except (IndexError, ValueError, KeyError, TypeError):
+    tail = (done.stderr.strip().splitlines() or lines or ["no output"])[-1]
+    sys.exit(f"--baseline_command: exit status {done.returncode}; its last line has no "
+             f"'step_sec_median_rest': {tail}")
+  peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+  print(f"  median step {seconds:.4g} s, peak RSS {peak:.0f} MiB")
+  return {"seconds": seconds, "peak_rss_mib": peak}
+
+
 def main(argv):
   try:
     bench(argv)
@@ -342,11 +376,13 @@ def bench(argv):
   print(f"lower   {lower_s:8.2f} s")
   print(f"compile {compile_s:8.2f} s")
   rss_compile = peak_rss_mib()
-  if os.environ.get("TRIM"):
-    import ctypes
-    print(f"RSS after compiling {rss_mib():.0f} MiB")
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    print(f"RSS after trim {rss_mib():.0f} MiB")
+  host_memory.release_free_heap()  # as loop.run_stage does after compiling
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  step_flops = cost.get("flops", 0.0) * mesh.devices.size  # the cost of one device's program
+  if step_flops:
+    print(f"model FLOPs per step (XLA cost analysis): {step_flops / 1e12:.3f} TFLOP, "
+          f"{step_flops / stage.batch_size / 1e9:.1f} GFLOP per example")
   memory = compiled.memory_analysis()
   if memory is None:
     print("memory analysis: not available on this backend")
@@ -356,26 +392,42 @@ def bench(argv):
           f"{memory.alias_size_in_bytes / MIB:.1f} MiB), temporaries "
           f"{memory.temp_size_in_bytes / MIB:.1f} MiB")
 
+  gemm = None
+  if _GEMM.value:
+    dtype = student.image.config.dtype
+    gemm = gemm_rate(_GEMM.value, dtype)
+    print(f"attainable rate: a {_GEMM.value}x{_GEMM.value} {dtype} matmul runs at "
+          f"{gemm / 1e9:.1f} GFLOP/s here")
+  baseline = run_baseline(_BASELINE.value) if _BASELINE.value else None
   if _STEPS.value <= 0:
     print("steps: none run (--steps=0)")
   else:
     params = jax.jit(functools.partial(init_student, model))(jax.random.key(seed))
     state = loop.create_state(params, tx, mesh, exp.param_rules)
     del params
-    print(f"RSS with the train state: {rss_mib():.0f} MiB (peak {peak_rss_mib():.0f})")
     state, metrics, seconds, cpu = time_steps(compiled, state, (batch, frozen, rng), _WARMUP.value,
                                               _STEPS.value)
     median = float(np.median(seconds))
     print(f"step ({len(seconds)} after {_WARMUP.value} warm-up): {spread(seconds)}")
     print(f"  {stage.batch_size / median:.2f} examples/s at the median")
     print(f"  CPU during the timed steps: {cpu}")
+    if step_flops:
+      rate = step_flops / median
+      print(f"  achieved {rate / 1e9:.1f} GFLOP/s" + (
+          f" = {rate / gemm:.0%} of the matmul's rate" if gemm else ""))
+    if baseline is not None:
+      print(f"  side by side: the baseline's median step {baseline['seconds']:.4g} s, peak RSS "
+            f"{baseline['peak_rss_mib']:.0f} MiB: this step is {baseline['seconds'] / median:.2f}x "
+            "its speed")
     if _PROFILE.value:
       state = profile_ops(compiled, state, (batch, frozen, rng), _PROFILE.value)
     fetched = jax.device_get(metrics)
     print(f"  after step {int(state['step'])}: loss/total {float(fetched['loss/total']):.4f}, "
           f"grad_norm {float(fetched['grad_norm']):.4f}")
   print(f"peak RSS: {rss_before:.0f} MiB before compiling, {rss_compile:.0f} MiB after, "
-        f"{peak_rss_mib():.0f} MiB at the end")
+        f"{peak_rss_mib():.0f} MiB at the end" + (
+            f" ({peak_rss_mib() / baseline['peak_rss_mib']:.2f}x the baseline's)"
+            if baseline else ""))
 
 
 if __name__ == "__main__":

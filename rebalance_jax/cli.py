@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from absl import flags, logging
 
-from rebalance_jax.infra import compilation_cache, distributed, interrupts
+from rebalance_jax.infra import compilation_cache, distributed, host_memory, interrupts
 from rebalance_jax.infra.errors import InputError
 from rebalance_jax.training import loop
 
@@ -68,8 +68,9 @@ def _field_error_line(error: Exception, argv: list[str]) -> str:
 
 
 def run_guarded(prog: str, argv: list[str], work: Callable[[], object]) -> None:
-  """Starts the process (distributed.start, the compilation cache), runs `work` and exits as the
-  module docstring says."""
+  """Starts the process (XLA:CPU's memory-minimizing schedule, distributed.start, the compilation
+  cache), runs `work` and exits as the module docstring says."""
+  host_memory.prefer_memory_schedule()
   distributed.start(argv)
   compilation_cache.enable_from_flags()
   try:

@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from rebalance_jax.data import pipeline
-from rebalance_jax.infra import interrupts, logs, sharding
+from rebalance_jax.infra import host_memory, interrupts, logs, sharding
 from rebalance_jax.training import checkpointing
 
 
@@ -160,17 +160,15 @@ def run_stage(stage: Stage, init_params, frozen, mesh: Mesh, until_step: int | N
   stage.writer.start(step)
   progress = logs.Progress(stage.name, stage.total_steps, step)
   pending = []  # per-step metrics on device, fetched at each log point
-  compiled = set()  # the batch shapes the step was compiled for (captions padded to buckets)
+  compiled = {}  # batch shapes -> the step compiled for them (captions padded to buckets)
   # Closed on every exit, so that no reader thread outlives the stage.
   with contextlib.closing(stage.batches.iterate(step, end)) as batches:
     while step < end:
       batch = sharding.to_global(next(batches), mesh)
       shapes = tuple(x.shape for x in jax.tree.leaves(batch))
-      if shapes in compiled:
-        state, metrics = train_step(state, batch, frozen, rng)
-      else:
-        state, metrics = _compiling_step(stage.name, train_step, state, batch, frozen, rng)
-        compiled.add(shapes)
+      if shapes not in compiled:
+        compiled[shapes] = _compile(stage.name, train_step, state, batch, frozen, rng)
+      state, metrics = compiled[shapes](state, batch, frozen, rng)
       pending.append(metrics)
       step += 1
       stop = _stop_requested(step)
@@ -200,18 +198,19 @@ def run_stage(stage: Stage, init_params, frozen, mesh: Mesh, until_step: int | N
   return state
 
 
-def _compiling_step(name: str, train_step, state, batch, frozen, rng):
-  """The first call of the jitted step for a batch shape, which traces and compiles it (or loads
-  it from the persistent compilation cache) before dispatching it: timed and logged, as it can
-  take a minute at paper scale."""
+def _compile(name: str, train_step, state, batch, frozen, rng):
+  """The jitted step compiled for this batch's shapes (or loaded from the persistent compilation
+  cache): timed and logged, as it can take a minute at paper scale. The heap the compiler freed
+  goes back to the system before the step's own memory is allocated."""
   if logs.is_main_process():
     tokens = f" for captions of {batch['ids'].shape[1]} tokens" if "ids" in batch else ""
     logging.info("%s: compiling the train step%s", name, tokens)
   started = time.perf_counter()
-  out = train_step(state, batch, frozen, rng)  # returns once compiled; the step runs async
+  compiled = train_step.lower(state, batch, frozen, rng).compile()
+  host_memory.release_free_heap()
   if logs.is_main_process():
     logging.info("%s: train step compiled in %.1f s", name, time.perf_counter() - started)
-  return out
+  return compiled
 
 
 def _numbers(metrics: dict) -> dict[str, float]:

@@ -7,19 +7,23 @@ the student's parameters, and prints the figures.
   python bench/train_step.py --config=configs/bench_tiny.py --batch_size=8 --stage=stage2 \
       --threads=1
 
-Builds the stage as `recipe/phases.py` does, with the same library pieces (`objective.batch_loss`,
-`optim.make_optimizer`, `loop.abstract_state`/`create_state`, `loop.jit_train_step` with
-`loop.run_stage`'s shardings and donation), but with nothing read from disk: random student
-parameters (every `init` of the config, config.model.init included, is set to ''), and a random
-host batch of the stage's global batch size (uint8 images, token ids and mask, image ids, and for
-a distilling stage precomputed teacher features of the teachers' widths). Any
+Builds the stage as `recipe/phases.py` does (`stage_step.build`: random parameters, a random
+host batch of the stage's global batch size, padded to config.data.max_tokens), under the
+entry points' XLA:CPU schedule (`host_memory.prefer_memory_schedule`). Any
 --config.<field>=<value> applies.
 
 Reports: lowering and compilation of the step (separately; the persistent compilation cache is
-off), the compiled step's memory analysis (arguments, outputs, temporaries), the median and spread
-of --steps compiled steps after --warmup steps (each blocked on), examples/s, the process's peak
-RSS, the CPU time of this and of other processes during the timed steps (this machine is shared:
-other processes' load slows the steps), and the student's parameter count by top-level subtree.
+off), the step's model FLOPs (XLA's cost analysis) and compiled memory (arguments, outputs,
+temporaries), the rate of a --gemm_size matmul on the same CPUs, the median and spread of --steps
+compiled steps after --warmup steps (each blocked on), examples/s, the achieved FLOP/s and its
+fraction of the matmul's rate, the process's peak RSS, the CPU time of this and of other
+processes during the timed steps (this machine is shared: other processes' load slows the steps),
+and the student's parameter count by top-level subtree. --baseline_command runs another
+implementation's timing of the same step (the reference's harness, whose last line is JSON with
+'step_sec_median_rest') first, on the same CPUs, and prints the speed and memory ratios of the one
+run. --profile_ops=N traces one more step and prints the op time per part of the model (Swin
+stages, text tower, fusion encoder, heads and losses, forward and backward; the optimizer update)
+and the N costliest ops.
 
 --threads=N pins the process to N CPUs (`os.sched_setaffinity`) before JAX is imported: XLA:CPU
 sizes its thread pools from the CPUs it may run on, and the threads it runs cannot use more than
@@ -65,7 +69,6 @@ if any(a.startswith("--profile_ops") and not a.endswith("=0") for a in sys.argv)
 
 import collections  # noqa: E402
 import dataclasses  # noqa: E402
-import functools  # noqa: E402
 import glob  # noqa: E402
 import gzip  # noqa: E402
 import json  # noqa: E402
@@ -77,18 +80,13 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+import stage_step  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from rebalance_jax import cli  # noqa: E402
-from rebalance_jax.config import spec  # noqa: E402
 from rebalance_jax.data import text  # noqa: E402
-from rebalance_jax.infra import sharding  # noqa: E402
 from rebalance_jax.infra.errors import InputError  # noqa: E402
-from rebalance_jax.models.student import init_student  # noqa: E402
-from rebalance_jax.recipe import workdirs  # noqa: E402
-from rebalance_jax.training import loop, objective  # noqa: E402
-from rebalance_jax.training.optim import make_optimizer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -111,16 +109,6 @@ MIB = 2**20
 SUBTREES = ("image_encoder", "text_encoder", "fusion_encoder")
 
 
-def without_init_weights(config):
-  """Every `init` of the config set to '' (random parameters): the whole student's, each
-  tower's, the fusion encoder's and the teachers'."""
-  for section in (config.model, config.model.image, config.model.text, config.model.fusion,
-                  config.teachers.image, config.teachers.text):
-    if "init" in section:
-      section.init = ""
-  return config
-
-
 def vocab_size(config) -> tuple[int, str]:
   """The text tower's vocabulary size, and where it comes from."""
   if _VOCAB.value:
@@ -134,22 +122,6 @@ def vocab_size(config) -> tuple[int, str]:
         f"config.tokenizer.vocab_size: NOTE config.tokenizer.vocab_file={vocab_file!r} is "
         "absent; pass --vocab_size=N for its size (bert-base-uncased: 30522)")
   return config.tokenizer.vocab_size, "config.tokenizer.vocab_size"
-
-
-def random_batch(exp: spec.Experiment, stage: spec.StageSpec, vocab: int, seed: int = 0):
-  """A host batch shaped as `pipeline.pair_rows` (plus `TeacherFeatures.rows`) makes one."""
-  rng = np.random.default_rng(seed)
-  b, size, tokens = stage.batch_size, exp.data.image_size, exp.data.max_tokens
-  lengths = rng.integers(max(tokens // 2, 1), tokens + 1, b)
-  mask = (np.arange(tokens)[None] < lengths[:, None]).astype(np.int32)
-  batch = {"image": rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8),
-           "ids": (rng.integers(1, vocab, (b, tokens)) * mask).astype(np.int32),
-           "mask": mask, "image_id": np.arange(b, dtype=np.int32)}
-  if stage.objective.uses_teachers:
-    s = exp.student
-    batch["teacher_image"] = rng.normal(size=(b, s.image_teacher_dim)).astype(np.float32)
-    batch["teacher_text"] = rng.normal(size=(b, s.text_teacher_dim)).astype(np.float32)
-  return batch
 
 
 def count(tree) -> int:
@@ -315,22 +287,18 @@ def bench(argv):
   if _THREADS.value != _threads_from_argv(sys.argv):
     sys.exit("--threads: give it as --threads=N or --threads N on the command line")
   jax.config.update("jax_enable_compilation_cache", False)  # compile times are compile times
-  config = without_init_weights(_CONFIG.value)
+  config = _CONFIG.value
   stage_name = _STAGE.value
   if stage_name not in config.stages:
     sys.exit(f"--stage={stage_name}: the config's stages are {sorted(config.stages)}")
   if _BATCH.value:
     config.stages[stage_name].batch_size = _BATCH.value
-  exp = spec.from_config(config)
-  stage = exp.stage(stage_name)
-  if stage.objective.uses_teachers and exp.teachers.mode != "precomputed":
-    sys.exit(f"config.teachers.mode={exp.teachers.mode!r}: this bench times precomputed teacher "
-             "features; pass --config.teachers.mode=precomputed")
-  mesh = workdirs.make_mesh(exp)
-  sharding.check_batch_size(stage.batch_size, mesh, f"{stage.field}.batch_size")
   vocab, vocab_from = vocab_size(config)
-  model = workdirs.student_model(exp, vocab)
-  seed = loop.stage_seed(exp.seed, stage.name)
+  try:
+    built = stage_step.build(config, stage_name, vocab)
+  except ValueError as e:
+    sys.exit(str(e))
+  stage, mesh, model = built.stage, built.mesh, built.model
 
   print(f"{stage.name} of {config_flags.get_config_filename(flags.FLAGS['config'])} at global "
         f"batch {stage.batch_size}; terms {dict(stage.objective.weights)}")
@@ -344,7 +312,7 @@ def bench(argv):
         f"embed_dim={student.embed_dim}; teacher widths {student.image_teacher_dim}, "
         f"{student.text_teacher_dim}")
 
-  abstract_params = jax.eval_shape(functools.partial(init_student, model), jax.random.key(0))
+  abstract_params = built.abstract_params
   total = count(abstract_params)
   heads = {k: count(v) for k, v in abstract_params.items() if k not in SUBTREES}
   print(f"parameters: {total:,} ({total / 1e6:.2f}M)")
@@ -354,21 +322,9 @@ def bench(argv):
   print(f"  {'heads':<15s} {sum(heads.values()):>13,}  (" +
         ", ".join(f"{k} {v:,}" for k, v in heads.items()) + ")")
 
-  # The stage as phases.train_student_stage and loop.run_stage build it.
-  total_steps = stage.num_steps if stage.num_steps > 0 else 10_000  # only the lr schedule's shape
-  tx, _ = make_optimizer(exp.optim, abstract_params, total_steps)
-  loss_fn = functools.partial(objective.batch_loss, model=model, objective=stage.objective,
-                              augment_shift=exp.data.augment_shift, online_teachers=None,
-                              mesh=mesh)
-  target = loop.abstract_state(abstract_params, tx, mesh, exp.param_rules)
-  train_step = loop.jit_train_step(loss_fn, tx, mesh, target)
-  batch = sharding.to_global(random_batch(exp, stage, vocab), mesh)
-  rng = jax.random.key(seed)
-  frozen = None
-
   rss_before = peak_rss_mib()
   start = time.perf_counter()
-  lowered = train_step.lower(target, batch, frozen, rng)
+  lowered = built.lower()
   lower_s = time.perf_counter() - start
   start = time.perf_counter()
   compiled = lowered.compile()
@@ -402,11 +358,8 @@ def bench(argv):
   if _STEPS.value <= 0:
     print("steps: none run (--steps=0)")
   else:
-    params = jax.jit(functools.partial(init_student, model))(jax.random.key(seed))
-    state = loop.create_state(params, tx, mesh, exp.param_rules)
-    del params
-    state, metrics, seconds, cpu = time_steps(compiled, state, (batch, frozen, rng), _WARMUP.value,
-                                              _STEPS.value)
+    state, metrics, seconds, cpu = time_steps(compiled, built.fresh_state(), built.args,
+                                              _WARMUP.value, _STEPS.value)
     median = float(np.median(seconds))
     print(f"step ({len(seconds)} after {_WARMUP.value} warm-up): {spread(seconds)}")
     print(f"  {stage.batch_size / median:.2f} examples/s at the median")
@@ -420,7 +373,7 @@ def bench(argv):
             f"{baseline['peak_rss_mib']:.0f} MiB: this step is {baseline['seconds'] / median:.2f}x "
             "its speed")
     if _PROFILE.value:
-      state = profile_ops(compiled, state, (batch, frozen, rng), _PROFILE.value)
+      state = profile_ops(compiled, state, built.args, _PROFILE.value)
     fetched = jax.device_get(metrics)
     print(f"  after step {int(state['step'])}: loss/total {float(fetched['loss/total']):.4f}, "
           f"grad_norm {float(fetched['grad_norm']):.4f}")

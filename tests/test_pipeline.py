@@ -47,6 +47,37 @@ def test_synthetic_splits_are_flickr_shaped_and_memory_mapped(tiny_config):
   assert data.vocab_size <= tiny_config.tokenizer.vocab_size
 
 
+def test_captions_pad_to_the_smallest_bucket_holding_the_global_batchs_longest(tiny_config):
+  max_tokens = tiny_config.data.max_tokens
+  tiny_config.data.text_buckets = (4, 6, 30, 12)  # unsorted; those >= max_tokens are dropped
+  exp = spec.from_config(tiny_config)
+  buckets = tuple(b for b in (4, 6, 12) if b < max_tokens)
+  assert exp.data.text_buckets == buckets
+  data = load_dataset(exp.data)
+  longest = data.encode(list(data.train.captions), train=True)["mask"].sum(1)
+  short, long = int(np.argmin(longest)), int(np.argmax(longest))
+  expected = lambda rows: next(n for n in (*buckets, max_tokens) if n >= longest[rows].max())
+  global_rows = {0: np.array([short, long]), 1: np.array([short])}
+  length = pipeline.text_lengths(data, global_rows.__getitem__, exp.data.text_buckets)
+  assert length(0) == expected(global_rows[0]) and length(1) == expected(global_rows[1])
+  load = pipeline.pair_rows(data, 0, text_length=length)
+  # A process holding only the short caption pads it as the whole global batch needs.
+  batch = load(np.array([short]), 0)
+  assert batch["ids"].shape == batch["mask"].shape == (1, expected(global_rows[0]))
+  full = data.encode([data.train.captions[short]], train=True)
+  np.testing.assert_array_equal(batch["ids"], full["ids"][:, :length(0)])
+  assert full["mask"][:, length(0):].sum() == 0  # nothing cut
+  assert pipeline.text_lengths(data, global_rows.__getitem__, ())(0) == max_tokens
+  assert expected(global_rows[0]) > expected(global_rows[1])  # the data has both kinds
+
+
+@pytest.mark.parametrize("buckets", [(0,), (3.5,)])
+def test_a_bad_text_bucket_is_named(tiny_config, buckets):
+  tiny_config.data.text_buckets = buckets
+  with pytest.raises(InputError, match=r"config\.data\.text_buckets"):
+    spec.from_config(tiny_config)
+
+
 def test_bad_synthetic_config_names_the_field(tiny_config):
   tiny_config.data.synthetic.caption_keep_prob = 1.5
   with pytest.raises(InputError, match=r"config\.data\.synthetic: .*caption_keep_prob"):

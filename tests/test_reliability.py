@@ -4,6 +4,7 @@ errors of the entry points."""
 
 import glob
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -20,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from rebalance_jax import cli
 from rebalance_jax.data import pipeline, text
-from rebalance_jax.infra import compilation_cache, files, interrupts, logs, sharding
+from rebalance_jax.infra import compilation_cache, files, host_memory, interrupts, logs, sharding
 from rebalance_jax.infra.errors import InputError
 from rebalance_jax.training import checkpointing, loop
 from rebalance_jax.training.checkpointing import (
@@ -185,6 +186,36 @@ def test_parameters_that_turn_nan_are_not_saved_and_the_last_good_step_is_named(
   assert stage.checkpointer.all_steps() == [1, 2]
   stage.checkpointer.close()
   stage.writer.close()
+
+
+def test_each_batch_shape_compiles_once(tmp_path, caplog, monkeypatch):
+  # Captions padded to length buckets: the step is compiled for each new shape, once.
+  stage = _quadratic_stage(tmp_path, lambda count: 0.1, steps=6)
+  stage.batches = pipeline.TrainBatches(
+      64, 8, 0, lambda idx, step: {"ids": np.zeros((8, 4 + 2 * (step % 2)), np.int32)})
+  trims = []
+  monkeypatch.setattr(loop.host_memory, "release_free_heap", lambda: trims.append(1))
+  caplog.set_level(logging.INFO)
+  state = loop.run_stage(stage, {"w": jnp.ones((4,))}, None, sharding.make_mesh())
+  assert int(state["step"]) == 6
+  np.testing.assert_allclose(state["params"]["w"], 0.8**6, rtol=1e-6)
+  compiles = [r.getMessage() for r in caplog.records if "compiling the train step" in r.message]
+  assert compiles == ["quadratic: compiling the train step for captions of 4 tokens",
+                      "quadratic: compiling the train step for captions of 6 tokens"]
+  assert len(trims) == 2
+  stage.checkpointer.close()
+  stage.writer.close()
+
+
+def test_the_memory_schedule_is_added_unless_xla_flags_set_it(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  host_memory.prefer_memory_schedule()
+  assert os.environ["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=8 "
+                                     "--xla_cpu_enable_concurrency_optimized_scheduler=false")
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=true")
+  host_memory.prefer_memory_schedule()
+  assert os.environ["XLA_FLAGS"] == "--xla_cpu_enable_concurrency_optimized_scheduler=true"
+  host_memory.release_free_heap()  # glibc's malloc_trim here; harmless
 
 
 def test_nan_at_the_first_save_says_no_checkpoint_was_written(tmp_path):

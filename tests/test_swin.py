@@ -250,3 +250,14 @@ def test_swin_in_bfloat16_with_remat_matches_float32():
   assert all(g.dtype == np.float32 and np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
   np.testing.assert_allclose(low, exact, rtol=0.05)
   assert low != exact  # it did compute in bfloat16
+
+
+def test_the_shared_bias_gradient_is_the_sum_over_windows():
+  logits = jax.random.normal(jax.random.key(0), (6, 2, 3, 3))
+  bias = jax.random.normal(jax.random.key(1), (2, 3, 3))
+  weight = jax.random.normal(jax.random.key(2), logits.shape)
+  loss = lambda add: lambda x, shared: jnp.sum(jnp.sin(add(x, shared)) * weight)
+  ours = jax.grad(loss(swin.add_shared_bias), argnums=(0, 1))(logits, bias)
+  plain = jax.grad(loss(lambda x, shared: x + shared), argnums=(0, 1))(logits, bias)
+  for mine, theirs in zip(ours, plain):
+    np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6)

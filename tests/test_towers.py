@@ -225,3 +225,29 @@ def test_a_bfloat16_rematerialized_student_matches_float32(tiny_config):
   assert metrics["loss/itc"].dtype == jnp.float32
   np.testing.assert_allclose(low, exact, rtol=0.05)
   assert low != exact  # it did compute in bfloat16
+
+
+def test_gelu_is_the_exact_gelu_and_its_gradient():
+  from rebalance_jax.models.layers import gelu
+  x = jnp.linspace(-9.0, 9.0, 2001)
+  exact = lambda t: jax.nn.gelu(t, approximate=False)
+  np.testing.assert_allclose(gelu(x), exact(x), atol=2e-6)
+  np.testing.assert_allclose(jax.vmap(jax.grad(gelu))(x), jax.vmap(jax.grad(exact))(x), atol=1e-6)
+
+
+def test_cross_attention_to_shared_images_equals_attention_to_gathered_ones():
+  """Keys and values projected once per distinct image and picked per row (in groups) give what
+  attending to each row's own copy of the image gives, dropout included (its mask is shared)."""
+  from rebalance_jax.models.layers import PostNormBlock, take_in_groups
+  block = PostNormBlock(2, 16, dropout=0.3, cross_attention=True)
+  text, mask = jax.random.normal(jax.random.key(0), (6, 5, 8)), jnp.ones((6, 5), jnp.int32)
+  images = jax.random.normal(jax.random.key(1), (4, 7, 12))  # 2 groups of 2 distinct images
+  image_mask = jnp.ones((4, 7), jnp.int32).at[1, 5:].set(0)
+  index = jnp.array([[0, 1, 1], [1, 0, 0]])  # 2 groups of 3 rows
+  params = block.init({"params": jax.random.key(2)}, text, False, mask, images, image_mask, index)
+  rngs = {"dropout": jax.random.key(3)}
+  shared = block.apply(params, text, True, mask, images, image_mask, index, rngs=rngs)
+  gathered = block.apply(params, text, True, mask, take_in_groups(images, index),
+                         take_in_groups(image_mask, index), rngs=rngs)
+  np.testing.assert_allclose(shared, gathered, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(take_in_groups(jnp.arange(4), index), [0, 1, 1, 3, 2, 2])

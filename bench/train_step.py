@@ -258,11 +258,19 @@ def gemm_rate(size: int, dtype: str) -> float:
   return 2 * size**3 / float(np.median(seconds))
 
 
+# Runs the baseline and reports its peak RSS: from a small process of its own, as a child's peak
+# RSS counts the memory of the process it was started from.
+_PEAK_OF = ("import resource, subprocess, sys; done = subprocess.run(sys.argv[1], shell=True); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+            "sys.exit(done.returncode)")
+
+
 def run_baseline(command: str) -> dict:
   """Runs `command` (a shell line) on this process's CPUs; its median step from the JSON object of
   its last output line, and its peak RSS."""
   print(f"baseline: {command}", flush=True)
-  done = subprocess.run(command, shell=True, capture_output=True, text=True, check=False)
+  done = subprocess.run([sys.executable, "-c", _PEAK_OF, command], capture_output=True, text=True,
+                        check=False)
   lines = done.stdout.strip().splitlines()
   try:
     seconds = float(json.loads(lines[-1])["step_sec_median_rest"])
@@ -270,7 +278,7 @@ def run_baseline(command: str) -> dict:
     tail = (done.stderr.strip().splitlines() or lines or ["no output"])[-1]
     sys.exit(f"--baseline_command: exit status {done.returncode}; its last line has no "
              f"'step_sec_median_rest': {tail}")
-  peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+  peak = int(done.stderr.strip().splitlines()[-1]) / 1024
   print(f"  median step {seconds:.4g} s, peak RSS {peak:.0f} MiB")
   return {"seconds": seconds, "peak_rss_mib": peak}
 

@@ -4,8 +4,9 @@ the compiler freed handed back to the system.
 Measured on the paper's stage-2 step (bench/train_step.py, 2 CPU cores): XLA:CPU's default,
 concurrency-optimized schedule computes independent work early, so that rematerialized
 activations (`remat=True`) live as long as saved ones and the step needs 5.0 GiB of temporaries;
-the memory-minimizing schedule needs 4.3 GiB and lets remat save what it should, for 1-3% more
-time. Compiling the step leaves about 1 GiB of freed heap that glibc keeps unless trimmed.
+the memory-minimizing schedule needs 4.0 GiB and lets remat save what it should, for 1-3% more
+time (2026-12-07). Compiling the step leaves about 1 GiB of freed heap that glibc keeps unless
+trimmed.
 """
 
 import ctypes

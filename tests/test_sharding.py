@@ -137,6 +137,9 @@ def test_embeddings_and_itm_logits_on_8_devices_match_direct_apply(tiny_config):
   mesh = sharding.make_mesh()
   image_out, text_out = retrieval.encode_split(predictor, params, split, 8, mesh,
                                                keep_states=True)
+  traced = retrieval._embedding_fn.cache_info().misses
+  retrieval.encode_split(predictor, params, split, 8, mesh, keep_states=True)
+  assert retrieval._embedding_fn.cache_info().misses == traced  # a second evaluation: no retrace
   apply = functools.partial(model.apply, {"params": params})
   image, v = apply(towers.preprocess_images(model.config.image.config, images),
                    method=Student.encode_image)

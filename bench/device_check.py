@@ -115,14 +115,12 @@ def time_step(built, compiled, steps: int) -> list[float]:
 def peak_memory(device) -> str:
   stats = device.memory_stats() or {}
   if "peak_bytes_in_use" in stats:
-    return f"{stats['peak_bytes_in_use'] / GIB:.1f} GiB"
-  return f"host peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB"
+    return f"{stats['peak_bytes_in_use'] / GIB:.1f} GiB on the device"
+  return f"host RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB"
 
 
 def report(label, batch, built, compiled, need, compile_s, seconds, peak):
-  cost = compiled.cost_analysis()
-  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
-  flops = cost.get("flops", 0.0)
+  flops = stage_step.flops(compiled)
   median = float(np.median(seconds))
   mfu = f"{flops / median / peak:.1%}" if peak and flops else "n/a"
   print(f"  {label:<22s} batch {batch:4d}: compile {compile_s:5.1f} s, step {median * 1e3:8.1f} ms "
@@ -159,9 +157,7 @@ def itm_block(args, vocab: int, peak):
     start = time.perf_counter()
     jax.block_until_ready(compiled(*inputs))
     seconds.append(time.perf_counter() - start)
-  cost = compiled.cost_analysis()
-  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
-  median, flops = float(np.median(seconds)), cost.get("flops", 0.0)
+  median, flops = float(np.median(seconds)), stage_step.flops(compiled)
   mfu = f", MFU {flops / median / peak:.1%}" if peak and flops else ""
   print(f"ITM re-ranking block: {args.itm_block} pairs of one {image_tokens} x {image_width} image"
         f" and {text_len}-token captions: {median * 1e3:.1f} ms, "

@@ -90,6 +90,7 @@ sys.path.insert(0, os.getcwd())
 import jax  # noqa: E402  (after XLA_FLAGS)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import stage_step  # noqa: E402
 from jax import monitoring  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
@@ -341,9 +342,7 @@ def main():
         states(texts), index(n), index(block)).compile()
     compile_secs[n] = time.perf_counter() - begin
   n0 = MEMORY_DEVICES[0]
-  cost = compiled[n0].cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  xla_flops = cost.get("flops", float("nan")) * n0
+  xla_flops = stage_step.flops(compiled[n0]) * n0
   print(f"\n3. FLOPs per block of {block} pairs on {n0} device(s): analytic "
         f"{block_flops(n0) / 1e9:.1f} GFLOP (XLA cost analysis: {xla_flops / 1e9:.1f} GFLOP, ratio "
         f"{xla_flops / block_flops(n0):.3f}); per (caption, image) pair, the image's keys and "

@@ -75,6 +75,13 @@ class StageStep:
     return loop.create_state(params, self.tx, self.mesh, self.exp.param_rules)
 
 
+def flops(compiled) -> float:
+  """The model FLOPs of one device's compiled program (XLA's cost analysis; 0 if it has none)."""
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  return cost.get("flops", 0.0)
+
+
 def build(config, stage_name: str, vocab: int) -> StageStep:
   """The stage `stage_name` of `config` (random weights: see `without_init_weights`) with a
   random batch of its global batch size. Raises InputError for a config the library refuses."""

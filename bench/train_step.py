@@ -341,9 +341,7 @@ def bench(argv):
   print(f"compile {compile_s:8.2f} s")
   rss_compile = peak_rss_mib()
   host_memory.release_free_heap()  # as loop.run_stage does after compiling
-  cost = compiled.cost_analysis()
-  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
-  step_flops = cost.get("flops", 0.0) * mesh.devices.size  # the cost of one device's program
+  step_flops = stage_step.flops(compiled) * mesh.devices.size  # one device's program each
   if step_flops:
     print(f"model FLOPs per step (XLA cost analysis): {step_flops / 1e12:.3f} TFLOP, "
           f"{step_flops / stage.batch_size / 1e9:.1f} GFLOP per example")

@@ -70,7 +70,8 @@ def pair_rows(data: Dataset, seed: int, extra: Callable | None = None,
     captions = [split.captions[c] for c in rows]
     tokens = data.encode(captions, train=True)
     if text_length is not None:
-      tokens = {k: v[:, :text_length(step)] for k, v in tokens.items()}
+      length = text_length(step)  # reads the whole global batch's captions: once per batch
+      tokens = {k: v[:, :length] for k, v in tokens.items()}
     batch = {"image": images, **tokens, "image_id": split.image_ids[image_rows]}
     if extra is not None:
       batch.update(extra(image_rows, rows, captions))

@@ -5,7 +5,13 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from rebalance_jax.models.layers import DTYPES, PostNormBlock, block_class, default_kernel_init
+from rebalance_jax.models.layers import (
+  DTYPES,
+  PostNormBlock,
+  block_class,
+  default_kernel_init,
+  gelu,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,5 +55,5 @@ class ItmHead(nn.Module):
   def __call__(self, x):
     w = x.shape[-1]
     x = nn.Dense(2 * w, kernel_init=default_kernel_init, name="fc1")(x)
-    x = nn.gelu(nn.LayerNorm(epsilon=1e-5, name="norm")(x), approximate=False)  # [ref]'s eps
+    x = gelu(nn.LayerNorm(epsilon=1e-5, name="norm")(x))  # [ref]'s eps
     return nn.Dense(2, kernel_init=default_kernel_init, name="fc2")(x)

@@ -107,8 +107,7 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    y = Dense(self.hidden_dim, kernel_init=default_kernel_init, dtype=self.dtype,
-                 name="fc1")(x)
+    y = Dense(self.hidden_dim, kernel_init=default_kernel_init, dtype=self.dtype, name="fc1")(x)
     y = nn.remat(_ActivatedDense)(x.shape[-1], kernel_init=default_kernel_init, dtype=self.dtype,
                                   activation=self.activation, name="fc2")(y)
     return nn.Dropout(self.dropout)(y, deterministic=not train)
@@ -141,7 +140,7 @@ class Attention(nn.Module):
     width = x.shape[-1]
     head_dim = width // self.num_heads
     dense = lambda name: DenseGeneral((self.num_heads, head_dim), kernel_init=default_kernel_init,
-                                         dtype=self.dtype, name=name)
+                                      dtype=self.dtype, name=name)
     query, key, value = dense("query")(x), dense("key")(context), dense("value")(context)
     if context_index is not None:
       key, value = take_in_groups(key, context_index), take_in_groups(value, context_index)
@@ -157,7 +156,7 @@ class Attention(nn.Module):
                                                                    weights.dtype))
     out = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
     return DenseGeneral(width, axis=(-2, -1), kernel_init=default_kernel_init, dtype=self.dtype,
-                           name="out")(out)
+                        name="out")(out)
 
 
 class PreNormBlock(nn.Module):

@@ -223,7 +223,7 @@ class PatchMerging(nn.Module):
     x = x.transpose(0, 1, 3, 4, 2, 5).reshape(b, half * half, 4 * width)
     x = nn.LayerNorm(epsilon=_EPS, dtype=self.dtype, name="norm")(x)
     return Dense(2 * width, use_bias=False, kernel_init=default_kernel_init, dtype=self.dtype,
-                    name="reduction")(x)
+                 name="reduction")(x)
 
 
 class SwinTransformer(nn.Module):

@@ -364,3 +364,26 @@ def test_the_cache_guard_spots_collectives_inside_loops(looped):
   fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P("data"), out_specs=P("data")))
   executable = fn.lower(jnp.ones((8, 4))).compile().runtime_executable()
   assert compilation_cache.collective_in_nested_computation(executable) == looped
+
+
+def test_the_huge_page_restart_reexecutes_the_same_command_once(monkeypatch):
+  execs = []
+  monkeypatch.setattr(host_memory.os, "execv", lambda path, argv: execs.append((path, argv)))
+  monkeypatch.setattr(host_memory, "_huge_pages_would_help", lambda: True)
+  command = ["python", "-W", "ignore", "-m", "rebalance_jax.train", "--config=configs/demo.py"]
+  monkeypatch.setattr(host_memory.sys, "orig_argv", command)
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+  host_memory.restart_with_huge_page_heap("rebalance_jax.evaluate")  # not how it was started
+  assert execs == []
+  host_memory.restart_with_huge_page_heap("rebalance_jax.train")
+  assert execs == [(sys.executable, [sys.executable, *command[1:]])]
+  assert os.environ["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+  host_memory.restart_with_huge_page_heap("rebalance_jax.train")  # the restarted process
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")  # the user's opt-out
+  host_memory.restart_with_huge_page_heap("rebalance_jax.train")
+  assert len(execs) == 1
+  script = os.path.join(REPO, "bench", "train_step.py")
+  monkeypatch.setattr(host_memory.sys, "orig_argv", ["python", script, "--threads=2"])
+  monkeypatch.delenv("GLIBC_TUNABLES")
+  host_memory.restart_with_huge_page_heap(script)
+  assert execs[-1] == (sys.executable, [sys.executable, script, "--threads=2"])

@@ -251,3 +251,25 @@ def test_cross_attention_to_shared_images_equals_attention_to_gathered_ones():
                          take_in_groups(image_mask, index), rngs=rngs)
   np.testing.assert_allclose(shared, gathered, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(take_in_groups(jnp.arange(4), index), [0, 1, 1, 3, 2, 2])
+
+
+def test_dense_layers_on_rows_equal_flax_dense_and_dense_general():
+  """The project's Dense and DenseGeneral (rows flattened into one matrix) have Flax's parameter
+  names and shapes and give Flax's values and kernel gradients, for 3- and 4-axis inputs."""
+  from rebalance_jax.models.layers import Dense, DenseGeneral
+  x = jax.random.normal(jax.random.key(0), (2, 3, 5, 8))
+  cases = [(Dense(6), nn.Dense(6), x),
+           (DenseGeneral((2, 3)), nn.DenseGeneral((2, 3)), x[0]),
+           (DenseGeneral(4, axis=(-2, -1)), nn.DenseGeneral(4, axis=(-2, -1)), x)]
+  for ours, flax_layer, inputs in cases:
+    params = flax_layer.init(jax.random.key(1), inputs)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), inputs)) == \
+        jax.tree.map(jnp.shape, params)
+    np.testing.assert_allclose(ours.apply(params, inputs), flax_layer.apply(params, inputs),
+                               rtol=1e-6, atol=1e-6)
+    grads = [jax.grad(lambda p, layer=layer, x=inputs: jnp.sum(layer.apply(p, x) ** 2))(params)
+             for layer in (ours, flax_layer)]
+    for a, b in zip(*map(jax.tree.leaves, grads)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="must be the input's trailing axes"):
+    DenseGeneral(4, axis=(0, 1)).init(jax.random.key(1), x)

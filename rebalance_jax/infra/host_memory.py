@@ -4,7 +4,7 @@ the buffers each run maps afresh, and the heap the compiler freed handed back to
 Measured on the paper's stage-2 step (bench/train_step.py, 2 CPU cores): XLA:CPU's default,
 concurrency-optimized schedule computes independent work early, so that rematerialized
 activations (`remat=True`) live as long as saved ones and the step needs 5.0 GiB of temporaries;
-the memory-minimizing schedule needs 4.0 GiB and lets remat save what it should, for 1-3% more
+the memory-minimizing schedule needs 3.8 GiB and lets remat save what it should, for 1-3% more
 time (2026-12-07). Compiling the step leaves about 1 GiB of freed heap that glibc keeps unless
 trimmed.
 
@@ -51,13 +51,17 @@ def _huge_pages_would_help() -> bool:
 
 def restart_with_huge_page_heap(entry: str) -> None:
   """Re-executes this process, same command and environment, with glibc's malloc backing large
-  blocks by transparent huge pages (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`). Does nothing unless
-  the process was started as `entry` (`python -m <entry>`, or the script `entry`), where
-  GLIBC_TUNABLES already names the tunable (set `glibc.malloc.hugetlb=0` to opt out), or where it
-  would not help. Call it before any work: the process restarts from the beginning."""
+  blocks by transparent huge pages (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`). Call it before any
+  work: the process starts again from the beginning.
+
+  Returns without restarting when the process was not started as `entry` (`python -m <entry>`,
+  or the script `entry`: an entry point's main called in-process, e.g. by a test), when
+  GLIBC_TUNABLES already names the tunable (`glibc.malloc.hugetlb=0` opts out), and where huge
+  pages would not help."""
   argv = sys.orig_argv
-  started_as = (argv[argv.index("-m") + 1] == entry if "-m" in argv[:-1] else
-                len(argv) > 1 and os.path.realpath(argv[1]) == os.path.realpath(entry))
+  module = argv[argv.index("-m") + 1] if "-m" in argv[:-1] else None
+  started_as = module == entry or (
+      len(argv) > 1 and os.path.realpath(argv[1]) == os.path.realpath(entry))
   tunables = os.environ.get("GLIBC_TUNABLES", "")
   if not started_as or _HUGE_PAGE_TUNABLE in tunables or not _huge_pages_would_help():
     return

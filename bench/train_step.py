@@ -212,8 +212,9 @@ def part_of(name_stack: str) -> str:
 def profile_ops(compiled, state, args, top: int):
   """Runs one step under the profiler; prints its costliest ops and the time per model part.
 
-  XLA:CPU runs independent ops concurrently, so op times add up to more than the step's wall
-  time: the shares are of the summed op time."""
+  XLA:CPU runs independent ops concurrently, so op times can add up to more than the step's wall
+  time, and the matrix products it hands to Eigen report their dispatch, not their run (the
+  profile then misses time): the shares are of the summed op time."""
   with tempfile.TemporaryDirectory() as directory:
     with jax.profiler.trace(directory, create_perfetto_trace=True):
       state, metrics = compiled(state, *args)

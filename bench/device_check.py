@@ -166,7 +166,7 @@ def itm_block(args, vocab: int, peak):
 
 def main():
   args = parse_args()
-  host_memory.prefer_memory_schedule()  # as the entry points (before JAX starts its backends)
+  host_memory.set_up_process(__file__)  # as the entry points (before JAX starts its backends)
   started = time.perf_counter()
   device = jax.devices()[0]
   args.small = args.small or device.platform == "cpu"

@@ -8,9 +8,10 @@ the student's parameters, and prints the figures.
       --threads=1
 
 Builds the stage as `recipe/phases.py` does (`stage_step.build`: random parameters, a random
-host batch of the stage's global batch size, padded to config.data.max_tokens), under the
-entry points' XLA:CPU schedule and huge-page heap (`host_memory`; the baseline command inherits
-the heap's GLIBC_TUNABLES setting, so both sides run alike). Any --config.<field>=<value> applies.
+host batch of the stage's global batch size, padded to config.data.max_tokens), set up as the
+entry points are (`host_memory.set_up_process`: XLA:CPU's memory schedule and the huge-page heap,
+whose GLIBC_TUNABLES setting the baseline command inherits, so both sides run alike). Any
+--config.<field>=<value> applies.
 
 Reports: lowering and compilation of the step (separately; the persistent compilation cache is
 off), the step's model FLOPs (XLA's cost analysis) and compiled memory (arguments, outputs,
@@ -61,8 +62,7 @@ if "jax" in sys.modules:  # pragma: no cover - a guard for imports of this file
 _limit_threads(_threads_from_argv(sys.argv))
 from rebalance_jax.infra import host_memory  # noqa: E402  (no JAX import)
 
-host_memory.restart_with_huge_page_heap(__file__)  # as the entry points do (cli.run_guarded)
-host_memory.prefer_memory_schedule()
+host_memory.set_up_process(__file__)  # as the entry points do (cli.run_guarded)
 if any(a.startswith("--profile_ops") and not a.endswith("=0") for a in sys.argv):
   # XLA:CPU reports each op it runs to the profiler only with this flag, read at start-up.
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +

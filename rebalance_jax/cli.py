@@ -68,12 +68,11 @@ def _field_error_line(error: Exception, argv: list[str]) -> str:
 
 
 def run_guarded(prog: str, argv: list[str], work: Callable[[], object]) -> None:
-  """Starts the process (huge pages for XLA:CPU's buffers, its memory-minimizing schedule,
-  distributed.start, the compilation cache), runs `work` and exits as the module docstring says.
-  Started as `python -m <prog>`, the process first re-executes itself once (see
-  `host_memory.restart_with_huge_page_heap`)."""
-  host_memory.restart_with_huge_page_heap(prog)
-  host_memory.prefer_memory_schedule()
+  """Starts the process (`host_memory.set_up_process`: huge pages for XLA:CPU's buffers, its
+  memory-minimizing schedule; distributed.start, the compilation cache), runs `work` and exits as
+  the module docstring says. Started as `python -m <prog>`, the process first re-executes itself
+  once (`host_memory.restart_with_huge_page_heap`)."""
+  host_memory.set_up_process(prog)
   distributed.start(argv)
   compilation_cache.enable_from_flags()
   try:

@@ -71,6 +71,14 @@ def restart_with_huge_page_heap(entry: str) -> None:
   os.execv(sys.executable, [sys.executable, *argv[1:]])
 
 
+def set_up_process(entry: str) -> None:
+  """What every entry point (and a bench that times their work) does first, before JAX starts
+  its backends: the huge-page heap (`restart_with_huge_page_heap`) and the memory-minimizing
+  schedule (`prefer_memory_schedule`)."""
+  restart_with_huge_page_heap(entry)
+  prefer_memory_schedule()
+
+
 def release_free_heap() -> None:
   """Hands the heap pages glibc holds free (left by compilation) back to the system; a no-op
   where the C library has no malloc_trim."""
